@@ -1,0 +1,39 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Everything they need is
+# installed here, into .venv, from PyPI (and Debian for Prometheus).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install demo dev test lint validate-policy bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+demo: install
+	$(BIN)/heimdall-storage demo
+
+dev: install
+	$(BIN)/heimdall-storage demo --ui
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install
+	@if [ -x scripts/install_prometheus.sh ]; then scripts/install_prometheus.sh; fi
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+validate-policy: install
+	$(BIN)/heimdall-storage validate-policy $(POLICY)
+
+bench: install
+	$(BIN)/python bench/inventory.py
+
+clean:
+	rm -rf .demo .pytest_cache .ruff_cache

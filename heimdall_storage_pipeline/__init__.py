@@ -1,0 +1,1 @@
+"""Find and safely delete orphaned objects in S3-compatible storage."""

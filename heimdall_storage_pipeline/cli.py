@@ -1,0 +1,58 @@
+"""``heimdall-storage``: operator commands that need no Dagster UI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from heimdall_storage_pipeline.core.policy import PolicyError, load_policy, policy_path_from_env
+
+
+def _validate_policy(args: argparse.Namespace) -> int:
+    """Validate a policy file without touching any server."""
+    paths = args.paths or [str(policy_path_from_env())]
+    failed = 0
+    for path in paths:
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            print(f"INVALID {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"OK {path}")
+        for bucket in policy.buckets:
+            state = "enabled" if bucket.enabled else "disabled"
+            sources = ", ".join(source.name for source in bucket.references)
+            print(f"  {bucket.name}: {state}, min age {bucket.min_age}, batch {bucket.batch_size}, "
+                  f"sources: {sources}")
+    return 1 if failed else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from heimdall_storage_pipeline.local.demo import run_demo
+
+    return run_demo(workdir=args.workdir, serve_ui=args.ui)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heimdall-storage", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    validate = commands.add_parser("validate-policy", help="check policy files; no server is contacted")
+    validate.add_argument("paths", nargs="*", help="policy files (default: $HEIMDALL_STORAGE_POLICY "
+                                                   "or the shipped Heimdall policy)")
+    validate.set_defaults(handler=_validate_policy)
+    demo = commands.add_parser("demo", help="seed embedded PostgreSQL + SeaweedFS and run the scan")
+    demo.add_argument("--workdir", default=".demo", help="where the demo servers keep their data")
+    demo.add_argument("--ui", action="store_true", help="then serve the Dagster UI on 127.0.0.1:3000")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The one clock: timezone-aware UTC everywhere, injectable for tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def ensure_utc(moment: datetime, what: str = "timestamp") -> datetime:
+    """Refuse naive datetimes: comparing them with aware ones is the predecessor's bug."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{what} {moment.isoformat()} has no timezone; give it in UTC (e.g. '...Z')")
+    return moment.astimezone(UTC)
+
+
+def parse_utc(text: str, what: str = "timestamp") -> datetime:
+    """Parse an ISO-8601 timestamp that carries its timezone."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not an ISO-8601 timestamp like 2026-01-31T03:00:00Z") from None
+    return ensure_utc(moment, what)
+
+
+def isoformat_utc(moment: datetime) -> str:
+    return ensure_utc(moment).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,151 @@
+"""Parquet manifests: the bulk data passed between stages, by URI, never overwritten.
+
+A manifest store is a local directory or an ``s3://bucket/prefix`` location, so that steps
+can run on different machines. Files are written under a temporary name and only appear
+under their final name once complete: a failed step leaves no manifest behind.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from heimdall_storage_pipeline.core.clock import ensure_utc
+from heimdall_storage_pipeline.core.errors import ManifestError, redact
+from heimdall_storage_pipeline.core.s3 import S3Settings
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+INVENTORY_SCHEMA = pa.schema(
+    [("key", pa.string()), ("size", pa.int64()), ("last_modified", TIMESTAMP), ("etag", pa.string())]
+)
+REFERENCES_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string())])
+ORPHANS_SCHEMA = INVENTORY_SCHEMA.append(pa.field("eligible", pa.bool_()))
+MANIFEST_KINDS = ("inventory", "references", "orphans", "deletions")
+_STAMP = "%Y%m%dT%H%M%S%fZ"
+
+
+@dataclass(frozen=True)
+class ManifestStore:
+    """Where manifests live: ``/abs/dir``, ``file:///abs/dir`` or ``s3://bucket/prefix``."""
+
+    root: str
+    s3: S3Settings | None = None
+
+    @property
+    def is_s3(self) -> bool:
+        return self.root.startswith("s3://")
+
+    def _filesystem(self) -> tuple[pafs.FileSystem, str]:
+        if self.is_s3:
+            if self.s3 is None:
+                raise ManifestError(
+                    f"manifest store {self.root} is on S3 but no S3 settings were given; "
+                    f"configure the S3 resource (MINIO_ENDPOINT, ...)"
+                )
+            filesystem = pafs.S3FileSystem(
+                access_key=self.s3.access_key,
+                secret_key=self.s3.secret_key,
+                endpoint_override=self.s3.endpoint,
+                scheme="https" if self.s3.secure else "http",
+                region=self.s3.region or "us-east-1",
+            )
+            return filesystem, self.root.removeprefix("s3://").rstrip("/")
+        base = self.root.removeprefix("file://")
+        if not Path(base).is_absolute():
+            raise ManifestError(f"manifest store {self.root!r} must be an absolute path or s3:// URI")
+        return pafs.LocalFileSystem(), base.rstrip("/")
+
+    def _to_uri(self, path: str) -> str:
+        return f"s3://{path}" if self.is_s3 else path
+
+    def _to_path(self, uri: str) -> str:
+        return uri.removeprefix("s3://") if self.is_s3 else uri.removeprefix("file://")
+
+    def new_uri(self, kind: str, bucket: str, at: datetime, run_id: str) -> str:
+        """A fresh, never-reused URI: kind/bucket/<UTC time>-<run>-<random>.parquet."""
+        if kind not in MANIFEST_KINDS:
+            raise ValueError(f"unknown manifest kind {kind!r}")
+        _, base = self._filesystem()
+        stamp = ensure_utc(at).strftime(_STAMP)
+        name = f"{stamp}-{run_id[:8]}-{uuid.uuid4().hex[:8]}.parquet"
+        return self._to_uri(f"{base}/{kind}/{bucket}/{name}")
+
+    @contextmanager
+    def writer(self, uri: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+        """Write a manifest; it appears at ``uri`` only if the block completes."""
+        filesystem, _ = self._filesystem()
+        final = self._to_path(uri)
+        if not self.is_s3:
+            Path(final).parent.mkdir(parents=True, exist_ok=True)
+        # On S3 an object only appears when its upload completes, so the final name is safe
+        # there; locally a rename gives the same all-or-nothing behaviour.
+        temporary = final if self.is_s3 else f"{final}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            with filesystem.open_output_stream(temporary) as stream, pq.ParquetWriter(
+                stream, schema, compression="zstd"
+            ) as parquet_writer:
+                yield parquet_writer
+        except BaseException:
+            try:
+                filesystem.delete_file(temporary)
+            except OSError:
+                pass
+            raise
+        if temporary != final:
+            filesystem.move(temporary, final)
+
+    def write_table(self, uri: str, table: pa.Table) -> None:
+        with self.writer(uri, table.schema) as parquet_writer:
+            parquet_writer.write_table(table)
+
+    def open(self, uri: str) -> pq.ParquetFile:
+        filesystem, _ = self._filesystem()
+        try:
+            return pq.ParquetFile(filesystem.open_input_file(self._to_path(uri)))
+        except (OSError, pa.ArrowInvalid) as exc:
+            secrets = (self.s3.secret_key, self.s3.access_key) if self.s3 else ()
+            raise ManifestError(
+                redact(f"cannot read manifest {uri}: {exc}; it may have been pruned or the manifest "
+                       f"store moved: re-materialize the asset that wrote it", secrets)
+            ) from None
+
+    def read_table(self, uri: str, columns: list[str] | None = None) -> pa.Table:
+        return self.open(uri).read(columns=columns)
+
+    def iter_batches(
+        self, uri: str, columns: list[str] | None = None, batch_size: int = 65_536
+    ) -> Iterator[pa.RecordBatch]:
+        yield from self.open(uri).iter_batches(batch_size=batch_size, columns=columns)
+
+    def prune(self, bucket: str, now: datetime, retention: timedelta, keep: set[str]) -> list[str]:
+        """Delete this bucket's manifests older than ``retention``, except the URIs in ``keep``."""
+        filesystem, base = self._filesystem()
+        cutoff = ensure_utc(now) - retention
+        removed: list[str] = []
+        for kind in MANIFEST_KINDS:
+            selector = pafs.FileSelector(f"{base}/{kind}/{bucket}", allow_not_found=True)
+            for info in filesystem.get_file_info(selector):
+                if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
+                    continue
+                uri = self._to_uri(info.path)
+                written = _written_at(info.base_name)
+                if uri in keep or written is None or written >= cutoff:
+                    continue
+                filesystem.delete_file(info.path)
+                removed.append(uri)
+        return removed
+
+
+def _written_at(file_name: str) -> datetime | None:
+    try:
+        return datetime.strptime(file_name.split("-", 1)[0], _STAMP).replace(tzinfo=UTC)
+    except ValueError:
+        return None

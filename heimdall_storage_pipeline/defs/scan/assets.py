@@ -1,0 +1,212 @@
+"""The scan: bucket_inventory -> referenced_keys -> orphan_diff, one partition per bucket."""
+
+from datetime import timedelta
+
+import dagster as dg
+from pydantic import Field
+
+from heimdall_storage_pipeline.core.clock import isoformat_utc, parse_utc, utc_now
+from heimdall_storage_pipeline.core.diff import (
+    check_snapshot_order,
+    compute_orphan_diff,
+    dumps_sample,
+    render_age_histogram,
+    render_largest_table,
+)
+from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
+from heimdall_storage_pipeline.core.manifests import ManifestStore
+from heimdall_storage_pipeline.core.references import describe_engine, read_references_to_manifest
+from heimdall_storage_pipeline.defs.materializations import latest_metadata, require_metadata
+from heimdall_storage_pipeline.defs.resources import (
+    ManifestStoreResource,
+    ReferenceDatabaseResource,
+    S3Resource,
+    StoragePolicyResource,
+)
+
+SCAN_GROUP = "storage_scan"
+SCAN_ASSETS = ("bucket_inventory", "referenced_keys", "orphan_diff")
+
+
+class OrphanDiffConfig(dg.Config):
+    as_of: str | None = Field(
+        default=None,
+        description="ISO-8601 UTC time the orphans' ages are measured at (default: now)",
+    )
+
+
+def _prune_old_manifests(
+    context: dg.AssetExecutionContext, store: ManifestStore, bucket: str, retention_days: int, new_uri: str
+) -> int:
+    """Drop this bucket's manifests past retention, keeping the latest of every stage."""
+    keep = {new_uri}
+    for asset in SCAN_ASSETS:
+        metadata = latest_metadata(context.instance, asset, bucket) or {}
+        keep.update(str(metadata[k]) for k in metadata if k.endswith("manifest_uri"))
+    removed = store.prune(bucket, utc_now(), timedelta(days=retention_days), keep)
+    if removed:
+        context.log.info(f"pruned {len(removed)} manifest(s) older than {retention_days} days for {bucket}")
+    return len(removed)
+
+
+def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
+    @dg.asset(
+        partitions_def=partitions_def,
+        group_name=SCAN_GROUP,
+        kinds={"s3", "parquet"},
+        description="Every object of the bucket (key, size, last_modified UTC, etag) in a Parquet manifest.",
+    )
+    def bucket_inventory(
+        context: dg.AssetExecutionContext,
+        s3: S3Resource,
+        manifests: ManifestStoreResource,
+        policy: StoragePolicyResource,
+    ) -> dg.MaterializeResult:
+        bucket = context.partition_key
+        storage_policy = policy.load()
+        storage_policy.bucket(bucket)  # refuse a partition the policy no longer has
+        store = manifests.store()
+        result = list_bucket_to_manifest(s3.settings(), bucket, store, context.run.run_id)
+        context.log.info(
+            f"listed {result.object_count} objects ({result.total_bytes} bytes) of {bucket} in "
+            f"{result.listing_seconds:.2f} s ({result.keys_per_second:.0f} keys/s)"
+        )
+        pruned = _prune_old_manifests(
+            context, store, bucket, storage_policy.manifest_retention_days, result.manifest_uri
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "object_count": dg.MetadataValue.int(result.object_count),
+                "total_bytes": dg.MetadataValue.int(result.total_bytes),
+                "manifest_uri": dg.MetadataValue.text(result.manifest_uri),
+                "listing_started_at": dg.MetadataValue.text(isoformat_utc(result.started_at)),
+                "listed_at": dg.MetadataValue.text(isoformat_utc(result.listed_at)),
+                "listing_seconds": dg.MetadataValue.float(round(result.listing_seconds, 4)),
+                "keys_per_second": dg.MetadataValue.float(round(result.keys_per_second, 1)),
+                "endpoint": dg.MetadataValue.text(s3.settings().endpoint_url),
+                "pruned_manifests": dg.MetadataValue.int(pruned),
+            }
+        )
+
+    @dg.asset(
+        partitions_def=partitions_def,
+        group_name=SCAN_GROUP,
+        kinds={"postgres", "parquet"},
+        deps=[bucket_inventory],
+        description=(
+            "Normalised keys the database references, read in one snapshot taken after the "
+            "inventory listing finished."
+        ),
+    )
+    def referenced_keys(
+        context: dg.AssetExecutionContext,
+        reference_db: ReferenceDatabaseResource,
+        manifests: ManifestStoreResource,
+        policy: StoragePolicyResource,
+    ) -> dg.MaterializeResult:
+        bucket = context.partition_key
+        bucket_policy = policy.load().bucket(bucket)
+        inventory = require_metadata(context.instance, "bucket_inventory", bucket, "referenced_keys")
+        engine = reference_db.engine()
+        try:
+            result = read_references_to_manifest(engine, bucket_policy, manifests.store(), context.run.run_id)
+        finally:
+            engine.dispose()
+        check_snapshot_order(parse_utc(inventory["listed_at"]), result.snapshot_at)
+        context.log.info(
+            f"{result.referenced_count} distinct keys of {bucket} referenced "
+            f"({result.other_bucket_reference_count} references to other buckets, "
+            f"{result.unparseable_reference_count} unparseable) from {describe_engine(engine)}"
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "referenced_count": dg.MetadataValue.int(result.referenced_count),
+                "reference_rows": dg.MetadataValue.int(result.reference_rows),
+                "other_bucket_reference_count": dg.MetadataValue.int(result.other_bucket_reference_count),
+                "unparseable_reference_count": dg.MetadataValue.int(result.unparseable_reference_count),
+                "unparseable_sample": dg.MetadataValue.text(dumps_sample(result.unparseable_sample)),
+                "snapshot_at": dg.MetadataValue.text(isoformat_utc(result.snapshot_at)),
+                "inventory_listed_at": dg.MetadataValue.text(inventory["listed_at"]),
+                "read_seconds": dg.MetadataValue.float(round(result.read_seconds, 4)),
+                "sources": dg.MetadataValue.text(", ".join(s.name for s in bucket_policy.references)),
+                "manifest_uri": dg.MetadataValue.text(result.manifest_uri),
+            }
+        )
+
+    @dg.asset(
+        partitions_def=partitions_def,
+        group_name=SCAN_GROUP,
+        kinds={"parquet"},
+        deps=[referenced_keys],
+        description=(
+            "Objects no reference names, split into eligible (old enough) and young orphans, "
+            "with the bucket's health and its dangling references."
+        ),
+    )
+    def orphan_diff(
+        context: dg.AssetExecutionContext,
+        config: OrphanDiffConfig,
+        manifests: ManifestStoreResource,
+        policy: StoragePolicyResource,
+    ) -> dg.MaterializeResult:
+        bucket = context.partition_key
+        bucket_policy = policy.load().bucket(bucket)
+        inventory = require_metadata(context.instance, "bucket_inventory", bucket, "orphan_diff")
+        references = require_metadata(context.instance, "referenced_keys", bucket, "orphan_diff")
+        check_snapshot_order(parse_utc(inventory["listed_at"]), parse_utc(references["snapshot_at"]))
+        as_of = parse_utc(config.as_of, "as_of") if config.as_of else utc_now()
+        result = compute_orphan_diff(
+            bucket=bucket_policy,
+            store=manifests.store(),
+            inventory_uri=inventory["manifest_uri"],
+            references_uri=references["manifest_uri"],
+            as_of=as_of,
+            run_id=context.run.run_id,
+        )
+        context.log.info(
+            f"{bucket}: {result.orphan_count} orphans ({result.orphan_bytes} bytes), "
+            f"{result.eligible_orphan_count} eligible, {result.young_orphan_count} young, "
+            f"health {result.health_status}"
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "as_of": dg.MetadataValue.text(isoformat_utc(result.as_of)),
+                "min_age_seconds": dg.MetadataValue.int(int(bucket_policy.min_age.total_seconds())),
+                "object_count": dg.MetadataValue.int(result.object_count),
+                "total_bytes": dg.MetadataValue.int(result.total_bytes),
+                "referenced_count": dg.MetadataValue.int(result.referenced_count),
+                "orphan_count": dg.MetadataValue.int(result.orphan_count),
+                "orphan_bytes": dg.MetadataValue.int(result.orphan_bytes),
+                "eligible_orphan_count": dg.MetadataValue.int(result.eligible_orphan_count),
+                "eligible_orphan_bytes": dg.MetadataValue.int(result.eligible_orphan_bytes),
+                "young_orphan_count": dg.MetadataValue.int(result.young_orphan_count),
+                "young_orphan_bytes": dg.MetadataValue.int(result.young_orphan_bytes),
+                "unparseable_object_count": dg.MetadataValue.int(result.unparseable_object_count),
+                "unparseable_object_sample": dg.MetadataValue.text(
+                    dumps_sample(result.unparseable_object_sample)
+                ),
+                "orphan_share_bytes": dg.MetadataValue.float(result.orphan_share_bytes),
+                "orphan_share_count": dg.MetadataValue.float(result.orphan_share_count),
+                "health_status": dg.MetadataValue.text(result.health_status),
+                "dangling_reference_count": dg.MetadataValue.int(result.dangling_reference_count),
+                "dangling_sample": dg.MetadataValue.text(dumps_sample(result.dangling_sample)),
+                "age_histogram": dg.MetadataValue.md(render_age_histogram(result.age_histogram)),
+                "largest_eligible_orphans": dg.MetadataValue.md(render_largest_table(result.largest_eligible)),
+                "inventory_listed_at": dg.MetadataValue.text(inventory["listed_at"]),
+                "references_snapshot_at": dg.MetadataValue.text(references["snapshot_at"]),
+                "inventory_manifest_uri": dg.MetadataValue.text(inventory["manifest_uri"]),
+                "references_manifest_uri": dg.MetadataValue.text(references["manifest_uri"]),
+                "manifest_uri": dg.MetadataValue.text(result.manifest_uri),
+            }
+        )
+
+    return [bucket_inventory, referenced_keys, orphan_diff]
+
+
+def build_scan_job():  # noqa: ANN201 - an unresolved asset job
+    return dg.define_asset_job(
+        "storage_scan_job",
+        selection=dg.AssetSelection.groups(SCAN_GROUP),
+        description="List the bucket, read its references after the listing, and diff them.",
+        tags={"heimdall/kind": "scan"},
+    )
