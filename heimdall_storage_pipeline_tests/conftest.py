@@ -16,6 +16,7 @@ import yaml
 from heimdall_storage_pipeline.core.policy import StoragePolicy, load_policy
 from heimdall_storage_pipeline.defs.build import build_definitions
 from heimdall_storage_pipeline.defs.resources import (
+    AuditDatabaseResource,
     ManifestStoreResource,
     ReferenceDatabaseResource,
     S3Resource,
@@ -117,7 +118,9 @@ class ScanHarness:
             "reference_db": ReferenceDatabaseResource(url=database_url),
             "manifests": ManifestStoreResource(root=manifest_root, s3=s3),
             "policy": StoragePolicyResource(path=str(policy_path)),
+            "audit_db": AuditDatabaseResource(url=database_url),
         }
+        self.database_url = database_url
         self.defs = build_definitions(self.policy, self.resources)
 
     def materialize(self, names: list[str], bucket: str, as_of: str | None = None,
@@ -136,6 +139,21 @@ class ScanHarness:
         """Run all three stages; return the orphan_diff metadata values."""
         self.materialize(["bucket_inventory", "referenced_keys", "orphan_diff"], bucket, as_of)
         return self.metadata("orphan_diff", bucket)
+
+    def delete(self, raise_on_error: bool = True, **config: Any) -> dg.ExecuteInProcessResult:
+        """Run delete_orphans_job with ``config`` (dry run unless dry_run=False)."""
+        return self.defs.resolve_job_def("delete_orphans_job").execute_in_process(
+            instance=self.instance,
+            run_config={"ops": {"delete_orphans": {"config": config}}},
+            raise_on_error=raise_on_error,
+        )
+
+    def purge(self, dataset_id: str, dry_run: bool = True, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+        return self.defs.resolve_job_def("purge_dataset_job").execute_in_process(
+            instance=self.instance,
+            run_config={"ops": {"purge_dataset_op": {"config": {"dataset_id": dataset_id, "dry_run": dry_run}}}},
+            raise_on_error=raise_on_error,
+        )
 
     def metadata(self, asset: str, bucket: str) -> dict[str, Any]:
         from heimdall_storage_pipeline.defs.materializations import latest_metadata

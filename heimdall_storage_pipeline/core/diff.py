@@ -19,6 +19,7 @@ from heimdall_storage_pipeline.core.keys import (
 )
 from heimdall_storage_pipeline.core.manifests import ORPHANS_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy, CompanionRule
+from heimdall_storage_pipeline.core.safety import age_cutoff
 
 SAMPLE_SIZE = 10
 LARGEST_SHOWN = 10
@@ -144,7 +145,8 @@ def compute_orphan_diff(
     orphan_parseable = parseable.filter(orphan_mask)
     timestamp_type = inventory.schema.field("last_modified").type
     last_modified = orphans.column("last_modified").combine_chunks()
-    old_enough = pc.less_equal(last_modified, pa.scalar(as_of - bucket.min_age, type=timestamp_type))
+    cutoff = age_cutoff(as_of, bucket.min_age)
+    old_enough = pc.less_equal(last_modified, pa.scalar(cutoff, type=timestamp_type))
     eligible = pc.and_(old_enough, orphan_parseable)
     young = pc.and_(pc.invert(old_enough), orphan_parseable)
 

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import unquote
 
+# ASCII whitespace. The scan does NOT trim reference values (see parse_reference): a key may
+# legally begin or end with a space.
+WHITESPACE = " \t\n\r\f\v"
 _SLASH_RUNS = re.compile(r"/{2,}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _MALFORMED_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -63,6 +66,16 @@ class ParsedKind(str, Enum):
 
 
 @dataclass(frozen=True)
+class UndecodableValue:
+    """A ``json`` container value that is not JSON: unparseable, never read as a key."""
+
+    raw: str
+
+    def __repr__(self) -> str:
+        return repr(self.raw)
+
+
+@dataclass(frozen=True)
 class ParsedReference:
     kind: ParsedKind
     key: str = ""  # the normalised key when kind is KEY
@@ -77,9 +90,13 @@ def parse_reference(
     percent_decode: bool = False,
 ) -> ParsedReference:
     """Turn one scalar reference value into a key of ``bucket``."""
+    if isinstance(value, UndecodableValue):
+        return ParsedReference(ParsedKind.UNPARSEABLE, problem="not valid JSON")
     if not isinstance(value, str):
         return ParsedReference(ParsedKind.UNPARSEABLE, problem=f"not a string: {type(value).__name__}")
-    text = value.strip()
+    # Not stripped: S3 keys may begin or end with whitespace (SeaweedFS keeps 'a ' and ' a'),
+    # and listed keys are not stripped either, so 'a ' must match 'a '.
+    text = value
     if fmt is ReferenceFormat.URI:
         if not text.lower().startswith("s3://"):
             return ParsedReference(ParsedKind.UNPARSEABLE, problem="not an s3:// URI")
@@ -123,7 +140,7 @@ def expand_container(value: object, container: str) -> Iterator[object]:
         try:
             decoded = json.loads(value)
         except ValueError:
-            yield value
+            yield UndecodableValue(value)
             return
     if isinstance(decoded, dict):
         yield from decoded.values()

@@ -28,6 +28,9 @@ INVENTORY_SCHEMA = pa.schema(
 )
 REFERENCES_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string())])
 ORPHANS_SCHEMA = INVENTORY_SCHEMA.append(pa.field("eligible", pa.bool_()))
+# outcome: deleted, would_delete, skipped_referenced, skipped_missing, skipped_changed,
+# skipped_young or failed (core.safety.Outcome)
+DELETIONS_SCHEMA = INVENTORY_SCHEMA.append(pa.field("outcome", pa.string()))
 MANIFEST_KINDS = ("inventory", "references", "orphans", "deletions")
 _STAMP = "%Y%m%dT%H%M%S%fZ"
 

@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from heimdall_storage_pipeline.core.keys import ReferenceFormat
@@ -199,6 +201,14 @@ def _parse_companion(raw: Any, where: str) -> CompanionRule:
     groups = {int(g) for g in re.findall(r"\\(\d)", companion)}
     if any(g > pattern.groups for g in groups):
         raise PolicyError(f"{where}.companion: refers to a group that 'match' does not have")
+    # The diff applies the rule with Arrow's RE2, which lacks some of Python's syntax
+    # (look-arounds, backreferences): check it there too, not only with ``re``.
+    try:
+        pc.replace_substring_regex(pa.array([""], pa.string()), match, companion)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise PolicyError(
+            f"{where}.match: not a valid RE2 regular expression (as the diff uses): {exc}"
+        ) from None
     return CompanionRule(name=_typed(data, "name", str, where, match), match=match, companion=companion)
 
 

@@ -5,6 +5,12 @@ from __future__ import annotations
 import dagster as dg
 
 from heimdall_storage_pipeline.core.policy import StoragePolicy
+from heimdall_storage_pipeline.defs.automation.definitions import build_automation
+from heimdall_storage_pipeline.defs.cleanup.jobs import (
+    ORPHAN_DELETIONS,
+    delete_orphans_job,
+    purge_dataset_job,
+)
 from heimdall_storage_pipeline.defs.partitions import bucket_partitions
 from heimdall_storage_pipeline.defs.resources import resources_from_env
 from heimdall_storage_pipeline.defs.scan.assets import build_scan_assets, build_scan_job
@@ -14,8 +20,20 @@ def build_definitions(
     policy: StoragePolicy, resources: dict[str, dg.ConfigurableResource] | None = None
 ) -> dg.Definitions:
     partitions = bucket_partitions(policy)
+    # Materialized by the deletion and purge jobs' ops, one event per bucket and run.
+    orphan_deletions = dg.AssetSpec(
+        ORPHAN_DELETIONS,
+        deps=["orphan_diff"],
+        partitions_def=partitions,
+        group_name="storage_cleanup",
+        description="What each cleanup run deleted, skipped and failed, per bucket.",
+    )
+    automation = build_automation(partitions)  # schedules, sensors, checks, prefix_cleanup_job
     return dg.Definitions(
-        assets=build_scan_assets(partitions),
-        jobs=[build_scan_job()],
+        assets=[*build_scan_assets(partitions), orphan_deletions, *automation.assets],
+        asset_checks=automation.asset_checks,
+        jobs=[build_scan_job(), delete_orphans_job, purge_dataset_job, *automation.jobs],
+        schedules=automation.schedules,
+        sensors=automation.sensors,
         resources=resources if resources is not None else resources_from_env(policy.source),
     )

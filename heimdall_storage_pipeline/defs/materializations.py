@@ -9,17 +9,26 @@ import dagster as dg
 from heimdall_storage_pipeline.core.errors import StaleInputError
 
 
-def latest_metadata(instance: dg.DagsterInstance, asset: str, partition: str) -> dict[str, Any] | None:
-    """The metadata values of the latest materialization of ``asset`` for ``partition``."""
+def recent_metadata(
+    instance: dg.DagsterInstance, asset: str, partition: str, limit: int
+) -> list[dict[str, Any]]:
+    """Metadata values of the latest ``limit`` materializations of ``asset`` for ``partition``, newest first."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]),
-        limit=1,
+        limit=limit,
         ascending=False,
     ).records
-    if not records or records[0].asset_materialization is None:
-        return None
-    metadata = records[0].asset_materialization.metadata
-    return {key: value.value for key, value in metadata.items()}
+    return [
+        {key: value.value for key, value in record.asset_materialization.metadata.items()}
+        for record in records
+        if record.asset_materialization is not None
+    ]
+
+
+def latest_metadata(instance: dg.DagsterInstance, asset: str, partition: str) -> dict[str, Any] | None:
+    """The metadata values of the latest materialization of ``asset`` for ``partition``."""
+    found = recent_metadata(instance, asset, partition, limit=1)
+    return found[0] if found else None
 
 
 def require_metadata(instance: dg.DagsterInstance, asset: str, partition: str, needed_by: str) -> dict[str, Any]:

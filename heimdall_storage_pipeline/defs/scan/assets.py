@@ -203,7 +203,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
     return [bucket_inventory, referenced_keys, orphan_diff]
 
 
-def build_scan_job():  # noqa: ANN201 - an unresolved asset job
+def build_scan_job():
     return dg.define_asset_job(
         "storage_scan_job",
         selection=dg.AssetSelection.groups(SCAN_GROUP),

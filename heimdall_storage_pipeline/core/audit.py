@@ -1,0 +1,113 @@
+"""The deletion audit log in PostgreSQL, written ahead of every DeleteObjects request.
+
+Each batch is first recorded as ``pending`` (committed), then deleted, then marked
+``deleted`` or ``failed``. A run that dies between the two leaves ``pending`` rows; the next
+run reconciles them against the bucket (gone: ``deleted``; still there: ``not_deleted``), so
+the log matches the bucket whatever happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, redact
+from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
+
+metadata = sa.MetaData()
+deletion_audit = sa.Table(
+    "heimdall_storage_deletion_audit",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("job", sa.String(64), nullable=False),
+    sa.Column("bucket", sa.String(63), nullable=False),
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("etag", sa.Text, nullable=False),
+    sa.Column("last_modified", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending, deleted, failed, not_deleted
+    sa.Column("error", sa.Text),
+    sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("deleted_at", sa.DateTime(timezone=True)),
+    sa.UniqueConstraint("run_id", "bucket", "key", name="heimdall_storage_deletion_audit_run_key"),
+    sa.Index("heimdall_storage_deletion_audit_bucket_status", "bucket", "status"),
+)
+
+
+@dataclass(frozen=True)
+class PendingDeletion:
+    run_id: str
+    key: str
+
+
+class AuditLog:
+    """Append-mostly record of deletions; one row per object and run."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        try:
+            metadata.create_all(engine, checkfirst=True)
+        except sa.exc.OperationalError as exc:
+            raise ReferenceDatabaseError(
+                redact(f"cannot open the audit database at "
+                       f"{engine.url.render_as_string(hide_password=True)}: {exc.orig}; check "
+                       f"HEIMDALL_AUDIT_DB_URL (or DAGSTER_PG_URL)")
+            ) from None
+
+    def record_intent(self, *, run_id: str, job: str, bucket: str, candidates: Iterable[Candidate],
+                      at: datetime) -> None:
+        rows = [
+            {"run_id": run_id, "job": job, "bucket": bucket, "key": c.key, "size": c.size, "etag": c.etag,
+             "last_modified": c.last_modified, "status": "pending", "intent_at": at}
+            for c in candidates
+        ]
+        if rows:
+            with self.engine.begin() as connection:
+                connection.execute(sa.insert(deletion_audit), rows)
+
+    def mark(self, *, run_id: str, bucket: str, keys: Iterable[str], status: str, at: datetime | None,
+             error: str | None = None) -> None:
+        keys = list(keys)
+        if not keys:
+            return
+        with self.engine.begin() as connection:
+            connection.execute(
+                sa.update(deletion_audit)
+                .where(deletion_audit.c.run_id == run_id, deletion_audit.c.bucket == bucket,
+                       deletion_audit.c.key.in_(keys))
+                .values(status=status, deleted_at=at, error=error)
+            )
+
+    def pending(self, bucket: str) -> list[PendingDeletion]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(deletion_audit.c.run_id, deletion_audit.c.key)
+                .where(deletion_audit.c.bucket == bucket, deletion_audit.c.status == "pending")
+            ).all()
+        return [PendingDeletion(run_id=r.run_id, key=r.key) for r in rows]
+
+    def reconcile(self, bucket: str, stat: Callable[[list[str]], dict[str, FreshStat | None]],
+                  at: datetime) -> dict[str, int]:
+        """Settle ``pending`` rows left by a run that died mid-batch."""
+        pending = self.pending(bucket)
+        stats = stat(sorted({p.key for p in pending}))
+        settled = {"deleted": 0, "not_deleted": 0}
+        for row in pending:
+            gone = stats[row.key] is None
+            status = "deleted" if gone else "not_deleted"
+            self.mark(run_id=row.run_id, bucket=bucket, keys=[row.key], status=status,
+                      at=at if gone else None, error=None if gone else "run ended before the delete")
+            settled[status] += 1
+        return settled
+
+    def deleted_keys(self, bucket: str) -> set[str]:
+        with self.engine.connect() as connection:
+            return set(connection.execute(
+                sa.select(deletion_audit.c.key)
+                .where(deletion_audit.c.bucket == bucket, deletion_audit.c.status == "deleted")
+            ).scalars())

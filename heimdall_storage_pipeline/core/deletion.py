@@ -1,0 +1,316 @@
+"""Batched deletion: re-validate every batch, delete, record; or, in a dry run, only record.
+
+For each batch of at most ``batch_size`` keys, in this order: the reference sources are
+queried again for exactly these keys, each object is stat'ed, and ``deletion_verdict``
+decides. Survivors are written to the audit log as pending, deleted with one
+DeleteObjects request (retried on transient failures), then marked deleted or failed.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from itertools import islice
+
+import pyarrow as pa
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import S3Error
+from sqlalchemy.engine import Connection, Engine
+
+from heimdall_storage_pipeline.core.audit import AuditLog
+from heimdall_storage_pipeline.core.clock import Clock, utc_now
+from heimdall_storage_pipeline.core.errors import StorageCleanupError
+from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
+from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA, ManifestStore
+from heimdall_storage_pipeline.core.policy import BucketPolicy
+from heimdall_storage_pipeline.core.references import read_only_snapshot
+from heimdall_storage_pipeline.core.revalidation import referenced_among, stat_objects
+from heimdall_storage_pipeline.core.s3 import S3Settings, make_client, s3_errors
+from heimdall_storage_pipeline.core.safety import Candidate, Outcome, deletion_verdict
+
+DELETE_WORKERS = 4  # batches in flight at once; S3 servers take parallel DeleteObjects well
+MAX_FAILED_SHARE = 0.10  # more failed keys than this in one batch stops the bucket
+DELETE_ATTEMPTS = 5
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
+
+Log = Callable[[str], None]
+
+
+class DeletionAbortedError(StorageCleanupError):
+    """Too many keys of a batch failed; the rest of the bucket is left alone."""
+
+
+@dataclass
+class DeletionReport:
+    bucket: str
+    dry_run: bool
+    candidates: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    deleted_bytes: int = 0
+    would_delete_bytes: int = 0
+    batches: int = 0
+    revalidation_seconds: float = 0.0
+    delete_seconds: float = 0.0
+    seconds: float = 0.0
+    manifest_uri: str = ""
+    failures: list[str] = field(default_factory=list)  # a sample of "key: error"
+    reconciled: dict[str, int] = field(default_factory=dict)
+
+    def count(self, outcome: Outcome) -> int:
+        return self.outcomes.get(outcome.value, 0)
+
+
+def too_many_failures(failed: int, batch_size: int) -> bool:
+    return failed > MAX_FAILED_SHARE * batch_size
+
+
+def batched(items: Iterable[Candidate], size: int) -> Iterator[list[Candidate]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _is_transient(exc: Exception) -> bool:
+    if isinstance(exc, S3Error):
+        return exc.code in _TRANSIENT_CODES
+    return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
+
+
+def delete_batch(client: Minio, bucket: str, keys: list[str], log: Log,
+                 sleep: Callable[[float], None] = time.sleep) -> dict[str, str]:
+    """One DeleteObjects request, retried with backoff and jitter; returns ``{key: error}``.
+
+    DeleteObjects is idempotent (a missing key is a success), so a retry after an
+    ambiguous failure cannot do harm.
+    """
+    for attempt in range(1, DELETE_ATTEMPTS + 1):
+        try:
+            # remove_objects is lazy: nothing is deleted until its result is iterated.
+            errors = list(client.remove_objects(bucket, [DeleteObject(key) for key in keys]))
+            return {error.name: f"{error.code}: {error.message}" for error in errors}
+        except Exception as exc:
+            if not _is_transient(exc) or attempt == DELETE_ATTEMPTS:
+                raise
+            delay = min(8.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            log(f"DeleteObjects on {bucket} failed ({type(exc).__name__}); retry {attempt} in {delay:.2f} s")
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _deletions_batch(rows: list[tuple[Candidate, str]]) -> pa.RecordBatch:
+    return pa.record_batch(
+        [
+            pa.array([c.key for c, _ in rows], pa.string()),
+            pa.array([c.size for c, _ in rows], pa.int64()),
+            pa.array([c.last_modified for c, _ in rows], DELETIONS_SCHEMA.field("last_modified").type),
+            pa.array([c.etag for c, _ in rows], pa.string()),
+            pa.array([o for _, o in rows], pa.string()),
+        ],
+        schema=DELETIONS_SCHEMA,
+    )
+
+
+def _normalised(candidate: Candidate) -> str | None:
+    try:
+        return normalize_key(candidate.key)
+    except InvalidKeyError:
+        return None
+
+
+@dataclass
+class DeletionContext:
+    """Everything a deletion needs besides its candidates."""
+
+    s3: S3Settings
+    engine: Engine
+    store: ManifestStore
+    audit: AuditLog | None  # None only for dry runs
+    run_id: str
+    job: str
+    log: Log
+    clock: Clock = utc_now
+    sleep: Callable[[float], None] = time.sleep
+    # Opens the connection references are re-checked through (the purge's dry run passes
+    # its uncommitted transaction).
+    references: Callable[[Engine], AbstractContextManager[Connection]] = read_only_snapshot
+    workers: int = DELETE_WORKERS
+
+
+@dataclass
+class BatchResult:
+    """One batch's outcome, built by a worker and merged into the report by the caller."""
+
+    rows: list[tuple[Candidate, str]]
+    seconds: float
+    revalidation_seconds: float = 0.0
+    delete_seconds: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def count(self, *outcomes: Outcome) -> int:
+        return sum(1 for _, o in self.rows if o in outcomes)
+
+    def bytes(self, outcome: Outcome) -> int:
+        return sum(c.size for c, o in self.rows if o == outcome)
+
+
+def delete_candidates(
+    ctx: DeletionContext,
+    bucket: BucketPolicy,
+    candidates: Iterable[Candidate],
+    *,
+    dry_run: bool,
+    batch_size: int,
+    total: int | None = None,
+    age_exempt: bool = False,
+) -> DeletionReport:
+    """Re-validate and delete ``candidates`` of ``bucket`` in batches; see the module doc.
+
+    Batches are disjoint, so up to ``ctx.workers`` run at once (each re-validates right
+    before its own DeleteObjects request); results are merged here, in batch order, and at
+    most a few batches are in flight, so memory does not grow with the bucket.
+    """
+    if not dry_run and ctx.audit is None:
+        raise ValueError("a live deletion needs an audit log")
+    report = DeletionReport(bucket=bucket.name, dry_run=dry_run)
+    began = time.perf_counter()
+    client = make_client(ctx.s3)
+    if ctx.audit is not None and not dry_run:
+        with s3_errors(ctx.s3, bucket.name):
+            report.reconciled = ctx.audit.reconcile(
+                bucket.name, lambda keys: stat_objects(client, bucket.name, keys), ctx.clock()
+            )
+        if any(report.reconciled.values()):
+            ctx.log(f"{bucket.name}: settled pending audit rows of an earlier run: {report.reconciled}")
+    batches_total = -(-total // batch_size) if total else None
+    uri = ctx.store.new_uri("deletions", bucket.name, ctx.clock(), ctx.run_id)
+    with ctx.store.writer(uri, DELETIONS_SCHEMA) as writer, ThreadPoolExecutor(ctx.workers) as pool:
+        in_flight: deque[Future[BatchResult]] = deque()
+
+        def settle_oldest() -> None:
+            result = in_flight.popleft().result()  # re-raises a worker's failure
+            report.batches += 1
+            _merge(report, result)
+            writer.write_batch(_deletions_batch(result.rows))
+            ctx.log(
+                f"{bucket.name}: batch {report.batches} of {batches_total or '?'}: {len(result.rows)} keys, "
+                f"{result.count(Outcome.DELETED, Outcome.WOULD_DELETE)} "
+                f"{'would be deleted' if dry_run else 'deleted'} "
+                f"({result.bytes(Outcome.WOULD_DELETE if dry_run else Outcome.DELETED)} bytes), "
+                f"{len(result.rows) / result.seconds if result.seconds > 0 else 0:.0f} keys/s"
+            )
+            failed = result.count(Outcome.FAILED)
+            if too_many_failures(failed, len(result.rows)):
+                raise DeletionAbortedError(
+                    f"{failed} of {len(result.rows)} keys of a batch in {bucket.name} failed to delete "
+                    f"(first: {list(result.failures.items())[:3]}); stopped this bucket. Check the S3 "
+                    f"server's health and permissions, then launch the job again: it resumes safely"
+                )
+
+        try:
+            for batch in batched(candidates, batch_size):
+                in_flight.append(pool.submit(_process_batch, ctx, bucket, batch, client,
+                                             dry_run=dry_run, age_exempt=age_exempt))
+                if len(in_flight) >= ctx.workers:
+                    settle_oldest()
+            while in_flight:
+                settle_oldest()
+        except BaseException:
+            # Let the batches already running finish and record themselves; start no more.
+            for future in in_flight:
+                future.cancel()
+            wait(in_flight)
+            raise
+    report.manifest_uri = uri
+    report.seconds = time.perf_counter() - began
+    return report
+
+
+def _merge(report: DeletionReport, result: BatchResult) -> None:
+    report.candidates += len(result.rows)
+    report.outcomes.update(outcome for _, outcome in result.rows)
+    report.deleted_bytes += result.bytes(Outcome.DELETED)
+    report.would_delete_bytes += result.bytes(Outcome.WOULD_DELETE)
+    report.revalidation_seconds += result.revalidation_seconds
+    report.delete_seconds += result.delete_seconds
+    report.failures += [f"{k}: {e}" for k, e in result.failures.items()][: max(0, 10 - len(report.failures))]
+
+
+def _process_batch(
+    ctx: DeletionContext,
+    bucket: BucketPolicy,
+    batch: list[Candidate],
+    client: Minio,
+    *,
+    dry_run: bool,
+    age_exempt: bool,
+) -> BatchResult:
+    began = time.perf_counter()
+    # 1. references, fresh, for exactly these keys (a key we cannot normalise is never deleted).
+    normalised = {c.key: _normalised(c) for c in batch}
+    with ctx.references(ctx.engine) as connection:
+        referenced = referenced_among(connection, bucket, {k for k in normalised.values() if k})
+    # 2. the objects, fresh; 3. the one decision.
+    with s3_errors(ctx.s3, bucket.name):
+        stats = stat_objects(client, bucket.name, [c.key for c in batch])
+    now = ctx.clock()
+    rows: list[tuple[Candidate, str]] = []
+    deletable: list[Candidate] = []
+    for candidate in batch:
+        key = normalised[candidate.key]
+        verdict = deletion_verdict(
+            candidate,
+            referenced_now=key is None or key in referenced,
+            stat=stats[candidate.key],
+            min_age=bucket.min_age,
+            now=now,
+            age_exempt=age_exempt,
+        )
+        if verdict is None:
+            deletable.append(candidate)
+        else:
+            rows.append((candidate, verdict.value))
+    result = BatchResult(rows=rows, seconds=0.0, revalidation_seconds=time.perf_counter() - began)
+    if dry_run:
+        rows += [(c, Outcome.WOULD_DELETE.value) for c in deletable]
+    elif deletable:
+        rows += _delete_and_record(ctx, bucket.name, deletable, client, result)
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+def _delete_and_record(
+    ctx: DeletionContext, bucket: str, deletable: list[Candidate], client: Minio, result: BatchResult
+) -> list[tuple[Candidate, str]]:
+    assert ctx.audit is not None
+    ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket, candidates=deletable, at=ctx.clock())
+    delete_began = time.perf_counter()
+    with s3_errors(ctx.s3, bucket):
+        errors = delete_batch(client, bucket, [c.key for c in deletable], ctx.log, ctx.sleep)
+    result.delete_seconds = time.perf_counter() - delete_began
+    at = ctx.clock()
+    ctx.audit.mark(run_id=ctx.run_id, bucket=bucket, keys=[c.key for c in deletable if c.key not in errors],
+                   status="deleted", at=at)
+    for key, error in errors.items():
+        ctx.audit.mark(run_id=ctx.run_id, bucket=bucket, keys=[key], status="failed", at=None, error=error)
+    result.failures = errors
+    return [(c, Outcome.FAILED.value if c.key in errors else Outcome.DELETED.value) for c in deletable]
+
+
+def candidates_from_orphans(store: ManifestStore, uri: str, max_objects: int | None = None) -> Iterator[Candidate]:
+    """Eligible orphans of an orphan manifest, streamed."""
+    produced = 0
+    for batch in store.iter_batches(uri, columns=["key", "size", "last_modified", "etag", "eligible"]):
+        for row in batch.filter(batch.column("eligible")).to_pylist():
+            if max_objects is not None and produced >= max_objects:
+                return
+            produced += 1
+            yield Candidate(key=row["key"], size=row["size"], last_modified=row["last_modified"],
+                            etag=row["etag"])
+

@@ -1,0 +1,1 @@
+"""Schedules, sensors, asset checks and the event-driven cleanup (replacing Celery Beat)."""

@@ -1,0 +1,174 @@
+"""Asset checks on ``orphan_diff``, one evaluation per bucket partition, in the diff's own run.
+
+The checks read the figures the diff recorded in its materialization metadata; they
+compute nothing of their own, so the UI, the exporter and the checks cannot disagree.
+"""
+
+import json
+import warnings
+from typing import Any
+
+import dagster as dg
+
+from heimdall_storage_pipeline.defs.materializations import latest_metadata
+
+ORPHAN_DIFF = "orphan_diff"
+ORPHAN_RATIO_HEALTH = "orphan_ratio_health"
+REFERENCES_PRESENT = "references_present"
+DANGLING_REFERENCES = "dangling_references"
+BLOCKING_CHECKS = (REFERENCES_PRESENT,)
+
+
+def _diff_metadata(context: dg.AssetCheckExecutionContext) -> dict[str, Any]:
+    metadata = latest_metadata(context.instance, ORPHAN_DIFF, context.partition_key)
+    if metadata is None:
+        raise dg.Failure(f"no orphan_diff materialization for {context.partition_key}; run storage_scan_job")
+    return metadata
+
+
+def orphan_ratio_result(metadata: dict[str, Any]) -> dg.AssetCheckResult:
+    """Healthy passes; warning (10-25 % orphaned bytes) fails with WARN, critical with ERROR."""
+    status = str(metadata["health_status"])
+    share = float(metadata["orphan_share_bytes"])
+    return dg.AssetCheckResult(
+        check_name=ORPHAN_RATIO_HEALTH,
+        passed=status == "healthy",
+        severity=dg.AssetCheckSeverity.ERROR if status == "critical" else dg.AssetCheckSeverity.WARN,
+        description=f"{share:.1%} of the bytes are orphaned: {status}",
+        metadata={
+            "health_status": dg.MetadataValue.text(status),
+            "orphan_share_bytes": dg.MetadataValue.float(share),
+            "object_count": dg.MetadataValue.int(int(metadata["object_count"])),
+        },
+    )
+
+
+def references_present_result(metadata: dict[str, Any]) -> dg.AssetCheckResult:
+    """A bucket holding objects but no referenced key means a wrong or empty reference set."""
+    objects, referenced = int(metadata["object_count"]), int(metadata["referenced_count"])
+    passed = objects == 0 or referenced > 0
+    description = (
+        f"{referenced} referenced keys for {objects} objects"
+        if passed
+        else f"the bucket holds {objects} objects but the reference set is empty: a wrong database, "
+        f"an empty restore or a renamed column? No cleanup runs on this diff"
+    )
+    return dg.AssetCheckResult(
+        check_name=REFERENCES_PRESENT,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=description,
+        metadata={
+            "object_count": dg.MetadataValue.int(objects),
+            "referenced_count": dg.MetadataValue.int(referenced),
+        },
+    )
+
+
+def _sample(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    try:
+        parsed = json.loads(str(value or "[]"))
+    except ValueError:
+        return [str(value)]
+    return [str(v) for v in parsed] if isinstance(parsed, list) else [str(parsed)]
+
+
+def dangling_references_result(metadata: dict[str, Any]) -> dg.AssetCheckResult:
+    """Rows that name objects which do not exist: WARN, with a sample of the keys."""
+    count = int(metadata["dangling_reference_count"])
+    sample = _sample(metadata.get("dangling_sample"))
+    return dg.AssetCheckResult(
+        check_name=DANGLING_REFERENCES,
+        passed=count == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"{count} references name objects that do not exist"
+        + (f", e.g. {', '.join(sample[:3])}" if sample else ""),
+        metadata={
+            "dangling_reference_count": dg.MetadataValue.int(count),
+            "dangling_sample": dg.MetadataValue.json(sample),
+        },
+    )
+
+
+def build_orphan_diff_checks(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
+    """The three checks, partitioned like the diff so the UI shows them per bucket."""
+    with warnings.catch_warnings():
+        # Partitioned asset checks are "preview" in Dagster 1.13; they are what shows a result per bucket.
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return _build_checks(partitions_def)
+
+
+def _build_checks(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
+    @dg.asset_check(asset=ORPHAN_DIFF, partitions_def=partitions_def,
+                    description="Share of orphaned bytes: WARN at 10-25 %, ERROR above.")
+    def orphan_ratio_health(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        return orphan_ratio_result(_diff_metadata(context))
+
+    @dg.asset_check(asset=ORPHAN_DIFF, partitions_def=partitions_def, blocking=True,
+                    description="A non-empty bucket must have references; blocks cleanups when it fails.")
+    def references_present(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        return references_present_result(_diff_metadata(context))
+
+    @dg.asset_check(asset=ORPHAN_DIFF, partitions_def=partitions_def,
+                    description="Rows that point at objects that do not exist (WARN, with a sample).")
+    def dangling_references(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        return dangling_references_result(_diff_metadata(context))
+
+    return [orphan_ratio_health, references_present, dangling_references]
+
+
+def latest_diff_record(instance: dg.DagsterInstance, bucket: str) -> dg.EventLogRecord | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(ORPHAN_DIFF), asset_partitions=[bucket]),
+        limit=1,
+        ascending=False,
+    ).records
+    return records[0] if records else None
+
+
+def check_evaluations(instance: dg.DagsterInstance, run_id: str, bucket: str) -> dict[str, Any]:
+    """``{check_name: AssetCheckEvaluation}`` of the orphan_diff checks run by ``run_id`` for ``bucket``.
+
+    Dagster 1.13 has no public, partition-aware "latest check result" on the instance, so
+    this reads the diff's own run's event log (one indexed query).
+    """
+    found: dict[str, Any] = {}
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        evaluation = entry.get_dagster_event().asset_check_evaluation_data
+        if evaluation.asset_key == dg.AssetKey(ORPHAN_DIFF) and evaluation.partition in (bucket, None):
+            found[evaluation.check_name] = evaluation
+    return found
+
+
+def diff_blocked(instance: dg.DagsterInstance, record: dg.EventLogRecord, bucket: str) -> str | None:
+    """Why the diff materialized in ``record`` must not be cleaned, or None when it may be.
+
+    Fails closed: a blocking check that failed, or was never evaluated (the scan is still
+    running, or ran without its checks), refuses the diff.
+    """
+    evaluations = check_evaluations(instance, record.run_id, bucket)
+    for name in BLOCKING_CHECKS:
+        evaluation = evaluations.get(name)
+        if evaluation is None:
+            return (
+                f"the orphan_diff of {bucket!r} from run {record.run_id} has no {name} check result: "
+                f"the scan is still running or ran without its checks; run storage_scan_job for it again"
+            )
+        if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
+            return (
+                f"the blocking check {name} failed on the orphan_diff of {bucket!r} from run "
+                f"{record.run_id}: {evaluation.description}; fix the reference source and scan again"
+            )
+    return None
+
+
+def blocking_check_failed(instance: dg.DagsterInstance, bucket: str) -> str | None:
+    """Why the latest orphan_diff of ``bucket`` must not be cleaned, or None when it may be.
+
+    For ``delete_orphans``: call it per bucket before deleting and refuse the bucket with
+    the returned reason. No diff at all returns None (the staleness guard refuses that).
+    """
+    record = latest_diff_record(instance, bucket)
+    return diff_blocked(instance, record, bucket) if record is not None else None

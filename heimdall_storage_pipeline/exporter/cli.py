@@ -1,0 +1,117 @@
+"""``heimdall-storage exporter``: serve the storage metrics of the Dagster instance."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from collections.abc import Sequence
+
+import dagster as dg
+
+from heimdall_storage_pipeline.core.policy import POLICY_ENV_VAR, PolicyError, load_policy
+from heimdall_storage_pipeline.exporter.collector import (
+    DEFAULT_TIMEOUT_SECONDS,
+    InstanceProvider,
+    SnapshotSource,
+)
+from heimdall_storage_pipeline.exporter.server import DEFAULT_HOST, DEFAULT_PORT, ExporterServer
+
+log = logging.getLogger("heimdall_storage_pipeline.exporter")
+
+HOST_ENV = "HEIMDALL_EXPORTER_HOST"
+PORT_ENV = "HEIMDALL_EXPORTER_PORT"
+BUCKETS_ENV = "HEIMDALL_EXPORTER_BUCKETS"
+CACHE_ENV = "HEIMDALL_EXPORTER_CACHE_SECONDS"
+TIMEOUT_ENV = "HEIMDALL_EXPORTER_TIMEOUT_SECONDS"
+_SECRET_ENV_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--host",
+        default=os.environ.get(HOST_ENV, DEFAULT_HOST),
+        help=f"address to bind (env {HOST_ENV}; default {DEFAULT_HOST})",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get(PORT_ENV, DEFAULT_PORT)),
+        help=f"port to bind, 0 for any free port (env {PORT_ENV}; default {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--policy",
+        default=os.environ.get(POLICY_ENV_VAR),
+        help=f"storage policy whose enabled buckets are always reported, scanned or not (env {POLICY_ENV_VAR})",
+    )
+    parser.add_argument(
+        "--bucket",
+        action="append",
+        default=[b.strip() for b in os.environ.get(BUCKETS_ENV, "").split(",") if b.strip()],
+        help=f"a bucket to always report, scanned or not; repeatable (env {BUCKETS_ENV}, comma-separated)",
+    )
+    parser.add_argument(
+        "--cache-seconds",
+        type=float,
+        default=float(os.environ.get(CACHE_ENV, "5")),
+        help=f"reuse a snapshot for this long between scrapes (env {CACHE_ENV}; default 5)",
+    )
+    parser.add_argument(
+        "--timeout-seconds",
+        type=float,
+        default=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_SECONDS)),
+        help="answer 503 when the instance has not answered within this time "
+        f"(env {TIMEOUT_ENV}; default {DEFAULT_TIMEOUT_SECONDS:g})",
+    )
+    parser.set_defaults(func=run_from_args)
+    return parser
+
+
+def add_exporter_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``exporter`` on a CLI; dispatch with ``args.func(args)`` (returns an exit code)."""
+    parser = subparsers.add_parser(
+        "exporter",
+        help="serve /metrics, /metrics/storage and /healthz from the Dagster instance",
+        description=__doc__,
+    )
+    return _configure(parser)
+
+
+def _secrets_from_env() -> tuple[str, ...]:
+    return tuple(value for name, value in os.environ.items() if value and _SECRET_ENV_NAME.search(name))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Serve until interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not os.environ.get("DAGSTER_HOME"):
+        log.error("DAGSTER_HOME is not set; point it at the pipeline's instance directory")
+        return 2
+    buckets = list(args.bucket)
+    if args.policy:
+        try:
+            buckets += [bucket.name for bucket in load_policy(args.policy).enabled_buckets()]
+        except PolicyError as exc:
+            log.error("%s", exc)
+            return 2
+    provider = InstanceProvider(
+        dg.DagsterInstance.get, secrets=_secrets_from_env(), timeout_seconds=args.timeout_seconds
+    )
+    source = SnapshotSource(provider, buckets, ttl_seconds=args.cache_seconds)
+    server = ExporterServer(provider, source, host=args.host, port=args.port)
+    log.info("heimdall-storage exporter listening on %s", server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        server.close()
+    return 0
+
+
+def run_exporter(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point: ``python -m heimdall_storage_pipeline.exporter [options]``."""
+    parser = _configure(argparse.ArgumentParser(prog="heimdall-storage exporter", description=__doc__))
+    args = parser.parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,344 @@
+"""Build a snapshot of every bucket's figures from the Dagster instance.
+
+Reads only materialization metadata and run counts through ``DagsterInstance`` methods, so the
+numbers are the pipeline's own, whichever process produced them (the predecessor's gauges lived
+in another process and always read zero).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+
+from heimdall_storage_pipeline.core.clock import Clock, isoformat_utc, utc_now
+from heimdall_storage_pipeline.core.health import share
+
+BUCKET_INVENTORY = dg.AssetKey("bucket_inventory")
+REFERENCED_KEYS = dg.AssetKey("referenced_keys")
+ORPHAN_DIFF = dg.AssetKey("orphan_diff")
+ORPHAN_DELETIONS = dg.AssetKey("orphan_deletions")
+
+JOB_NAMES = ("storage_scan_job", "delete_orphans_job", "purge_dataset_job")
+UNKNOWN = "unknown"
+# Worst last: the overall status is the worst of the buckets'. A bucket never scanned ranks above
+# healthy because nobody can say it is healthy.
+STATUS_ORDER = ("healthy", UNKNOWN, "warning", "critical")
+SKIP_REASONS = ("referenced", "missing", "changed", "young")
+GIB = 1024**3  # "GB" in metric names and JSON is GiB, as in the predecessor
+
+
+def to_gb(num_bytes: int) -> float:
+    return num_bytes / GIB
+
+
+@dataclass(frozen=True)
+class Materialization:
+    """The latest materialization of one asset partition: its time and raw metadata values."""
+
+    partition: str
+    storage_id: int
+    timestamp: float  # when the event was stored, epoch seconds
+    metadata: Mapping[str, Any]
+
+    def count(self, key: str) -> int | None:
+        value = self.metadata.get(key)
+        # bool is an int subclass; a flag is never a count.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return int(value)
+
+    def number(self, key: str) -> float | None:
+        value = self.metadata.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return float(value)
+
+    def text(self, key: str) -> str | None:
+        value = self.metadata.get(key)
+        if isinstance(value, float):  # MetadataValue.timestamp
+            return isoformat_utc(datetime.fromtimestamp(value, UTC))
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class CleanupFigures:
+    """The latest ``orphan_deletions`` run of a bucket."""
+
+    timestamp: float
+    dry_run: bool
+    deleted_files: int | None
+    deleted_bytes: int | None
+    failed_files: int | None
+    skipped_files: Mapping[str, int | None]
+
+
+@dataclass(frozen=True)
+class BucketFigures:
+    """One bucket; ``None`` means "not known", never zero."""
+
+    name: str
+    status: str
+    total_objects: int | None = None
+    total_bytes: int | None = None
+    listed_at: str | None = None
+    as_of: str | None = None
+    scan_timestamp: float | None = None
+    # The scan's own total, the denominator of its orphan share; the latest listing's total
+    # (above) may be newer when a scan stopped after listing.
+    scan_total_bytes: int | None = None
+    referenced_objects: int | None = None
+    orphan_files: int | None = None
+    orphan_bytes: int | None = None
+    orphan_share_bytes: float | None = None
+    eligible_orphan_files: int | None = None
+    eligible_orphan_bytes: int | None = None
+    young_orphan_files: int | None = None
+    dangling_references: int | None = None
+    unparseable_references: int | None = None
+    cleanup: CleanupFigures | None = None
+    deleted_files_total: int = 0
+    deleted_bytes_total: int = 0
+
+    @property
+    def scanned(self) -> bool:
+        return self.scan_timestamp is not None
+
+
+@dataclass(frozen=True)
+class StorageSnapshot:
+    """Every bucket's figures at ``collected_at`` plus failed runs per job."""
+
+    collected_at: datetime
+    buckets: Mapping[str, BucketFigures]
+    failed_runs: Mapping[str, int]
+    collect_seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        """The worst bucket's status (an overall share can never be worse than the worst)."""
+        return max(
+            (bucket.status for bucket in self.buckets.values()),
+            key=STATUS_ORDER.index,
+            default=UNKNOWN,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The predecessor's ``/metrics/storage`` contract plus ``as_of`` and data ages."""
+        known = [b for b in self.buckets.values() if b.total_bytes is not None]
+        scanned = [b for b in self.buckets.values() if b.orphan_bytes is not None]
+        total_bytes = sum(b.total_bytes or 0 for b in known)
+        orphan_bytes = sum(b.orphan_bytes or 0 for b in scanned)
+        scanned_bytes = sum(b.scan_total_bytes or 0 for b in scanned)
+        return {
+            "status": self.status,
+            "as_of": isoformat_utc(self.collected_at),
+            "total_size_gb": to_gb(total_bytes) if known else None,
+            "total_orphans": sum(b.orphan_files or 0 for b in scanned) if scanned else None,
+            "orphan_size_gb": to_gb(orphan_bytes) if scanned else None,
+            "orphan_percentage": 100 * share(orphan_bytes, scanned_bytes) if scanned else None,
+            "buckets": {name: self._bucket_json(b) for name, b in self.buckets.items()},
+        }
+
+    def _bucket_json(self, bucket: BucketFigures) -> dict[str, Any]:
+        now = self.collected_at.timestamp()
+        return {
+            "status": bucket.status,
+            "size_gb": _maybe(to_gb, bucket.total_bytes),
+            "total_objects": bucket.total_objects,
+            "referenced_objects": bucket.referenced_objects,
+            "orphans": bucket.orphan_files,
+            "orphan_size_gb": _maybe(to_gb, bucket.orphan_bytes),
+            "orphan_percentage": _maybe(lambda s: 100 * s, bucket.orphan_share_bytes),
+            "eligible_orphans": bucket.eligible_orphan_files,
+            "eligible_orphan_size_gb": _maybe(to_gb, bucket.eligible_orphan_bytes),
+            "young_orphans": bucket.young_orphan_files,
+            "dangling_references": bucket.dangling_references,
+            "unparseable_references": bucket.unparseable_references,
+            "listed_at": bucket.listed_at,
+            "as_of": bucket.as_of,
+            "last_scan_at": _maybe(_iso, bucket.scan_timestamp),
+            "data_age_seconds": _maybe(lambda t: max(0.0, now - t), bucket.scan_timestamp),
+            "last_cleanup_at": _maybe(_iso, bucket.cleanup.timestamp if bucket.cleanup else None),
+            "deleted_files_total": bucket.deleted_files_total,
+            "deleted_size_gb_total": to_gb(bucket.deleted_bytes_total),
+        }
+
+
+def _maybe(fn: Any, value: Any) -> Any:
+    return None if value is None else fn(value)
+
+
+def _iso(timestamp: float) -> str:
+    return isoformat_utc(datetime.fromtimestamp(timestamp, UTC))
+
+
+def latest_materializations(instance: dg.DagsterInstance, asset_key: dg.AssetKey) -> dict[str, Materialization]:
+    """The latest materialization of each partition, in two queries whatever the history."""
+    latest_ids = instance.get_latest_storage_id_by_partition(asset_key, dg.DagsterEventType.ASSET_MATERIALIZATION)
+    if not latest_ids:
+        return {}
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key, storage_ids=list(latest_ids.values())),
+        limit=len(latest_ids),
+    ).records
+    return {
+        materialization.partition: materialization
+        for materialization in map(_to_materialization, records)
+        if materialization is not None
+    }
+
+
+def _to_materialization(record: dg.EventLogRecord) -> Materialization | None:
+    event = record.asset_materialization
+    if event is None or event.partition is None:
+        return None
+    return Materialization(
+        partition=event.partition,
+        storage_id=record.storage_id,
+        timestamp=record.timestamp,
+        metadata={key: value.value for key, value in event.metadata.items()},
+    )
+
+
+@dataclass
+class DeletionTotals:
+    """Deleted files and bytes per bucket, summed over every non-dry-run ``orphan_deletions``.
+
+    Seam: once the deletion audit table exists, read the totals from it instead. Until then the
+    sum is kept incrementally (a storage-id cursor), so a scrape reads only new events.
+    """
+
+    page_size: int = 1000
+    files: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    _cursor: int | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def refresh(self, instance: dg.DagsterInstance) -> None:
+        with self._lock:
+            while True:
+                result = instance.fetch_materializations(
+                    dg.AssetRecordsFilter(asset_key=ORPHAN_DELETIONS, after_storage_id=self._cursor),
+                    limit=self.page_size,
+                    ascending=True,
+                )
+                for record in result.records:
+                    self._add(_to_materialization(record))
+                    self._cursor = record.storage_id
+                if not result.has_more or not result.records:
+                    return
+
+    def _add(self, run: Materialization | None) -> None:
+        # A dry run deleted nothing, whatever it would have.
+        if run is None or run.metadata.get("dry_run", False) is not False:
+            return
+        self.files[run.partition] += run.count("deleted_count") or 0
+        self.bytes[run.partition] += run.count("deleted_bytes") or 0
+
+
+def collect_storage_snapshot(
+    instance: dg.DagsterInstance,
+    buckets: Iterable[str] = (),
+    deletion_totals: DeletionTotals | None = None,
+    clock: Clock = utc_now,
+) -> StorageSnapshot:
+    """Every bucket's figures from the latest materializations.
+
+    ``buckets`` adds buckets that may never have been scanned (the policy's); they are reported
+    with status ``unknown`` and no figures. Pass a long-lived ``deletion_totals`` to keep its
+    running sums between calls.
+    """
+    started = clock()
+    inventories = latest_materializations(instance, BUCKET_INVENTORY)
+    references = latest_materializations(instance, REFERENCED_KEYS)
+    diffs = latest_materializations(instance, ORPHAN_DIFF)
+    cleanups = latest_materializations(instance, ORPHAN_DELETIONS)
+    totals = deletion_totals if deletion_totals is not None else DeletionTotals()
+    totals.refresh(instance)
+    failed_runs = {
+        job: instance.get_runs_count(dg.RunsFilter(job_name=job, statuses=[dg.DagsterRunStatus.FAILURE]))
+        for job in JOB_NAMES
+    }
+    names = sorted(set(buckets) | set(inventories) | set(diffs))
+    figures = {
+        name: _bucket_figures(
+            name,
+            inventories.get(name),
+            references.get(name),
+            diffs.get(name),
+            cleanups.get(name),
+            totals,
+        )
+        for name in names
+    }
+    finished = clock()
+    return StorageSnapshot(
+        collected_at=finished,
+        buckets=figures,
+        failed_runs=failed_runs,
+        collect_seconds=(finished - started).total_seconds(),
+    )
+
+
+def _bucket_figures(
+    name: str,
+    inventory: Materialization | None,
+    references: Materialization | None,
+    diff: Materialization | None,
+    cleanup: Materialization | None,
+    totals: DeletionTotals,
+) -> BucketFigures:
+    status = UNKNOWN
+    if diff is not None and diff.text("health_status") in STATUS_ORDER:
+        status = diff.text("health_status") or UNKNOWN
+    return BucketFigures(
+        name=name,
+        status=status,
+        total_objects=inventory.count("object_count") if inventory else None,
+        total_bytes=inventory.count("total_bytes") if inventory else None,
+        listed_at=inventory.text("listed_at") if inventory else None,
+        unparseable_references=references.count("unparseable_reference_count") if references else None,
+        cleanup=_cleanup_figures(cleanup) if cleanup else None,
+        deleted_files_total=totals.files.get(name, 0),
+        deleted_bytes_total=totals.bytes.get(name, 0),
+        **(_scan_fields(diff) if diff else {}),
+    )
+
+
+def _scan_fields(diff: Materialization) -> dict[str, Any]:
+    return {
+        "as_of": diff.text("as_of"),
+        "scan_timestamp": diff.timestamp,
+        "scan_total_bytes": diff.count("total_bytes"),
+        "referenced_objects": diff.count("referenced_count"),
+        "orphan_files": diff.count("orphan_count"),
+        "orphan_bytes": diff.count("orphan_bytes"),
+        "orphan_share_bytes": diff.number("orphan_share_bytes"),
+        "eligible_orphan_files": diff.count("eligible_orphan_count"),
+        "eligible_orphan_bytes": diff.count("eligible_orphan_bytes"),
+        "young_orphan_files": diff.count("young_orphan_count"),
+        "dangling_references": diff.count("dangling_reference_count"),
+    }
+
+
+def _cleanup_figures(run: Materialization) -> CleanupFigures:
+    return CleanupFigures(
+        timestamp=run.timestamp,
+        dry_run=run.metadata.get("dry_run") is True,
+        deleted_files=run.count("deleted_count"),
+        deleted_bytes=run.count("deleted_bytes"),
+        failed_files=run.count("failed_count"),
+        skipped_files={reason: run.count(f"skipped_{reason}") for reason in SKIP_REASONS},
+    )
+
+
+def check_instance(instance: dg.DagsterInstance) -> None:
+    """Raise unless both the run storage and the event log of the instance answer."""
+    instance.get_run_records(limit=1)
+    instance.fetch_materializations(ORPHAN_DIFF, limit=1)

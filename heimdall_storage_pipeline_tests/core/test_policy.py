@@ -1,0 +1,238 @@
+"""The storage policy: the shipped file, and broken files refused with file, bucket and field named."""
+
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from heimdall_storage_pipeline.core.keys import ReferenceFormat
+from heimdall_storage_pipeline.core.policy import (
+    POLICY_ENV_VAR,
+    PolicyError,
+    default_policy_path,
+    load_policy,
+    parse_duration,
+)
+
+BUCKET = "good-bucket"
+
+
+def valid_document() -> dict[str, Any]:
+    return {
+        "manifest_retention_days": 14,
+        "buckets": {
+            BUCKET: {
+                "enabled": True,
+                "min_age_days": 30,
+                "batch_size": 500,
+                "description": "test bucket",
+                "references": [
+                    {"name": "rows", "query": "SELECT path FROM app.files", "format": "key"},
+                ],
+                "companions": [
+                    {"name": "sidecar", "match": r"^(.+)\.npy$", "companion": r"\1_metadata.json"}
+                ],
+            }
+        },
+    }
+
+
+def write(tmp_path: Path, document: Any) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(document if isinstance(document, str) else yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def broken(change: Any) -> dict[str, Any]:
+    document = valid_document()
+    change(document)
+    return document
+
+
+def bucket_of(document: dict[str, Any]) -> dict[str, Any]:
+    return document["buckets"][BUCKET]
+
+
+def source_of(document: dict[str, Any]) -> dict[str, Any]:
+    return bucket_of(document)["references"][0]
+
+
+def test_valid_document_loads(tmp_path: Path) -> None:
+    policy = load_policy(write(tmp_path, valid_document()))
+    bucket = policy.bucket(BUCKET)
+    assert bucket.min_age == timedelta(days=30)
+    assert bucket.batch_size == 500
+    assert bucket.references[0].format is ReferenceFormat.KEY
+    assert bucket.companions[0].companion == r"\1_metadata.json"
+    assert policy.enabled_buckets() == [bucket]
+
+
+def test_shipped_heimdall_policy() -> None:
+    policy = load_policy(default_policy_path())
+    by_name = {bucket.name: bucket for bucket in policy.enabled_buckets()}
+    assert set(by_name) == {"heimdall-synthetic-iq", "heimdall-audio-chunks", "heimdall-raw-iq"}
+    assert by_name["heimdall-synthetic-iq"].min_age == timedelta(days=30)
+    assert by_name["heimdall-audio-chunks"].min_age == timedelta(days=30)
+    assert by_name["heimdall-raw-iq"].min_age == timedelta(days=60)
+    assert by_name["heimdall-synthetic-iq"].references[0].container == "json"
+    assert by_name["heimdall-audio-chunks"].references[0].format is ReferenceFormat.URI
+    assert by_name["heimdall-raw-iq"].references[0].format is ReferenceFormat.URI
+    assert by_name["heimdall-raw-iq"].companions
+    assert policy.manifest_retention_days == 14
+    assert not policy.allow_short_min_age
+
+
+def test_policy_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(POLICY_ENV_VAR, str(write(tmp_path, valid_document())))
+    assert [bucket.name for bucket in load_policy().buckets] == [BUCKET]
+
+
+def test_unknown_partition_names_the_known_buckets(tmp_path: Path) -> None:
+    policy = load_policy(write(tmp_path, valid_document()))
+    with pytest.raises(PolicyError, match=f"'other-bucket' is not in the policy.*{BUCKET}"):
+        policy.bucket("other-bucket")
+
+
+BROKEN_CASES = [
+    # (id, change, words the message must contain besides the file name)
+    ("unknown root key", lambda d: d.update(bukets={}), ["unknown key(s) bukets"]),
+    ("unknown bucket key", lambda d: bucket_of(d).update(min_age_dayz=3), [BUCKET, "min_age_dayz"]),
+    ("unknown source key", lambda d: source_of(d).update(colum="x"), [BUCKET, "references[0]", "colum"]),
+    ("unknown companion key", lambda d: bucket_of(d)["companions"][0].update(replace="x"),
+     [BUCKET, "companions[0]", "replace"]),
+    ("enabled not bool", lambda d: bucket_of(d).update(enabled="yes"), [BUCKET, "enabled", "bool"]),
+    ("batch_size a string", lambda d: bucket_of(d).update(batch_size="10"), [BUCKET, "batch_size"]),
+    ("batch_size a bool", lambda d: bucket_of(d).update(batch_size=True), [BUCKET, "batch_size"]),
+    ("batch_size 0", lambda d: bucket_of(d).update(batch_size=0), [BUCKET, "batch_size", "1..1000"]),
+    ("batch_size 1001", lambda d: bucket_of(d).update(batch_size=1001), [BUCKET, "batch_size", "1..1000"]),
+    ("description not str", lambda d: bucket_of(d).update(description=5), [BUCKET, "description"]),
+    ("min_age_days a string", lambda d: bucket_of(d).update(min_age_days="thirty"), [BUCKET, "min_age_days"]),
+    ("no min age", lambda d: bucket_of(d).pop("min_age_days"), [BUCKET, "min_age_days"]),
+    ("both min ages", lambda d: bucket_of(d).update(min_age="30d"), [BUCKET, "not both"]),
+    ("bad duration", lambda d: (bucket_of(d).pop("min_age_days"), bucket_of(d).update(min_age="30 days")),
+     [BUCKET, "min_age", "'30d'"]),
+    ("negative days", lambda d: bucket_of(d).update(min_age_days=-1), [BUCKET, "min_age_days", "negative"]),
+    ("short min age", lambda d: (bucket_of(d).pop("min_age_days"), bucket_of(d).update(min_age="12h")),
+     [BUCKET, "below one day", "allow_short_min_age"]),
+    ("short min age in days", lambda d: bucket_of(d).update(min_age_days=0.5), [BUCKET, "below one day"]),
+    ("no sources", lambda d: bucket_of(d).update(references=[]),
+     [BUCKET, "references", "no reference sources"]),
+    ("sources missing", lambda d: bucket_of(d).pop("references"), [BUCKET, "references"]),
+    ("sources not a list", lambda d: bucket_of(d).update(references={"q": "SELECT 1"}),
+     [BUCKET, "references", "list"]),
+    ("source without query", lambda d: source_of(d).pop("query"), [BUCKET, "references[0]", "query"]),
+    ("delete query", lambda d: source_of(d).update(query="DELETE FROM app.files"),
+     [BUCKET, "references[0].query", "SELECT"]),
+    ("two statements", lambda d: source_of(d).update(query="SELECT 1; DROP TABLE x"),
+     [BUCKET, "references[0].query", "single statement"]),
+    ("writing CTE", lambda d: source_of(d).update(
+        query="WITH d AS (DELETE FROM app.files RETURNING path) SELECT path FROM d"),
+     [BUCKET, "references[0].query", "DELETE"]),
+    ("select into", lambda d: source_of(d).update(query="SELECT path INTO copy FROM app.files"),
+     [BUCKET, "references[0].query", "INTO"]),
+    ("empty query", lambda d: source_of(d).update(query="  "), [BUCKET, "references[0].query"]),
+    ("query not a string", lambda d: source_of(d).update(query=["SELECT 1"]),
+     [BUCKET, "references[0].query"]),
+    ("unknown format", lambda d: source_of(d).update(format="url"), [BUCKET, "references[0].format", "url"]),
+    ("unknown container", lambda d: source_of(d).update(container="csv"),
+     [BUCKET, "references[0].container", "csv"]),
+    ("percent_decode not bool", lambda d: source_of(d).update(percent_decode="yes"),
+     [BUCKET, "percent_decode"]),
+    ("duplicate source names", lambda d: bucket_of(d)["references"].append(dict(source_of(d))),
+     [BUCKET, "unique"]),
+    ("bad regex", lambda d: bucket_of(d)["companions"][0].update(match="(["),
+     [BUCKET, "companions[0].match", "regular expression"]),
+    ("regex RE2 cannot run", lambda d: bucket_of(d)["companions"][0].update(match=r"^(?=x)(.+)\.npy$"),
+     [BUCKET, "companions[0].match", "RE2"]),
+    ("companion group missing", lambda d: bucket_of(d)["companions"][0].update(companion=r"\2.json"),
+     [BUCKET, "companions[0].companion", "group"]),
+    ("companion without match", lambda d: bucket_of(d)["companions"][0].pop("match"),
+     [BUCKET, "companions[0]", "match"]),
+    ("companions not a list", lambda d: bucket_of(d).update(companions={"a": 1}), [BUCKET, "companions"]),
+    ("retention 0", lambda d: d.update(manifest_retention_days=0), ["manifest_retention_days"]),
+    ("retention a string", lambda d: d.update(manifest_retention_days="14"), ["manifest_retention_days"]),
+    ("allow_short not bool", lambda d: d.update(allow_short_min_age="true"), ["allow_short_min_age"]),
+    ("buckets empty", lambda d: d.update(buckets={}), ["buckets"]),
+    ("bucket settings not a mapping", lambda d: d["buckets"].update({BUCKET: "on"}), [BUCKET, "mapping"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"), [case[1:] for case in BROKEN_CASES], ids=[c[0] for c in BROKEN_CASES]
+)
+def test_broken_policy_names_file_bucket_and_field(tmp_path: Path, change: Any, words: list[str]) -> None:
+    path = write(tmp_path, broken(change))
+    with pytest.raises(PolicyError) as raised:
+        load_policy(path)
+    message = str(raised.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Upper-Case", "ab", "a" * 64, "under_score", "-leading", "trailing-", "double..dot", "192.168.0.1",
+     "xn--punycode", "space name"],
+)
+def test_invalid_bucket_names(tmp_path: Path, name: str) -> None:
+    document = valid_document()
+    document["buckets"] = {name: copy.deepcopy(bucket_of(valid_document()))}
+    path = write(tmp_path, document)
+    with pytest.raises(PolicyError, match="not a valid S3 bucket name") as raised:
+        load_policy(path)
+    assert str(path) in str(raised.value)
+    assert repr(name) in str(raised.value)
+
+
+def test_short_min_age_allowed_when_the_policy_says_so(tmp_path: Path) -> None:
+    document = valid_document()
+    document["allow_short_min_age"] = True
+    bucket_of(document).pop("min_age_days")
+    bucket_of(document)["min_age"] = "90s"
+    assert load_policy(write(tmp_path, document)).bucket(BUCKET).min_age == timedelta(seconds=90)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "select path from app.files",
+        "WITH x AS (SELECT path FROM app.files) SELECT path FROM x;",
+        "SELECT path FROM app.files WHERE note <> 'delete; drop table x'",  # words inside strings are data
+        "SELECT path -- delete later\nFROM app.files",
+        "SELECT updated_path, created_at FROM app.files",  # keywords only as whole words
+    ],
+)
+def test_read_only_queries_accepted(tmp_path: Path, query: str) -> None:
+    document = valid_document()
+    source_of(document)["query"] = query
+    assert load_policy(write(tmp_path, document)).bucket(BUCKET).references[0].query.startswith(query[:6])
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "buckets: [unclosed\n")
+    with pytest.raises(PolicyError, match="not valid YAML"):
+        load_policy(path)
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(PolicyError, match=f"{missing}: policy file not found.*{POLICY_ENV_VAR}"):
+        load_policy(missing)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("30d", timedelta(days=30)), ("12h", timedelta(hours=12)), ("15m", timedelta(minutes=15)),
+     ("90s", timedelta(seconds=90)), (" 1.5d ", timedelta(days=1.5)), (7, timedelta(days=7))],
+)
+def test_parse_duration(value: object, expected: timedelta) -> None:
+    assert parse_duration(value, "here") == expected
+
+
+@pytest.mark.parametrize("value", ["30", "30 days", "d", "-1d", "1w", True, None])
+def test_parse_duration_refuses(value: object) -> None:
+    with pytest.raises(PolicyError, match="here"):
+        parse_duration(value, "here")

@@ -1,0 +1,159 @@
+"""``make demo`` end to end: its own embedded PostgreSQL and SeaweedFS, a seeded Heimdall, a report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from heimdall_storage_pipeline.core.clock import parse_utc
+from heimdall_storage_pipeline.core.manifests import ManifestStore
+from heimdall_storage_pipeline.defs.materializations import latest_metadata
+from heimdall_storage_pipeline.local import demo, heimdall_db
+from heimdall_storage_pipeline_tests.helpers import orphan_rows
+
+BUCKETS = (heimdall_db.SYNTHETIC_BUCKET, heimdall_db.AUDIO_BUCKET, heimdall_db.RAW_BUCKET)
+
+
+class DemoRun:
+    """What one demo run printed, seeded and materialized."""
+
+    def __init__(self) -> None:
+        self.exit_code: int | None = None
+        self.output = ""
+        self.worlds: list[heimdall_db.SeededWorld] = []
+        self.metadata: dict[tuple[str, str], dict[str, Any]] = {}
+        self.seaweed_processes: list[Any] = []
+
+    @property
+    def world(self) -> heimdall_db.SeededWorld:
+        (world,) = self.worlds
+        return world
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DemoRun, Path]]:
+    """Run the demo once; record the seeded world and, while its servers are up, its metadata."""
+    run = DemoRun()
+    workdir = tmp_path_factory.mktemp("demo") / ".demo"
+    saved_env = dict(os.environ)
+    patch = pytest.MonkeyPatch()
+
+    class RecordedWorld(heimdall_db.SeededWorld):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            run.worlds.append(self)
+
+    real_scan = demo._scan_every_bucket
+    real_seaweed = demo.SeaweedFS
+
+    def scan_and_record(*args: Any) -> list[dict[str, Any]]:
+        rows = real_scan(*args)
+        with dg.DagsterInstance.get() as instance:
+            for bucket in BUCKETS:
+                for asset in ("bucket_inventory", "referenced_keys", "orphan_diff"):
+                    run.metadata[(asset, bucket)] = latest_metadata(instance, asset, bucket) or {}
+        return rows
+
+    def recorded_seaweed(*args: Any, **kwargs: Any) -> Any:
+        server = real_seaweed(*args, **kwargs)
+        run.seaweed_processes.append(server)
+        return server
+
+    patch.setattr(demo, "SeededWorld", RecordedWorld)
+    patch.setattr(demo, "_scan_every_bucket", scan_and_record)
+    patch.setattr(demo, "SeaweedFS", recorded_seaweed)
+    capture = workdir.parent / "stdout.txt"
+    try:
+        with capture.open("w") as out, contextlib.redirect_stdout(out):
+            run.exit_code = demo.run_demo(workdir=str(workdir))
+        run.output = capture.read_text()
+        yield run, workdir
+    finally:
+        patch.undo()
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def report_rows(output: str) -> dict[str, dict[str, str]]:
+    lines = output.splitlines()
+    header_index = next(i for i, line in enumerate(lines) if line.startswith("bucket "))
+    header = lines[header_index]
+    starts = [header.index(title) for title, _ in demo.REPORT_COLUMNS]
+    rows = {}
+    for line in lines[header_index + 2: header_index + 2 + len(BUCKETS)]:
+        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+        rows[cells[0]] = {field: cell for (_, field), cell in zip(demo.REPORT_COLUMNS, cells, strict=True)}
+    return rows
+
+
+def test_demo_succeeds_and_prints_a_row_per_bucket(demo_run: tuple[DemoRun, Path]) -> None:
+    run, _ = demo_run
+    assert run.exit_code == 0
+    for bucket in BUCKETS:
+        assert f"storage_scan_job[{bucket}]: success" in run.output
+    assert set(report_rows(run.output)) == set(BUCKETS)
+
+
+def test_report_matches_what_was_seeded(demo_run: tuple[DemoRun, Path]) -> None:
+    run, _ = demo_run
+    world, rows = run.world, report_rows(run.output)
+    for bucket in BUCKETS:
+        row = rows[bucket]
+        old, young = world.old_orphans[bucket], world.young_orphans[bucket]
+        assert int(row["object_count"]) == len(world.referenced[bucket]) + len(old) + len(young), bucket
+        assert int(row["orphan_count"]) == len(old) + len(young), bucket
+        assert int(row["eligible_orphan_count"]) == len(old), bucket
+        assert int(row["young_orphan_count"]) == len(young), bucket
+        assert int(row["dangling_reference_count"]) == len(world.dangling.get(bucket, ())), bucket
+        assert row["health_status"] in {"healthy", "warning", "critical"}
+
+
+def test_orphan_manifests_classify_every_seeded_object(demo_run: tuple[DemoRun, Path]) -> None:
+    run, workdir = demo_run
+    world = run.world
+    store = ManifestStore(root=str(workdir / "dagster_home" / "manifests"))
+    min_age = timedelta(seconds=demo.DEMO_MIN_AGE_SECONDS)
+    for bucket in BUCKETS:
+        diff = run.metadata[("orphan_diff", bucket)]
+        rows = orphan_rows(store, diff["manifest_uri"])
+        assert not set(rows) & world.referenced[bucket], f"referenced objects listed as orphans in {bucket}"
+        assert {key for key, eligible in rows.items() if eligible} == world.old_orphans[bucket]
+        ages = store.read_table(diff["manifest_uri"], columns=["key", "last_modified"]).to_pylist()
+        young_ages = [parse_utc(diff["as_of"]) - row["last_modified"] for row in ages
+                      if row["key"] in world.young_orphans[bucket]]
+        assert young_ages and all(age < min_age for age in young_ages)
+        assert {key for key, eligible in rows.items() if not eligible} == world.young_orphans[bucket]
+    # Sidecars of referenced recordings are kept; those of lost recordings are orphans.
+    sidecars = {key for key in world.referenced[heimdall_db.RAW_BUCKET] if key.endswith("_metadata.json")}
+    assert len(sidecars) == 4
+    lost = {key for key in world.old_orphans[heimdall_db.RAW_BUCKET] if key.endswith("_metadata.json")}
+    assert len(lost) == 3
+
+
+def test_reference_figures(demo_run: tuple[DemoRun, Path]) -> None:
+    run, _ = demo_run
+    synthetic = run.metadata[("referenced_keys", heimdall_db.SYNTHETIC_BUCKET)]
+    audio = run.metadata[("referenced_keys", heimdall_db.AUDIO_BUCKET)]
+    raw = run.metadata[("referenced_keys", heimdall_db.RAW_BUCKET)]
+    assert synthetic["unparseable_reference_count"] == 1
+    assert "'../escape.npy'" in synthetic["unparseable_sample"]
+    assert audio["other_bucket_reference_count"] == 1
+    assert audio["unparseable_reference_count"] == 0
+    assert (raw["other_bucket_reference_count"], raw["unparseable_reference_count"]) == (0, 0)
+    dangling = run.metadata[("orphan_diff", heimdall_db.SYNTHETIC_BUCKET)]
+    assert set(json.loads(dangling["dangling_sample"])) == run.world.dangling[heimdall_db.SYNTHETIC_BUCKET]
+
+
+def test_demo_stops_what_it_started(demo_run: tuple[DemoRun, Path]) -> None:
+    run, workdir = demo_run
+    (seaweed,) = run.seaweed_processes
+    assert seaweed.process is not None and seaweed.process.poll() is not None, "SeaweedFS still running"
+    assert not (workdir / "postgres" / "postmaster.pid").exists(), "embedded PostgreSQL still running"
