@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +36,23 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=args.workdir, serve_ui=args.ui)
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    """Apply the outbox migration the event-driven cleanup needs; idempotent."""
+    from heimdall_storage_pipeline.core.errors import StorageCleanupError
+    from heimdall_storage_pipeline.migrations import apply_migration
+
+    if not args.database_url:
+        print("no database: pass --database-url or set HEIMDALL_DATABASE_URL", file=sys.stderr)
+        return 2
+    try:
+        apply_migration(args.database_url)
+    except StorageCleanupError as exc:
+        print(f"FAILED {exc}", file=sys.stderr)
+        return 1
+    print("OK migrations applied (heimdall.storage_cleanup_events and its triggers)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heimdall-storage", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=".demo", help="where the demo servers keep their data")
     demo.add_argument("--ui", action="store_true", help="then serve the Dagster UI on 127.0.0.1:3000")
     demo.set_defaults(handler=_demo)
+    migrate = commands.add_parser("migrate", help="install the outbox table and triggers in the Heimdall database")
+    migrate.add_argument("--database-url", default=os.environ.get("HEIMDALL_DATABASE_URL"),
+                         help="SQLAlchemy URL (default: $HEIMDALL_DATABASE_URL)")
+    migrate.set_defaults(handler=_migrate)
+    from heimdall_storage_pipeline.exporter.cli import add_exporter_command, run_from_args
+
+    add_exporter_command(commands).set_defaults(handler=run_from_args)
     return parser
 
 

@@ -22,12 +22,9 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from urllib.parse import unquote
 
-# ASCII whitespace. The scan does NOT trim reference values (see parse_reference): a key may
-# legally begin or end with a space.
-WHITESPACE = " \t\n\r\f\v"
 _SLASH_RUNS = re.compile(r"/{2,}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _MALFORMED_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -35,7 +32,7 @@ _MALFORMED_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 NEEDS_NORMALISATION_PATTERN = r"^/|//|(^|/)\.\.?(/|$)|[\x00-\x1f\x7f]"
 
 
-class ReferenceFormat(str, Enum):
+class ReferenceFormat(StrEnum):
     """How a reference source's values name objects."""
 
     KEY = "key"
@@ -59,7 +56,7 @@ def normalize_key(raw: str) -> str:
     return key
 
 
-class ParsedKind(str, Enum):
+class ParsedKind(StrEnum):
     KEY = "key"
     OTHER_BUCKET = "other_bucket"
     UNPARSEABLE = "unparseable"

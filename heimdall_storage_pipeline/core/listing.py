@@ -82,7 +82,7 @@ def list_bucket_to_manifest(
                 total_bytes += pc.sum(batch.column(1)).as_py() or 0
                 pending.append(batch)
                 pending_rows += batch.num_rows
-                # Row groups of LISTING_CHUNK rows, like listing.py, whatever the page size.
+                # Row groups of about LISTING_CHUNK rows, whatever the page size.
                 if pending_rows >= LISTING_CHUNK:
                     writer.write_table(pa.Table.from_batches(pending, INVENTORY_SCHEMA))
                     pending, pending_rows = [], 0

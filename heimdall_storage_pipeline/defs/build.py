@@ -11,6 +11,7 @@ from heimdall_storage_pipeline.defs.cleanup.jobs import (
     delete_orphans_job,
     purge_dataset_job,
 )
+from heimdall_storage_pipeline.defs.executors import scale_out_executor
 from heimdall_storage_pipeline.defs.partitions import bucket_partitions
 from heimdall_storage_pipeline.defs.resources import resources_from_env
 from heimdall_storage_pipeline.defs.scan.assets import build_scan_assets, build_scan_job
@@ -29,10 +30,16 @@ def build_definitions(
         description="What each cleanup run deleted, skipped and failed, per bucket.",
     )
     automation = build_automation(partitions)  # schedules, sensors, checks, prefix_cleanup_job
+    executor = scale_out_executor()  # None: Dagster's default; HEIMDALL_EXECUTOR=celery: Celery workers
     return dg.Definitions(
         assets=[*build_scan_assets(partitions), orphan_deletions, *automation.assets],
         asset_checks=automation.asset_checks,
-        jobs=[build_scan_job(), delete_orphans_job, purge_dataset_job, *automation.jobs],
+        jobs=[
+            build_scan_job(executor),
+            delete_orphans_job if executor is None else delete_orphans_job.with_executor_def(executor),
+            purge_dataset_job,
+            *automation.jobs,
+        ],
         schedules=automation.schedules,
         sensors=automation.sensors,
         resources=resources if resources is not None else resources_from_env(policy.source),

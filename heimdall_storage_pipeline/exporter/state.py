@@ -39,10 +39,9 @@ def to_gb(num_bytes: int) -> float:
 
 @dataclass(frozen=True)
 class Materialization:
-    """The latest materialization of one asset partition: its time and raw metadata values."""
+    """One materialization of an asset partition: when it was stored and its raw metadata."""
 
     partition: str
-    storage_id: int
     timestamp: float  # when the event was stored, epoch seconds
     metadata: Mapping[str, Any]
 
@@ -104,10 +103,6 @@ class BucketFigures:
     cleanup: CleanupFigures | None = None
     deleted_files_total: int = 0
     deleted_bytes_total: int = 0
-
-    @property
-    def scanned(self) -> bool:
-        return self.scan_timestamp is not None
 
 
 @dataclass(frozen=True)
@@ -200,7 +195,6 @@ def _to_materialization(record: dg.EventLogRecord) -> Materialization | None:
         return None
     return Materialization(
         partition=event.partition,
-        storage_id=record.storage_id,
         timestamp=record.timestamp,
         metadata={key: value.value for key, value in event.metadata.items()},
     )
@@ -208,10 +202,13 @@ def _to_materialization(record: dg.EventLogRecord) -> Materialization | None:
 
 @dataclass
 class DeletionTotals:
-    """Deleted files and bytes per bucket, summed over every non-dry-run ``orphan_deletions``.
+    """Deleted files and bytes per bucket, summed over every non-dry-run ``orphan_deletions``
+    (cleanups and purges alike), kept incrementally with a storage-id cursor so that a scrape
+    reads only the new events.
 
-    Seam: once the deletion audit table exists, read the totals from it instead. Until then the
-    sum is kept incrementally (a storage-id cursor), so a scrape reads only new events.
+    Seam: the deletion audit table (``core/audit.py``) is the record of every deletion, but it
+    lives in the reference database, whose credentials the exporter does not hold; to count from
+    it, replace this class with one summing its ``deleted`` rows per bucket.
     """
 
     page_size: int = 1000

@@ -9,7 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
-from heimdall_storage_pipeline.core.deletion import DeletionContext, delete_candidates
+from heimdall_storage_pipeline.core.deletion import delete_candidates
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.policy import PolicyError
 from heimdall_storage_pipeline.core.purge import list_prefix_candidates
@@ -19,7 +19,12 @@ from heimdall_storage_pipeline.defs.automation.outbox import (
     entity_row_exists,
     owned_prefixes,
 )
-from heimdall_storage_pipeline.defs.cleanup.jobs import CLEANUP_TAGS, ORPHAN_DELETIONS, deletion_metadata
+from heimdall_storage_pipeline.defs.cleanup.jobs import (
+    CLEANUP_TAGS,
+    ORPHAN_DELETIONS,
+    deletion_context,
+    deletion_metadata,
+)
 from heimdall_storage_pipeline.defs.resources import (
     AuditDatabaseResource,
     ManifestStoreResource,
@@ -63,15 +68,7 @@ def prefix_cleanup(
         raise dg.Failure(
             description=f"event {config.event_id}: bucket {bucket.name} is disabled in the policy"
         )
-    ctx = DeletionContext(
-        s3=s3.settings(),
-        engine=reference_db.engine(),
-        store=manifests.store(),
-        audit=None if config.dry_run else audit_db.audit_log(),
-        run_id=context.run.run_id,
-        job=context.job_name,
-        log=context.log.info,
-    )
+    ctx = deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run)
     try:
         if entity_row_exists(ctx.engine, config.entity_type, config.entity_id):
             # The row is back (a restore, a re-import): its objects are not known dead.

@@ -104,10 +104,11 @@ def deletion_metadata(report: DeletionReport, guards_overridden: list[str], extr
     }
 
 
-def _deletion_context(
+def deletion_context(
     context: dg.OpExecutionContext, s3: S3Resource, reference_db: ReferenceDatabaseResource,
     manifests: ManifestStoreResource, audit_db: AuditDatabaseResource, dry_run: bool,
 ) -> DeletionContext:
+    """What every deleting op needs; a dry run gets no audit log, so it cannot record deletions."""
     return DeletionContext(
         s3=s3.settings(),
         engine=reference_db.engine(),
@@ -130,7 +131,7 @@ def delete_orphans(
     audit_db: AuditDatabaseResource,
 ) -> None:
     buckets = _selected_buckets(policy.load(), config)
-    ctx = _deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run)
+    ctx = deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run)
     refusals: dict[str, str] = {}
     for bucket in buckets:
         try:
@@ -215,7 +216,7 @@ def purge_dataset_op(
     audit_db: AuditDatabaseResource,
 ) -> None:
     bucket = policy.load().bucket(PURGE_BUCKET)
-    ctx = _deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run)
+    ctx = deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run)
     try:
         result = purge_dataset(ctx, ctx.engine, bucket, config.dataset_id, dry_run=config.dry_run)
     except StorageCleanupError as exc:

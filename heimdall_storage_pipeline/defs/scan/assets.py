@@ -203,10 +203,11 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
     return [bucket_inventory, referenced_keys, orphan_diff]
 
 
-def build_scan_job():
+def build_scan_job(executor_def: dg.ExecutorDefinition | None = None):
     return dg.define_asset_job(
         "storage_scan_job",
         selection=dg.AssetSelection.groups(SCAN_GROUP),
         description="List the bucket, read its references after the listing, and diff them.",
         tags={"heimdall/kind": "scan"},
+        executor_def=executor_def,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import dagster as dg
@@ -18,7 +17,6 @@ from heimdall_storage_pipeline.defs.automation.checks import (
 )
 from heimdall_storage_pipeline.defs.automation.schedules import CHAIN_TAG, DAILY_CLEANUP
 from heimdall_storage_pipeline.defs.automation.sensors import build_scan_cleanup_chain_sensor
-from heimdall_storage_pipeline.defs.cleanup import jobs as cleanup_jobs
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
 from heimdall_storage_pipeline_tests.conftest import key_source
 from heimdall_storage_pipeline_tests.defs.automation.support import scan, seed_bucket, tick
@@ -87,10 +85,27 @@ def test_the_blocking_check_stops_the_chain_and_the_cleanup(
     # ... so the nightly chain requests no cleanup for it.
     assert tick(build_scan_cleanup_chain_sensor(), harness.instance).run_requests == []
 
-    # A manual cleanup, even one overriding the mass-deletion guards, refuses the bucket.
-    if "blocking_check_failed" not in inspect.getsource(cleanup_jobs):
-        pytest.xfail("delete_orphans does not call blocking_check_failed yet (hook owned by defs/cleanup)")
-    cleanup = harness.delete(buckets=[bucket], dry_run=True, allow_mass_delete=True, raise_on_error=False)
+    # A manual cleanup refuses the bucket and deletes nothing.
+    cleanup = harness.delete(buckets=[bucket], dry_run=False, raise_on_error=False)
     assert not cleanup.success
     assert "references_present" in str(cleanup.failure_data_for_node("delete_orphans").error)
     assert sum(1 for _ in seaweed.client().list_objects(bucket, recursive=True)) == 5
+
+
+def test_allow_mass_delete_overrides_the_blocking_check_and_records_it(
+    harness_factory: Callable, make_bucket: Callable[[str], str], seaweed: SeaweedFS, db_engine: sa.Engine
+) -> None:
+    # Issue 3: allow_mass_delete overrides the empty-reference-set guard, and the run records
+    # the override; the blocking check is the same condition seen by the UI and the chain.
+    bucket = make_bucket("override")
+    seed_bucket(seaweed.client(), bucket, referenced=0, orphans=3)
+    query = make_reference_table(db_engine, "refs_empty2", [])
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [key_source(query)]}})
+    scan(harness, bucket, raise_on_error=False)
+
+    cleanup = harness.delete(buckets=[bucket], dry_run=True, allow_mass_delete=True)
+
+    assert cleanup.success
+    overridden = harness.metadata("orphan_deletions", bucket)["guards_overridden"]
+    assert "blocking_check" in overridden and "empty_reference_set" in overridden
+    assert sum(1 for _ in seaweed.client().list_objects(bucket, recursive=True)) == 3
