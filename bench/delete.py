@@ -29,13 +29,7 @@ from minio.deleteobjects import DeleteObject
 from heimdall_storage_pipeline.core.policy import load_policy
 from heimdall_storage_pipeline.defs.build import build_definitions
 from heimdall_storage_pipeline.defs.materializations import latest_metadata
-from heimdall_storage_pipeline.defs.resources import (
-    AuditDatabaseResource,
-    ManifestStoreResource,
-    ReferenceDatabaseResource,
-    S3Resource,
-    StoragePolicyResource,
-)
+from heimdall_storage_pipeline.defs.resources import explicit_resources
 from heimdall_storage_pipeline.local.postgres import (
     LOCAL_SERVER_URL,
     create_database,
@@ -103,14 +97,9 @@ def main() -> int:
             "buckets": {ours: {"min_age": f"{MIN_AGE_SECONDS}s", "batch_size": BATCH,
                                "references": [{"name": "refs", "query": "SELECT k FROM refs"}]}},
         }))
-        s3 = S3Resource(endpoint=seaweed.endpoint, access_key=seaweed.access_key, secret_key=seaweed.secret_key)
-        defs = build_definitions(load_policy(policy_path), {
-            "s3": s3,
-            "reference_db": ReferenceDatabaseResource(url=database_url),
-            "manifests": ManifestStoreResource(root=str(work / "manifests"), s3=s3),
-            "policy": StoragePolicyResource(path=str(policy_path)),
-            "audit_db": AuditDatabaseResource(url=database_url),
-        })
+        defs = build_definitions(load_policy(policy_path), explicit_resources(
+            seaweed.settings(), database_url, str(work / "manifests"), str(policy_path)
+        ))
         (work / "dagster").mkdir()
         with dg.instance_for_test(temp_dir=str(work / "dagster")) as instance:
             defs.resolve_job_def("storage_scan_job").execute_in_process(partition_key=ours, instance=instance)

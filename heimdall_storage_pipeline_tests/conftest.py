@@ -15,13 +15,7 @@ import yaml
 
 from heimdall_storage_pipeline.core.policy import StoragePolicy, load_policy
 from heimdall_storage_pipeline.defs.build import build_definitions
-from heimdall_storage_pipeline.defs.resources import (
-    AuditDatabaseResource,
-    ManifestStoreResource,
-    ReferenceDatabaseResource,
-    S3Resource,
-    StoragePolicyResource,
-)
+from heimdall_storage_pipeline.defs.resources import explicit_resources
 from heimdall_storage_pipeline.local.heimdall_db import create_schema
 from heimdall_storage_pipeline.local.postgres import (
     LOCAL_SERVER_URL,
@@ -111,15 +105,9 @@ class ScanHarness:
         self.policy: StoragePolicy = load_policy(policy_path)
         self.seaweed = seaweed
         self.instance = instance
-        s3 = S3Resource(endpoint=seaweed.endpoint, access_key=seaweed.access_key,
-                        secret_key=seaweed.secret_key)
-        self.resources: dict[str, Any] = {
-            "s3": s3,
-            "reference_db": ReferenceDatabaseResource(url=database_url),
-            "manifests": ManifestStoreResource(root=manifest_root, s3=s3),
-            "policy": StoragePolicyResource(path=str(policy_path)),
-            "audit_db": AuditDatabaseResource(url=database_url),
-        }
+        self.resources: dict[str, Any] = explicit_resources(
+            seaweed.settings(), database_url, manifest_root, str(policy_path)
+        )
         self.database_url = database_url
         self.defs = build_definitions(self.policy, self.resources)
 

@@ -15,7 +15,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, redact
+from heimdall_storage_pipeline.core.errors import database_error
 from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
 
 metadata = sa.MetaData()
@@ -53,10 +53,8 @@ class AuditLog:
         try:
             metadata.create_all(engine, checkfirst=True)
         except sa.exc.OperationalError as exc:
-            raise ReferenceDatabaseError(
-                redact(f"cannot open the audit database at "
-                       f"{engine.url.render_as_string(hide_password=True)}: {exc.orig}; check "
-                       f"HEIMDALL_AUDIT_DB_URL (or DAGSTER_PG_URL)")
+            raise database_error(
+                engine, "open the audit database", exc, "check HEIMDALL_AUDIT_DB_URL (or DAGSTER_PG_URL)"
             ) from None
 
     def record_intent(self, *, run_id: str, job: str, bucket: str, candidates: Iterable[Candidate],

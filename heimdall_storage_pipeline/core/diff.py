@@ -1,13 +1,31 @@
-"""Orphan diff: inventory minus references minus companions, split by age at one ``as_of``."""
+"""Orphan diff: inventory minus references minus companions, split by age at one ``as_of``.
+
+Memory does not grow with the bucket: the normalised listed keys and the protected keys
+(references and companions) are hash-partitioned into K partitions, spilled to local temporary
+disk, and anti-joined one partition at a time. What survives between passes is two bitmaps of
+one bit per listed object, so the orphan manifest is written in inventory order by re-reading
+the inventory. A bucket small enough for one partition never touches the disk.
+
+Passes: (1) inventory keys -> partitions, (2) reference and companion keys -> partitions,
+(3) per partition: unique references, protected listed rows, dangling references,
+(4) inventory again -> orphan manifest and figures.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from heimdall_storage_pipeline.core.clock import ensure_utc
 from heimdall_storage_pipeline.core.errors import StaleInputError
@@ -25,6 +43,19 @@ SAMPLE_SIZE = 10
 LARGEST_SHOWN = 10
 # Orphan age histogram edges, in days; the last bin is open-ended.
 AGE_BINS_DAYS = (1, 7, 30, 60, 90)
+# Keys (listed + referenced + companion) per partition: sets the per-partition working set,
+# which is what bounds peak memory (~100 bytes per key while a partition is joined).
+PARTITION_ROWS = 400_000
+# Partitioned rows buffered in memory before they are appended to the partition files.
+SPILL_BUFFER_BYTES = 32 * 1024**2
+READ_BATCH_ROWS = 65_536
+# Orphans are written in row groups of at least this many rows (not one per input batch).
+WRITE_GROUP_ROWS = 131_072
+def _st(tag):  # DEBUG
+    pass
+
+
+_INVENTORY_COLUMNS = ["key", "size", "last_modified", "etag"]
 
 
 @dataclass(frozen=True)
@@ -99,21 +130,187 @@ def companion_keys(referenced: pa.Array, rules: tuple[CompanionRule, ...]) -> pa
     return pa.concat_arrays(parts)
 
 
+# --- partitioning -------------------------------------------------------------------------
+
+_HASH_PRIME = 0x01000193  # FNV-1a's 32-bit prime; odd, so it has an inverse mod 2**32
+_HASH_CHUNK_KEYS = 8192
+_powers_cache: dict[str, np.ndarray] = {}
+
+
+def _powers(length: int) -> tuple[np.ndarray, np.ndarray]:
+    """P**i and P**-i mod 2**32 for i < length (grown on demand, kept for the process)."""
+    if len(_powers_cache.get("forward", ())) < length:
+        size = max(length, 1 << 20)
+        inverse = pow(_HASH_PRIME, -1, 1 << 32)
+        for name, base in (("forward", _HASH_PRIME), ("inverse", inverse)):
+            table = np.full(size, base, dtype=np.uint32)
+            table[0] = 1
+            _powers_cache[name] = np.cumprod(table, dtype=np.uint32)  # wraps mod 2**32, as intended
+    return _powers_cache["forward"], _powers_cache["inverse"]
+
+
+def _hash_strings(keys: pa.Array) -> np.ndarray:
+    """A 32-bit hash of each (non-null) string, computed over Arrow's buffers without Python objects.
+
+    Polynomial hash sum(b_i * P**i) via prefix sums over the whole data buffer (one pass per chunk,
+    then a per-key shift by P**-start), finished with murmur3's avalanche so every bit mixes.
+    Equal strings hash equally whatever array or offset they sit at; that is all partitioning needs.
+    """
+    if keys.type == pa.large_string():
+        offset_type = np.int64
+    else:
+        keys = keys.cast(pa.string())
+        offset_type = np.int32
+    count = len(keys)
+    out = np.zeros(count, dtype=np.uint32)
+    if count == 0:
+        return out
+    buffers = keys.buffers()
+    itemsize = np.dtype(offset_type).itemsize
+    offsets = np.frombuffer(buffers[1], dtype=offset_type, count=count + 1, offset=keys.offset * itemsize)
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
+    for start in range(0, count, _HASH_CHUNK_KEYS):
+        stop = min(count, start + _HASH_CHUNK_KEYS)
+        bounds = offsets[start : stop + 1].astype(np.int64)
+        first, last = int(bounds[0]), int(bounds[-1])
+        forward, inverse = _powers(last - first + 1)
+        weighted = np.multiply(data[first:last], forward[: last - first], dtype=np.uint32)
+        prefix = np.zeros(last - first + 1, dtype=np.uint32)
+        np.cumsum(weighted, dtype=np.uint32, out=prefix[1:])
+        relative = bounds - first
+        out[start:stop] = (prefix[relative[1:]] - prefix[relative[:-1]]) * inverse[relative[:-1]]
+    out ^= out >> np.uint32(16)
+    out *= np.uint32(0x85EBCA6B)
+    out ^= out >> np.uint32(13)
+    out *= np.uint32(0xC2B2AE35)
+    out ^= out >> np.uint32(16)
+    return out
+
+
+class _Partitions:
+    """K partitions of record batches: buffered in memory, appended to local Arrow IPC files when the
+    buffer grows past ``SPILL_BUFFER_BYTES``. With one partition nothing is spilled, since that
+    partition is loaded whole for its join anyway."""
+
+    def __init__(self, name: str, schema: pa.Schema, count: int, work_dir: _WorkDir) -> None:
+        self.name, self.schema, self.count, self.work_dir = name, schema, count, work_dir
+        self.pending: list[list[pa.RecordBatch]] = [[] for _ in range(count)]
+        self.pending_bytes = 0
+        self.files: list[Path | None] = [None] * count
+
+    def add(self, batch: pa.RecordBatch, hash_column: str) -> None:
+        if batch.num_rows == 0:
+            return
+        if self.count == 1:
+            self.pending[0].append(batch)
+            return
+        part = _hash_strings(batch.column(hash_column)) % np.uint32(self.count)
+        order = np.argsort(part, kind="stable")
+        ordered = batch.take(pa.array(order))
+        bounds = np.searchsorted(part[order], np.arange(self.count + 1))
+        for index in range(self.count):
+            if bounds[index + 1] > bounds[index]:
+                self.pending[index].append(ordered.slice(bounds[index], bounds[index + 1] - bounds[index]))
+        self.pending_bytes += ordered.nbytes
+        if self.pending_bytes > SPILL_BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        for index, batches in enumerate(self.pending):
+            if not batches:
+                continue
+            path = self.files[index] or self.work_dir.path(f"{self.name}-{index:05d}.arrows")
+            self.files[index] = path
+            # Appending a new IPC stream each flush; read() reads the concatenated streams back.
+            table = pa.Table.from_batches(batches, self.schema).combine_chunks()
+            with pa.OSFile(str(path), "ab") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
+                writer.write_table(table)
+            batches.clear()
+        self.pending_bytes = 0
+
+    def finish(self) -> None:
+        """Done adding: spill what is buffered, so that only one partition is in memory at a time."""
+        if self.count > 1:
+            self.flush()
+
+    def read(self, index: int) -> pa.Table:
+        """The whole partition ``index``; its file is removed once read."""
+        tables: list[pa.Table] = []
+        path = self.files[index]
+        if path is not None:
+            with pa.OSFile(str(path), "rb") as source:
+                while source.tell() < source.size():
+                    tables.append(pa.ipc.open_stream(source).read_all())
+            path.unlink()
+            self.files[index] = None
+        tables.append(pa.Table.from_batches(self.pending[index], self.schema))
+        self.pending[index] = []
+        return pa.concat_tables(tables).combine_chunks()
+
+
+class _WorkDir:
+    """A temporary directory created only when something is spilled."""
+
+    def __init__(self, parent: str | None, stack: ExitStack) -> None:
+        self.parent, self.stack, self.root = parent, stack, None
+
+    def path(self, name: str) -> Path:
+        if self.root is None:
+            temporary = tempfile.TemporaryDirectory(prefix="heimdall-diff-", dir=self.parent)
+            self.root = Path(self.stack.enter_context(temporary))
+        return self.root / name
+
+
+# --- bitmaps over inventory rows ------------------------------------------------------------
+
+
+def _batches(parquet: pq.ParquetFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The file's rows in order, one row group at a time.
+
+    A reader over the whole file holds on to a few bytes per row already read (~65 MB over
+    10M rows with pyarrow 26); a reader per row group does not.
+    """
+    for group in range(parquet.metadata.num_row_groups):
+        yield from parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns, row_groups=[group])
+
+
+def _set_bits(bits: np.ndarray, rows: np.ndarray) -> None:
+    rows = rows.astype(np.int64, copy=False)
+    np.bitwise_or.at(bits, rows >> 3, np.left_shift(1, rows & 7).astype(np.uint8))
+
+
+def _get_bits(bits: np.ndarray, start: int, count: int) -> np.ndarray:
+    first = start >> 3
+    chunk = np.unpackbits(bits[first : ((start + count + 7) >> 3) + 1], bitorder="little")
+    shift = start - (first << 3)
+    return chunk[shift : shift + count].astype(bool)
+
+
+# --- the diff ------------------------------------------------------------------------------
+
+
+def _age_bins() -> list[tuple[int, int | None, str]]:
+    return [
+        (low, high, f"{low}-{high} d" if high is not None else f">= {low} d")
+        for low, high in zip((0, *AGE_BINS_DAYS), (*AGE_BINS_DAYS, None), strict=True)
+    ]
+
+
 def _count_and_bytes(sizes: pa.Array, mask: pa.Array) -> tuple[int, int]:
     selected = sizes.filter(mask)
     return len(selected), pc.sum(selected).as_py() or 0
 
 
-def _age_histogram(ages_days: pa.Array, sizes: pa.Array) -> list[dict[str, int | str]]:
-    rows: list[dict[str, int | str]] = []
-    for low, high in zip((0, *AGE_BINS_DAYS), (*AGE_BINS_DAYS, None), strict=True):
-        in_bin = pc.greater_equal(ages_days, low)
-        if high is not None:
-            in_bin = pc.and_(in_bin, pc.less(ages_days, high))
-        count, size = _count_and_bytes(sizes, in_bin)
-        label = f"{low}-{high} d" if high is not None else f">= {low} d"
-        rows.append({"age": label, "count": count, "bytes": size})
-    return rows
+@dataclass
+class _Totals:
+    """Figures accumulated over the streamed orphan batches."""
+
+    orphan_count: int = 0
+    orphan_bytes: int = 0
+    eligible_count: int = 0
+    eligible_bytes: int = 0
+    young_count: int = 0
+    young_bytes: int = 0
 
 
 def compute_orphan_diff(
@@ -124,68 +321,194 @@ def compute_orphan_diff(
     references_uri: str,
     as_of: datetime,
     run_id: str,
+    work_dir: str | None = None,
+    partition_rows: int = PARTITION_ROWS,
 ) -> OrphanDiffResult:
     """Write the orphan manifest for ``bucket`` and return its figures.
 
     An orphan is a listed object whose normalised key no reference or companion rule names.
     It is eligible for deletion when it is at least the bucket's minimum age at ``as_of``
     (age == minimum age counts as old enough) and its key could be normalised: a key we
-    cannot parse is reported, never deleted.
+    cannot parse is reported, never deleted. Orphans are written in inventory order.
+
+    ``work_dir`` is where partitions spill (default: the system temporary directory);
+    ``partition_rows`` sizes the partitions (tests lower it to force many).
     """
     as_of = ensure_utc(as_of, "as_of")
-    inventory = store.read_table(inventory_uri).combine_chunks()
-    referenced = pc.unique(
-        store.read_table(references_uri, columns=["key"]).column("key").combine_chunks()
-    )
-    protected = pa.concat_arrays([referenced, companion_keys(referenced, bucket.companions)])
+    inventory_file = store.open(inventory_uri)
+    references_file = store.open(references_uri)
+    object_rows = inventory_file.metadata.num_rows
+    reference_rows = references_file.metadata.num_rows
+    # Upper bound of the keys to partition: every reference may derive one companion per rule.
+    keys_to_join = object_rows + reference_rows * (1 + len(bucket.companions))
+    partition_count = max(1, math.ceil(keys_to_join / max(1, partition_rows)))
+    timestamp_type = inventory_file.schema_arrow.field("last_modified").type
 
-    normalised, parseable = normalise_listed_keys(inventory.column("key").combine_chunks())
-    orphan_mask = pc.invert(pc.is_in(normalised, value_set=protected))
-    orphans = inventory.filter(orphan_mask)
-    orphan_parseable = parseable.filter(orphan_mask)
-    timestamp_type = inventory.schema.field("last_modified").type
-    last_modified = orphans.column("last_modified").combine_chunks()
-    cutoff = age_cutoff(as_of, bucket.min_age)
-    old_enough = pc.less_equal(last_modified, pa.scalar(cutoff, type=timestamp_type))
-    eligible = pc.and_(old_enough, orphan_parseable)
-    young = pc.and_(pc.invert(old_enough), orphan_parseable)
+    with ExitStack() as stack:
+        work = _WorkDir(work_dir, stack)
+        listed = _Partitions("listed", pa.schema([("key", pa.string()), ("row", pa.int64())]), partition_count, work)
+        referenced = _Partitions("referenced", listed.schema, partition_count, work)
+        companions = _Partitions("companions", pa.schema([("key", pa.string())]), partition_count, work)
+        # One bit per listed row: its normalised key is protected / it cannot be normalised.
+        protected_bits = np.zeros((object_rows >> 3) + 2, dtype=np.uint8)
+        unparseable_bits = np.zeros_like(protected_bits)
 
-    uri = store.new_uri("orphans", bucket.name, as_of, run_id)
-    store.write_table(uri, orphans.append_column("eligible", eligible).cast(ORPHANS_SCHEMA))
+        # Pass 1: normalise the listed keys; partition the parseable ones with their row numbers.
+        object_count = total_bytes = unparseable_count = 0
+        unparseable_sample: list[str] = []
+        for batch in _batches(inventory_file, ["key", "size"]):
+            keys = batch.column("key")
+            normalised, parseable = normalise_listed_keys(keys)
+            rows = pa.array(np.arange(object_count, object_count + len(keys), dtype=np.int64))
+            if not pc.all(parseable).as_py():
+                bad = pc.invert(parseable)
+                bad_rows = rows.filter(bad).to_numpy()
+                _set_bits(unparseable_bits, bad_rows)
+                unparseable_count += len(bad_rows)
+                if len(unparseable_sample) < SAMPLE_SIZE:
+                    unparseable_sample += keys.filter(bad).slice(0, SAMPLE_SIZE - len(unparseable_sample)).to_pylist()
+                normalised, rows = normalised.filter(parseable), rows.filter(parseable)
+            listed.add(pa.record_batch([normalised.cast(pa.string()), rows], schema=listed.schema), "key")
+            object_count += len(keys)
+            total_bytes += pc.sum(batch.column("size")).as_py() or 0
+        if object_count != object_rows:
+            raise ValueError(f"inventory {inventory_uri} holds {object_count} rows, its footer says {object_rows}")
+        listed.finish()
 
-    sizes = orphans.column("size").combine_chunks()
-    eligible_count, eligible_bytes = _count_and_bytes(sizes, eligible)
-    young_count, young_bytes = _count_and_bytes(sizes, young)
-    age_us = pc.subtract(pa.scalar(as_of, type=timestamp_type), last_modified).cast(pa.int64())
-    ages_days = pc.floor(pc.divide(age_us.cast(pa.float64()), timedelta(days=1) / timedelta(microseconds=1)))
-    eligible_orphans = orphans.filter(eligible)
-    largest = eligible_orphans.take(
-        pc.select_k_unstable(
-            eligible_orphans, min(LARGEST_SHOWN, len(eligible_orphans)), sort_keys=[("size", "descending")]
-        )
-    )
-    dangling_keys = referenced.filter(pc.invert(pc.is_in(referenced, value_set=normalised)))
-    unparseable_keys = inventory.column("key").filter(pc.invert(parseable))
+        _st('# Pass 2:')  # DEBUG
+        # Pass 2: partition reference keys (with their position, for the dangling sample's order)
+        # and the companion keys they derive; a companion usually lands in another partition.
+        position = 0
+        for batch in _batches(references_file, ["key"]):
+            keys = batch.column("key").cast(pa.string())
+            rows = pa.array(np.arange(position, position + len(keys), dtype=np.int64))
+            position += len(keys)
+            if keys.null_count:
+                rows, keys = rows.filter(keys.is_valid()), keys.drop_null()
+            referenced.add(pa.record_batch([keys, rows], schema=referenced.schema), "key")
+            derived = companion_keys(keys, bucket.companions)
+            companions.add(pa.record_batch([derived], schema=companions.schema), "key")
+        referenced.finish()
+        companions.finish()
+
+        _st('# Pass 3:')  # DEBUG
+        # Pass 3: join partition by partition.
+        referenced_count = dangling_count = 0
+        dangling_candidates: list[tuple[int, str]] = []
+        for index in range(partition_count):
+            listed_keys = listed.read(index)
+            references = referenced.read(index)
+            # Rows of a partition keep manifest order, so unique() lists keys by first occurrence.
+            unique_references = pc.unique(references.column("key").combine_chunks())
+            referenced_count += len(unique_references)
+            protected = pa.concat_arrays(
+                [unique_references, companions.read(index).column("key").combine_chunks()]
+            )
+            is_protected = pc.is_in(listed_keys.column("key"), value_set=protected)
+            _set_bits(protected_bits, listed_keys.column("row").filter(is_protected).to_numpy())
+            del protected, is_protected
+            dangling = unique_references.filter(
+                pc.invert(pc.is_in(unique_references, value_set=listed_keys.column("key")))
+            )
+            dangling_count += len(dangling)
+            if len(dangling):
+                # This partition's first dangling keys, placed among the others by first position.
+                sample = dangling.slice(0, SAMPLE_SIZE)
+                positions = references.column("row").take(pc.index_in(sample, value_set=references.column("key")))
+                dangling_candidates = sorted(
+                    dangling_candidates + list(zip(positions.to_pylist(), sample.to_pylist(), strict=True))
+                )
+                del dangling_candidates[SAMPLE_SIZE:]
+            _st('del listed_part, fir')  # DEBUG
+            del listed_keys, references, unique_references, dangling
+
+        _st('# Pass 4:')  # DEBUG
+        # Pass 4: the inventory again, in order: write the orphans and their figures.
+        cutoff = pa.scalar(age_cutoff(as_of, bucket.min_age), type=timestamp_type)
+        as_of_scalar = pa.scalar(as_of, type=timestamp_type)
+        day_us = timedelta(days=1) / timedelta(microseconds=1)
+        bins = _age_bins()
+        histogram = [[0, 0] for _ in bins]
+        totals = _Totals()
+        largest: pa.Table | None = None
+        uri = store.new_uri("orphans", bucket.name, as_of, run_id)
+        with store.writer(uri, ORPHANS_SCHEMA) as writer:
+            buffered: list[pa.RecordBatch] = []
+            buffered_rows = start = 0
+            for batch in _batches(inventory_file, _INVENTORY_COLUMNS):
+                count = batch.num_rows
+                orphan_mask = pa.array(~_get_bits(protected_bits, start, count))
+                parseable = pa.array(~_get_bits(unparseable_bits, start, count))
+                start += count
+                orphans = batch.filter(orphan_mask)
+                if orphans.num_rows == 0:
+                    continue
+                orphan_parseable = parseable.filter(orphan_mask)
+                last_modified = orphans.column("last_modified")
+                old_enough = pc.less_equal(last_modified, cutoff)
+                eligible = pc.and_(old_enough, orphan_parseable)
+                young = pc.and_(pc.invert(old_enough), orphan_parseable)
+                sizes = orphans.column("size")
+                totals.orphan_count += orphans.num_rows
+                totals.orphan_bytes += pc.sum(sizes).as_py() or 0
+                count_, bytes_ = _count_and_bytes(sizes, eligible)
+                totals.eligible_count += count_
+                totals.eligible_bytes += bytes_
+                count_, bytes_ = _count_and_bytes(sizes, young)
+                totals.young_count += count_
+                totals.young_bytes += bytes_
+                age_us = pc.subtract(as_of_scalar, last_modified).cast(pa.int64())
+                ages_days = pc.floor(pc.divide(age_us.cast(pa.float64()), day_us))
+                for slot, (low, high, _) in zip(histogram, bins, strict=True):
+                    in_bin = pc.greater_equal(ages_days, low)
+                    if high is not None:
+                        in_bin = pc.and_(in_bin, pc.less(ages_days, high))
+                    count_, bytes_ = _count_and_bytes(sizes, in_bin)
+                    slot[0] += count_
+                    slot[1] += bytes_
+                candidates = pa.Table.from_batches([orphans.filter(eligible).select(["key", "size", "last_modified"])])
+                if largest is not None:
+                    candidates = pa.concat_tables([largest, candidates])
+                largest = candidates.take(
+                    pc.select_k_unstable(candidates, min(LARGEST_SHOWN, candidates.num_rows), [("size", "descending")])
+                )
+                buffered.append(
+                    pa.RecordBatch.from_arrays([*orphans.columns, eligible], names=ORPHANS_SCHEMA.names).cast(
+                        ORPHANS_SCHEMA
+                    )
+                )
+                buffered_rows += orphans.num_rows
+                if buffered_rows >= WRITE_GROUP_ROWS:
+                    writer.write_table(pa.Table.from_batches(buffered, ORPHANS_SCHEMA))
+                    buffered, buffered_rows = [], 0
+            if buffered:
+                writer.write_table(pa.Table.from_batches(buffered, ORPHANS_SCHEMA))
+
+    _st('pass4 done')  # DEBUG
+    largest_rows = [] if largest is None else largest.sort_by([("size", "descending")]).to_pylist()
     return OrphanDiffResult(
         bucket=bucket.name,
         as_of=as_of,
-        object_count=len(inventory),
-        total_bytes=pc.sum(inventory.column("size")).as_py() or 0,
-        referenced_count=len(referenced),
-        orphan_count=len(orphans),
-        orphan_bytes=pc.sum(sizes).as_py() or 0,
-        eligible_orphan_count=eligible_count,
-        eligible_orphan_bytes=eligible_bytes,
-        young_orphan_count=young_count,
-        young_orphan_bytes=young_bytes,
-        unparseable_object_count=len(unparseable_keys),
-        unparseable_object_sample=unparseable_keys.slice(0, SAMPLE_SIZE).to_pylist(),
-        dangling_reference_count=len(dangling_keys),
-        dangling_sample=dangling_keys.slice(0, SAMPLE_SIZE).to_pylist(),
-        age_histogram=_age_histogram(ages_days, sizes),
+        object_count=object_count,
+        total_bytes=total_bytes,
+        referenced_count=referenced_count,
+        orphan_count=totals.orphan_count,
+        orphan_bytes=totals.orphan_bytes,
+        eligible_orphan_count=totals.eligible_count,
+        eligible_orphan_bytes=totals.eligible_bytes,
+        young_orphan_count=totals.young_count,
+        young_orphan_bytes=totals.young_bytes,
+        unparseable_object_count=unparseable_count,
+        unparseable_object_sample=unparseable_sample,
+        dangling_reference_count=dangling_count,
+        dangling_sample=[key for _, key in dangling_candidates],
+        age_histogram=[
+            {"age": label, "count": count, "bytes": size}
+            for (count, size), (_, _, label) in zip(histogram, bins, strict=True)
+        ],
         largest_eligible=[
             {"key": row["key"], "size": row["size"], "last_modified": row["last_modified"].isoformat()}
-            for row in largest.select(["key", "size", "last_modified"]).to_pylist()
+            for row in largest_rows
         ],
         manifest_uri=uri,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@", re.I)
 _KEY_VALUE_SECRET = re.compile(r"(?i)(password|secret|secret_key|access_key|token)=([^\s&;]+)")
@@ -34,6 +35,15 @@ class ManifestError(StorageCleanupError):
 
 class StaleInputError(StorageCleanupError):
     """An upstream materialization is missing, too old or taken in the wrong order."""
+
+
+def database_error(engine: Any, doing: str, exc: BaseException, fix: str) -> ReferenceDatabaseError:
+    """``cannot <doing> at <url without password>: <first line of the cause>; <fix>``."""
+    cause = str(getattr(exc, "orig", None) or exc).strip()
+    where = engine.url.render_as_string(hide_password=True)
+    return ReferenceDatabaseError(
+        redact(f"cannot {doing} at {where}: {cause.splitlines()[0] if cause else type(exc).__name__}; {fix}")
+    )
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from heimdall_storage_pipeline.core.deletion import DeletionContext, DeletionReport, delete_candidates
-from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, StorageCleanupError, redact
+from heimdall_storage_pipeline.core.errors import StorageCleanupError, database_error
 from heimdall_storage_pipeline.core.policy import BucketPolicy
 from heimdall_storage_pipeline.core.s3 import make_client, s3_errors
 from heimdall_storage_pipeline.core.safety import Candidate
@@ -67,11 +67,7 @@ def _writable(engine: Engine) -> Iterator[Connection]:
         with engine.begin() as connection:
             yield connection
     except sa.exc.OperationalError as exc:
-        raise ReferenceDatabaseError(
-            redact(f"cannot write to the Heimdall database at "
-                   f"{engine.url.render_as_string(hide_password=True)}: {exc.orig}; check "
-                   f"HEIMDALL_DATABASE_URL")
-        ) from None
+        raise database_error(engine, "write to the Heimdall database", exc, "check HEIMDALL_DATABASE_URL") from None
 
 
 def _delete_rows(connection: Connection, dataset_id: str) -> tuple[str, int]:

@@ -1,27 +1,70 @@
-"""Reading reference sources: one read-only, repeatable-read snapshot, streamed by a server-side cursor."""
+"""Reading reference sources: one read-only, repeatable-read snapshot, streamed from PostgreSQL.
+
+Two ways to read a source, with the same result (pinned by ``tests/core/test_references.py``):
+
+- the general path: a server-side cursor, each value normalised by ``normalise_source_values``;
+- the fast path, for a psycopg2 connection and a first column of a string type (or ``jsonb``
+  for ``container: json``): ``COPY (...) TO STDOUT (FORMAT csv)`` inside the same snapshot,
+  streamed through a pipe into Arrow's CSV reader, and normalised with Arrow kernels. Only
+  the rare values that need work (``//``, a leading ``/``, ``.`` segments, control characters,
+  ``%`` when decoding, a foreign prefix, ...) go through the per-value Python path, in order, so
+  counts, keys and the unparseable sample are exactly those of the general path.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
+import re
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from heimdall_storage_pipeline.core.clock import Clock, utc_now
 from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, redact
-from heimdall_storage_pipeline.core.keys import ParsedKind, expand_container, parse_reference
+from heimdall_storage_pipeline.core.keys import (
+    NEEDS_NORMALISATION_PATTERN,
+    ParsedKind,
+    ReferenceFormat,
+    expand_container,
+    parse_reference,
+)
 from heimdall_storage_pipeline.core.manifests import REFERENCES_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
 
 FETCH_ROWS = 10_000  # rows per server-side cursor fetch
 SAMPLE_SIZE = 10
 _SAMPLE_VALUE_CHARS = 200
+
+# Fast path (COPY + Arrow). PostgreSQL type OIDs psycopg2 returns as ``str``: text, varchar,
+# bpchar (padded, in both paths alike) and name.
+_STRING_OIDS = frozenset({25, 1043, 1042, 19})
+_JSON_OID = 114
+_JSONB_OID = 3802
+_COPY_BLOCK_BYTES = 4 << 20  # Arrow CSV block: ~60k URIs per batch, bounded memory
+_PIPE_BYTES = 1 << 20  # the default pipe-max-size for unprivileged processes
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, absent from Python < 3.10's fcntl on some builds
+_MAX_SLICE = 1 << 30
+_COLUMN = "heimdall_ref"
+# A batch with more slow rows than this share is normalised wholly in Python: interleaving
+# many tiny vectorised runs would cost more than it saves.
+_SLOW_SHARE = 1 / 64
+# jsonb's canonical output of an object whose members are all plain strings (no escapes):
+# {"k": "v", "k2": "v2"}. Such values expand without JSON decoding.
+_SIMPLE_JSONB_OBJECT = r'^\{"[^"\\]*": "[^"\\]*"(, "[^"\\]*": "[^"\\]*")*\}$'
 
 
 def make_engine(url: str) -> Engine:
@@ -113,6 +156,298 @@ def normalise_source_values(
                 counts.note_unparseable(source.name, item, parsed.problem)
 
 
+# --- vectorised normalisation ---------------------------------------------------------------
+
+
+def _as_string_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+    if values.type == pa.large_string():
+        values = values.cast(pa.string())
+    return values
+
+
+def _strip_prefix(values: pa.Array, length: int) -> pa.Array:
+    """``value[length:]`` in bytes; only meaningful (valid UTF-8) where the ASCII prefix is present."""
+    if length == 0:
+        return values
+    # binary_slice is several times faster than utf8_slice_codeunits; the view skips a UTF-8
+    # validation whose failures (rows without the prefix) are masked out by the caller anyway.
+    return pc.binary_slice(values.view(pa.binary()), length, _MAX_SLICE).view(pa.string())
+
+
+def _foreign_bucket_mask(values: pa.Array, bucket: str, fmt: ReferenceFormat) -> pa.Array:
+    """True where ``parse_reference`` would report another bucket (same rules, as RE2 patterns)."""
+    escaped = re.escape(bucket)
+    if fmt is ReferenceFormat.URI:
+        # text.lower().startswith("s3://"), then text[5:].partition("/") with a non-empty bucket.
+        named = pc.match_substring_regex(values, r"^[sS]3://[^/]+/")
+        ours = pc.match_substring_regex(values, rf"^[sS]3://{escaped}/")
+    elif fmt is ReferenceFormat.BUCKET_KEY:
+        # Values with a leading '/' are left to the Python path (it strips them first).
+        named = pc.match_substring_regex(values, r"^[^/]+/")
+        ours = pc.starts_with(values, f"{bucket}/")
+    else:
+        return pa.array(np.zeros(len(values), dtype=bool))
+    return pc.and_(named, pc.invert(ours))
+
+
+def normalise_string_array(
+    bucket: BucketPolicy, source: ReferenceSource, values: pa.Array | pa.ChunkedArray, counts: ReferenceCounts
+) -> pa.Array:
+    """``normalise_source_values`` for scalar string values (``container: none``), vectorised.
+
+    Returns the keys in input order and updates ``counts`` exactly as the per-value path does.
+    Values already in normal form are handled by Arrow kernels; the rest are handed, in order,
+    to ``normalise_source_values``.
+    """
+    values = _as_string_array(values)
+    if values.null_count:
+        values = values.drop_null()  # NULLs are skipped, not counted
+    if len(values) == 0:
+        return pa.array([], pa.string())
+    counts.reference_rows += len(values)
+    fmt = ReferenceFormat(source.format)
+    prefix = {ReferenceFormat.URI: f"s3://{bucket.name}/", ReferenceFormat.BUCKET_KEY: f"{bucket.name}/"}.get(fmt, "")
+    pattern = NEEDS_NORMALISATION_PATTERN + ("|%" if source.percent_decode else "")
+    rest = _strip_prefix(values, len(prefix))
+    fast = pc.and_(pc.invert(pc.match_substring_regex(rest, pattern)), pc.greater(pc.binary_length(rest), 0))
+    if prefix:
+        fast = pc.and_(pc.starts_with(values, prefix), fast)
+    if pc.all(fast).as_py():
+        return rest
+    slow_rows = pc.indices_nonzero(pc.invert(fast))
+    others = values.take(slow_rows)
+    foreign = _foreign_bucket_mask(others, bucket.name, fmt)
+    counts.other_bucket += pc.sum(foreign).as_py() or 0
+    slow_rows = slow_rows.filter(pc.invert(foreign))
+    slow_mask = np.zeros(len(values), dtype=bool)
+    slow_mask[slow_rows.to_numpy()] = True
+    replacements = _slow_keys(bucket, source, values.take(slow_rows).to_pylist(), counts)
+    keys = pc.if_else(fast, rest, pa.scalar(None, pa.string()))
+    if replacements:
+        keys = pc.replace_with_mask(keys, pa.array(slow_mask), pa.array(replacements, pa.string()))
+    return keys.drop_null()
+
+
+def _slow_keys(
+    bucket: BucketPolicy, source: ReferenceSource, values: list[str], counts: ReferenceCounts
+) -> list[str | None]:
+    """The per-value path, one result (key or None) per value; ``reference_rows`` is already counted."""
+    scalar = source if source.container == "none" else _scalar_source(source)
+    keys: list[str | None] = []
+    for value in values:
+        before = counts.reference_rows
+        found = list(normalise_source_values(bucket, scalar, (value,), counts))
+        counts.reference_rows = before
+        keys.append(found[0] if found else None)
+    return keys
+
+
+def _scalar_source(source: ReferenceSource) -> ReferenceSource:
+    return ReferenceSource(
+        name=source.name, query=source.query, format=source.format, container="none",
+        percent_decode=source.percent_decode,
+    )
+
+
+def normalise_jsonb_array(
+    bucket: BucketPolicy, source: ReferenceSource, texts: pa.Array | pa.ChunkedArray, counts: ReferenceCounts
+) -> pa.Array:
+    """``normalise_source_values`` for ``jsonb`` values as PostgreSQL prints them (``container: json``).
+
+    Objects whose members are all plain strings are expanded with Arrow string kernels; any
+    other value is decoded as psycopg2 would (``json.loads``) and takes the per-value path.
+    """
+    texts = _as_string_array(texts)
+    if texts.null_count:
+        texts = texts.drop_null()
+    if len(texts) == 0:
+        return pa.array([], pa.string())
+    simple = pc.match_substring_regex(texts, _SIMPLE_JSONB_OBJECT)
+    scalar = _scalar_source(source)
+    slow_count = len(texts) - (pc.sum(simple).as_py() or 0)
+    if slow_count > len(texts) * _SLOW_SHARE:
+        decoded = (json.loads(text) for text in texts.to_pylist())
+        return pa.array(list(normalise_source_values(bucket, source, decoded, counts)), pa.string())
+    if slow_count == 0:
+        return normalise_string_array(bucket, scalar, _simple_object_values(texts), counts)
+    # Vectorised runs of simple objects between the few other values, in input order.
+    parts: list[pa.Array] = []
+    start = 0
+    for row in pc.indices_nonzero(pc.invert(simple)).to_pylist():
+        if row > start:
+            parts.append(normalise_string_array(bucket, scalar, _simple_object_values(texts.slice(start, row - start)),
+                                                counts))
+        decoded = json.loads(texts[row].as_py())
+        parts.append(pa.array(list(normalise_source_values(bucket, source, (decoded,), counts)), pa.string()))
+        start = row + 1
+    if start < len(texts):
+        parts.append(normalise_string_array(bucket, scalar, _simple_object_values(texts.slice(start)), counts))
+    return pa.concat_arrays(parts)
+
+
+def _simple_object_values(texts: pa.Array) -> pa.Array:
+    """The member values of simple jsonb objects, in order: ``{"a": "x", "b": "y"}`` -> x, y."""
+    inner = pc.binary_slice(texts.view(pa.binary()), 2, -2).view(pa.string())  # a": "x", "b": "y
+    members = pc.list_flatten(pc.split_pattern(inner, '", "'))  # keys and values hold no '"'
+    return pc.list_element(pc.split_pattern(members, '": "', max_splits=1), 1)
+
+
+# --- COPY fast path -------------------------------------------------------------------------
+
+
+def _dbapi_connection(connection: Connection) -> Any | None:
+    """The psycopg2 connection under ``connection`` when the fast path applies to it."""
+    if connection.dialect.driver != "psycopg2":
+        return None
+    raw = connection.connection.driver_connection
+    # COPY output is in the client encoding; Arrow reads UTF-8 only.
+    return raw if getattr(raw, "encoding", None) == "UTF8" else None
+
+
+def _wrapped(query: str, columns: int) -> str:
+    # Fresh names for every column select the first one whatever the columns are called (even
+    # duplicates); the newlines keep a trailing '--' comment from swallowing the parenthesis.
+    names = ", ".join(f"{_COLUMN}_{index}" for index in range(columns))
+    return f"SELECT {_COLUMN}_0 FROM (\n{query}\n) AS heimdall_refs({names})"
+
+
+def _raise_as_sqlalchemy(sql: str, exc: BaseException) -> None:
+    """Re-raise a psycopg2 error as the SQLAlchemy error the general path would have raised."""
+    import psycopg2
+
+    if isinstance(exc, psycopg2.Error):
+        raise sa.exc.DBAPIError.instance(sql, None, exc, psycopg2.Error) from exc
+    raise exc
+
+
+def _describe(raw: Any, query: str) -> tuple[int, int]:
+    """The number of columns of ``query`` and the type OID of its first."""
+    sql = f"SELECT * FROM (\n{query}\n) AS heimdall_refs LIMIT 0"
+    try:
+        with raw.cursor() as cursor:
+            cursor.execute(sql)
+            return len(cursor.description), int(cursor.description[0].type_code)
+    except Exception as exc:  # translated, not swallowed
+        _raise_as_sqlalchemy(sql, exc)
+        raise
+
+
+def _has_bind_parameters(query: str) -> bool:
+    # The general path runs the query through sa.text, where ':name' is a bind parameter (and
+    # so an error); such a query keeps that path and its behaviour.
+    return bool(sa.text(query).compile().params)
+
+
+def _grow_pipe(fd: int) -> None:
+    with contextlib.suppress(OSError):  # a smaller pipe only means more context switches
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", _F_SETPIPE_SZ), _PIPE_BYTES)
+
+
+def copy_column_batches(raw: Any, query: str, columns: int = 1) -> Iterator[pa.Array]:
+    """The first of the ``columns`` columns of ``query`` as Arrow string arrays, read by ``COPY ... TO STDOUT``.
+
+    COPY runs on ``raw`` (inside its current transaction, so in the caller's snapshot) in a
+    background thread and writes CSV into a pipe; this thread parses it with Arrow as it comes,
+    so reading, parsing and the caller's work overlap, and memory stays at a few blocks.
+    CSV rather than text format because Arrow reads CSV quoting exactly: an unquoted empty
+    field is NULL, ``""`` is the empty string, quoted fields may hold newlines.
+    """
+    sql = f"COPY ({_wrapped(query, columns)}) TO STDOUT WITH (FORMAT csv)"
+    read_fd, write_fd = os.pipe()
+    _grow_pipe(write_fd)
+    failures: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with os.fdopen(write_fd, "wb", buffering=_PIPE_BYTES) as sink, raw.cursor() as cursor:
+                cursor.copy_expert(sql, sink)
+        except BaseException as exc:  # handed to the reading thread
+            failures.append(exc)
+
+    producer = threading.Thread(target=produce, name="heimdall-references-copy", daemon=True)
+    try:
+        producer.start()
+    except BaseException:
+        os.close(write_fd)
+        os.close(read_fd)
+        raise
+    source = os.fdopen(read_fd, "rb", buffering=_PIPE_BYTES)
+
+    def stop() -> None:
+        source.close()  # a producer still writing stops on EPIPE, so the join cannot hang
+        producer.join()
+
+    try:
+        if source.peek(1):  # Arrow refuses an empty CSV stream
+            reader = pcsv.open_csv(
+                source,
+                read_options=pcsv.ReadOptions(autogenerate_column_names=True, block_size=_COPY_BLOCK_BYTES),
+                parse_options=pcsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=False),
+                convert_options=pcsv.ConvertOptions(
+                    column_types={"f0": pa.string()}, null_values=[""], strings_can_be_null=True,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
+            for batch in reader:
+                yield batch.column(0)
+    except pa.ArrowInvalid:
+        stop()
+        if failures:  # a COPY that failed half-way truncates the stream: its error is the one to report
+            _raise_as_sqlalchemy(sql, failures[0])
+        raise
+    finally:
+        stop()
+    if failures:
+        _raise_as_sqlalchemy(sql, failures[0])
+
+
+def _fast_source_keys(
+    connection: Connection, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
+) -> Iterator[pa.Array] | None:
+    """Key arrays of ``source`` through COPY, or None when only the general path applies."""
+    raw = _dbapi_connection(connection)
+    if raw is None or _has_bind_parameters(source.query):
+        return None
+    columns, oid = _describe(raw, source.query)
+    if source.container == "none" and oid in _STRING_OIDS:
+        convert = normalise_string_array
+    elif source.container == "json" and oid == _JSONB_OID:
+        convert = normalise_jsonb_array
+    elif source.container == "json" and oid in _STRING_OIDS:
+        # JSON text: each value is a str, exactly as psycopg2 would return it.
+        def convert(b: BucketPolicy, s: ReferenceSource, texts: pa.Array, c: ReferenceCounts) -> pa.Array:
+            return pa.array(list(normalise_source_values(b, s, texts.to_pylist(), c)), pa.string())
+    elif source.container == "json" and oid == _JSON_OID:
+        def convert(b: BucketPolicy, s: ReferenceSource, texts: pa.Array, c: ReferenceCounts) -> pa.Array:
+            decoded = (None if text is None else json.loads(text) for text in texts.to_pylist())
+            return pa.array(list(normalise_source_values(b, s, decoded, c)), pa.string())
+    else:
+        return None
+    return (convert(bucket, source, values, counts) for values in copy_column_batches(raw, source.query, columns))
+
+
+def _general_source_keys(
+    connection: Connection, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
+) -> Iterator[pa.Array]:
+    chunk: list[str] = []
+    for key in normalise_source_values(bucket, source, stream_source_values(connection, source), counts):
+        chunk.append(key)
+        if len(chunk) >= FETCH_ROWS * 5:
+            yield pa.array(chunk, pa.string())
+            chunk = []
+    yield pa.array(chunk, pa.string())
+
+
+def source_key_arrays(
+    connection: Connection, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
+) -> Iterator[pa.Array]:
+    """The keys ``source`` names, as Arrow arrays: through COPY when it applies, else a cursor."""
+    fast = _fast_source_keys(connection, bucket, source, counts)
+    return fast if fast is not None else _general_source_keys(connection, bucket, source, counts)
+
+
 @dataclass(frozen=True)
 class ReferencesResult:
     bucket: str
@@ -136,6 +471,7 @@ def read_references_to_manifest(
     """Read every reference source of ``bucket`` in one snapshot into a references manifest."""
     counts = ReferenceCounts()
     began = time.perf_counter()
+    written: list[pa.Array] = []  # kept for the distinct count: no second read of the manifest
     with read_only_snapshot(engine) as connection:
         # The snapshot is taken by the first statement; the clock is read just before it,
         # so snapshot_at never claims a later moment than the snapshot really has.
@@ -144,18 +480,13 @@ def read_references_to_manifest(
         uri = store.new_uri("references", bucket.name, snapshot_at, run_id)
         with store.writer(uri, REFERENCES_SCHEMA) as writer:
             for source in bucket.references:
-                values = stream_source_values(connection, source)
-                chunk: list[str] = []
-                for key in normalise_source_values(bucket, source, values, counts):
-                    chunk.append(key)
-                    if len(chunk) >= FETCH_ROWS * 5:
-                        writer.write_batch(_references_batch(chunk, source.name))
-                        chunk = []
-                writer.write_batch(_references_batch(chunk, source.name))
-    keys = store.read_table(uri, columns=["key"]).column("key")
+                for keys in source_key_arrays(connection, bucket, source, counts):
+                    if len(keys):
+                        writer.write_batch(_references_batch(keys, source.name))
+                        written.append(keys)
     return ReferencesResult(
         bucket=bucket.name,
-        referenced_count=pc.count_distinct(keys).as_py(),
+        referenced_count=len(pc.unique(pa.chunked_array(written, pa.string()))),
         reference_rows=counts.reference_rows,
         other_bucket_reference_count=counts.other_bucket,
         unparseable_reference_count=counts.unparseable,
@@ -166,8 +497,7 @@ def read_references_to_manifest(
     )
 
 
-def _references_batch(keys: list[str], source: str) -> pa.RecordBatch:
-    return pa.record_batch(
-        [pa.array(keys, pa.string()), pa.array([source] * len(keys), pa.string())],
-        schema=REFERENCES_SCHEMA,
-    )
+def _references_batch(keys: pa.Array | list[str], source: str) -> pa.RecordBatch:
+    keys = keys if isinstance(keys, pa.Array) else pa.array(keys, pa.string())
+    sources = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(keys), dtype=np.int32)), pa.array([source]))
+    return pa.record_batch([keys, sources.cast(pa.string())], schema=REFERENCES_SCHEMA)

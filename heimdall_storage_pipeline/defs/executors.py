@@ -26,6 +26,9 @@ CELERY_EXECUTOR = "celery"
 DEFAULT_CELERY_BROKER = "pyamqp://guest@127.0.0.1:5672//"
 DEFAULT_CELERY_BACKEND = "rpc://"
 DEFAULT_CELERY_QUEUE = "dagster"  # dagster-celery's own default queue
+# The rpc:// backend gives every run a reply queue that it polls (basic.get, never consuming), so RabbitMQ's
+# auto-delete never fires; the queue expires this long after the run stops polling (Celery's default: a day).
+RESULT_QUEUE_EXPIRES_SECONDS = 3600
 
 
 class ExecutorSelectionError(ValueError):
@@ -48,13 +51,16 @@ class CelerySettings:
             queue=os.environ.get(CELERY_QUEUE_ENV) or DEFAULT_CELERY_QUEUE,
         )
 
+    def config_source(self) -> dict[str, Any]:
+        # Steps without a dagster-celery/queue tag go to the default queue; workers consume it with -Q.
+        return {"task_default_queue": self.queue, "result_expires": RESULT_QUEUE_EXPIRES_SECONDS}
+
     def executor_config(self) -> dict[str, Any]:
         """``celery_executor`` config; set variables are read at run time so secrets stay out of snapshots."""
         return {
             "broker": _env_or_value(CELERY_BROKER_ENV, self.broker),
             "backend": _env_or_value(CELERY_BACKEND_ENV, self.backend),
-            # Steps without a dagster-celery/queue tag go to the default queue; workers consume it with -Q.
-            "config_source": {"task_default_queue": self.queue},
+            "config_source": self.config_source(),
         }
 
     def worker_app_args(self) -> dict[str, Any]:
@@ -62,7 +68,7 @@ class CelerySettings:
         from dagster_celery.executor import CeleryExecutor
 
         return CeleryExecutor.for_cli(
-            broker=self.broker, backend=self.backend, config_source={"task_default_queue": self.queue}
+            broker=self.broker, backend=self.backend, config_source=self.config_source()
         ).app_args()
 
 

@@ -96,3 +96,23 @@ def resources_from_env(policy_path: str) -> dict[str, dg.ConfigurableResource]:
             url=dg.EnvVar("HEIMDALL_AUDIT_DB_URL" if os.environ.get("HEIMDALL_AUDIT_DB_URL") else "DAGSTER_PG_URL")
         ),
     }
+
+
+def explicit_resources(
+    s3: S3Settings, database_url: str, manifest_root: str, policy_path: str, audit_url: str | None = None
+) -> dict[str, dg.ConfigurableResource]:
+    """The same resources with values given directly (tests, benchmarks, tools) instead of env."""
+    s3_resource = S3Resource(
+        endpoint=s3.endpoint,
+        access_key=s3.access_key,
+        secret_key=s3.secret_key,
+        secure="true" if s3.secure else "false",
+        region=s3.region or "",
+    )
+    return {
+        "s3": s3_resource,
+        "reference_db": ReferenceDatabaseResource(url=database_url),
+        "manifests": ManifestStoreResource(root=manifest_root, s3=s3_resource),
+        "policy": StoragePolicyResource(path=policy_path),
+        "audit_db": AuditDatabaseResource(url=audit_url or database_url),
+    }

@@ -85,6 +85,8 @@ def _secrets_from_env() -> tuple[str, ...]:
 def run_from_args(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Dagster opens its storage through alembic, which announces every plugin at INFO.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     if not os.environ.get("DAGSTER_HOME"):
         log.error("DAGSTER_HOME is not set; point it at the pipeline's instance directory")
         return 2

@@ -9,7 +9,7 @@ from importlib import resources
 
 import sqlalchemy as sa
 
-from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, redact
+from heimdall_storage_pipeline.core.errors import database_error
 from heimdall_storage_pipeline.core.references import make_engine
 
 
@@ -30,10 +30,10 @@ def apply_migration(database_url: str) -> None:
                     # psycopg2 runs a multi-statement script (with $$ function bodies) as is.
                     connection.exec_driver_sql(sql)
             except sa.exc.DBAPIError as exc:
-                raise ReferenceDatabaseError(
-                    redact(f"migration {name} failed on {engine.url.render_as_string(hide_password=True)}: "
-                           f"{str(exc.orig).strip()}; it needs a role that may create tables and triggers "
-                           f"in schema heimdall")
+                raise database_error(
+                    engine, f"apply migration {name}", exc,
+                    "run it on Heimdall's database (schema heimdall with its tables) as a role that may "
+                    "create tables and triggers there",
                 ) from None
     finally:
         engine.dispose()

@@ -8,7 +8,6 @@ stat) and decided by ``core.safety.deletion_verdict`` inside ``delete_candidates
 import dagster as dg
 from pydantic import Field
 
-from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
 from heimdall_storage_pipeline.core.deletion import delete_candidates
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.policy import PolicyError
@@ -21,9 +20,8 @@ from heimdall_storage_pipeline.defs.automation.outbox import (
 )
 from heimdall_storage_pipeline.defs.cleanup.jobs import (
     CLEANUP_TAGS,
-    ORPHAN_DELETIONS,
     deletion_context,
-    deletion_metadata,
+    record_deletions,
 )
 from heimdall_storage_pipeline.defs.resources import (
     AuditDatabaseResource,
@@ -87,21 +85,14 @@ def prefix_cleanup(
         ctx.engine.dispose()
     context.log.info(
         f"event {config.event_id} ({config.entity_type} {config.entity_id}): {report.candidates} "
-        f"objects under {', '.join(prefixes)}; {report.count(Outcome.DELETED)} deleted, "
-        f"{report.count(Outcome.WOULD_DELETE)} would be deleted, {report.count(Outcome.SKIPPED_REFERENCED)} "
-        f"still referenced, {report.count(Outcome.FAILED)} failed"
+        f"objects under {', '.join(prefixes)}"
     )
-    context.log_event(dg.AssetMaterialization(
-        asset_key=ORPHAN_DELETIONS,
-        partition=bucket.name,
-        metadata=deletion_metadata(report, [], {
-            "event_id": dg.MetadataValue.int(config.event_id),
-            "entity_type": dg.MetadataValue.text(config.entity_type),
-            "entity_id": dg.MetadataValue.text(config.entity_id),
-            "prefixes": dg.MetadataValue.json(list(prefixes)),
-            "completed_at": dg.MetadataValue.text(isoformat_utc(utc_now())),
-        }),
-    ))
+    record_deletions(context, bucket.name, report, {
+        "event_id": dg.MetadataValue.int(config.event_id),
+        "entity_type": dg.MetadataValue.text(config.entity_type),
+        "entity_id": dg.MetadataValue.text(config.entity_id),
+        "prefixes": dg.MetadataValue.json(list(prefixes)),
+    })
     if report.count(Outcome.FAILED):
         # Fail the run so the event stays unprocessed and the sensor retries it.
         raise dg.Failure(

@@ -82,8 +82,21 @@ def _selected_buckets(policy: StoragePolicy, config: DeleteOrphansConfig) -> lis
     return selected
 
 
-def deletion_metadata(report: DeletionReport, guards_overridden: list[str], extra: dict[str, Any]) -> dict[str, Any]:
-    return {
+def record_deletions(
+    context: dg.OpExecutionContext,
+    bucket: str,
+    report: DeletionReport,
+    extra: dict[str, Any],
+    guards_overridden: list[str] | None = None,
+) -> None:
+    """Log a one-line summary and materialize ``orphan_deletions`` for ``bucket``."""
+    context.log.info(
+        f"{bucket}: {report.count(Outcome.DELETED)} deleted ({report.deleted_bytes} bytes), "
+        f"{report.count(Outcome.WOULD_DELETE)} would be deleted, skipped: "
+        + ", ".join(f"{o.value} {report.count(o)}" for o in SKIP_OUTCOMES)
+        + f", failed {report.count(Outcome.FAILED)}"
+    )
+    metadata = {
         "dry_run": dg.MetadataValue.bool(report.dry_run),
         "candidates": dg.MetadataValue.int(report.candidates),
         "deleted_count": dg.MetadataValue.int(report.count(Outcome.DELETED)),
@@ -93,15 +106,17 @@ def deletion_metadata(report: DeletionReport, guards_overridden: list[str], extr
         **{o.value: dg.MetadataValue.int(report.count(o)) for o in SKIP_OUTCOMES},
         "failed_count": dg.MetadataValue.int(report.count(Outcome.FAILED)),
         "failed_sample": dg.MetadataValue.json(report.failures),
-        "guards_overridden": dg.MetadataValue.json(guards_overridden),
+        "guards_overridden": dg.MetadataValue.json(guards_overridden or []),
         "reconciled_pending": dg.MetadataValue.json(report.reconciled),
         "batches": dg.MetadataValue.int(report.batches),
         "seconds": dg.MetadataValue.float(round(report.seconds, 4)),
         "revalidation_seconds": dg.MetadataValue.float(round(report.revalidation_seconds, 4)),
         "delete_seconds": dg.MetadataValue.float(round(report.delete_seconds, 4)),
         "manifest_uri": dg.MetadataValue.text(report.manifest_uri),
+        "completed_at": dg.MetadataValue.text(isoformat_utc(utc_now())),
         **extra,
     }
+    context.log_event(dg.AssetMaterialization(asset_key=ORPHAN_DELETIONS, partition=bucket, metadata=metadata))
 
 
 def deletion_context(
@@ -135,13 +150,10 @@ def delete_orphans(
     refusals: dict[str, str] = {}
     for bucket in buckets:
         try:
-            metadata = _clean_bucket(context, ctx, bucket, config)
+            _clean_bucket(context, ctx, bucket, config)
         except StorageCleanupError as exc:
             refusals[bucket.name] = str(exc)
             context.log.error(f"{bucket.name}: {exc}")
-            continue
-        context.log_event(dg.AssetMaterialization(asset_key=ORPHAN_DELETIONS, partition=bucket.name,
-                                                  metadata=metadata))
     ctx.engine.dispose()
     if refusals:
         raise dg.Failure(
@@ -153,7 +165,7 @@ def delete_orphans(
 
 def _clean_bucket(
     context: dg.OpExecutionContext, ctx: DeletionContext, bucket: BucketPolicy, config: DeleteOrphansConfig
-) -> dict[str, Any]:
+) -> None:
     diff = latest_metadata(context.instance, "orphan_diff", bucket.name)
     check_diff_usable(bucket.name, diff, utc_now(), timedelta(minutes=config.max_diff_age_minutes))
     assert diff is not None
@@ -182,17 +194,10 @@ def _clean_bucket(
         batch_size=config.batch_size or bucket.batch_size,
         total=total,
     )
-    context.log.info(
-        f"{bucket.name}: {report.count(Outcome.DELETED)} deleted ({report.deleted_bytes} bytes), "
-        f"{report.count(Outcome.WOULD_DELETE)} would be deleted, skipped: "
-        + ", ".join(f"{o.value} {report.count(o)}" for o in SKIP_OUTCOMES)
-        + f", failed {report.count(Outcome.FAILED)}"
-    )
-    return deletion_metadata(report, overridden, {
+    record_deletions(context, bucket.name, report, {
         "diff_as_of": dg.MetadataValue.text(str(diff["as_of"])),
         "diff_manifest_uri": dg.MetadataValue.text(str(diff["manifest_uri"])),
-        "completed_at": dg.MetadataValue.text(isoformat_utc(utc_now())),
-    })
+    }, guards_overridden=overridden)
 
 
 @dg.job(tags=CLEANUP_TAGS, description="Delete eligible orphans (dry run unless dry_run: false).")
@@ -226,19 +231,13 @@ def purge_dataset_op(
     report = result.deletion
     context.log.info(
         f"dataset {result.dataset_id} ({result.dataset_name}): {result.sample_rows} sample rows "
-        f"{'would be' if config.dry_run else 'were'} deleted; objects: {report.count(Outcome.DELETED)} deleted, "
-        f"{report.count(Outcome.WOULD_DELETE)} would be deleted, {report.count(Outcome.FAILED)} failed"
+        f"{'would be' if config.dry_run else 'were'} deleted"
     )
-    context.log_event(dg.AssetMaterialization(
-        asset_key=ORPHAN_DELETIONS,
-        partition=bucket.name,
-        metadata=deletion_metadata(report, [], {
-            "dataset_id": dg.MetadataValue.text(result.dataset_id),
-            "sample_rows": dg.MetadataValue.int(result.sample_rows),
-            "prefixes": dg.MetadataValue.json(list(result.prefixes)),
-            "completed_at": dg.MetadataValue.text(isoformat_utc(utc_now())),
-        }),
-    ))
+    record_deletions(context, bucket.name, report, {
+        "dataset_id": dg.MetadataValue.text(result.dataset_id),
+        "sample_rows": dg.MetadataValue.int(result.sample_rows),
+        "prefixes": dg.MetadataValue.json(list(result.prefixes)),
+    })
     if report.count(Outcome.FAILED):
         context.log.warning(
             f"{report.count(Outcome.FAILED)} objects of dataset {result.dataset_id} could not be deleted; "

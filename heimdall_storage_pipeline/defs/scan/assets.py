@@ -54,6 +54,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         partitions_def=partitions_def,
         group_name=SCAN_GROUP,
         kinds={"s3", "parquet"},
+        pool="s3_listing",
         description="Every object of the bucket (key, size, last_modified UTC, etag) in a Parquet manifest.",
     )
     def bucket_inventory(
@@ -92,6 +93,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         partitions_def=partitions_def,
         group_name=SCAN_GROUP,
         kinds={"postgres", "parquet"},
+        pool="reference_db",
         deps=[bucket_inventory],
         description=(
             "Normalised keys the database references, read in one snapshot taken after the "
