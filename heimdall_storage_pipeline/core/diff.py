@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 import pyarrow as pa
@@ -256,7 +256,7 @@ class _WorkDir:
 
     def path(self, name: str) -> Path:
         if self.root is None:
-            temporary = tempfile.TemporaryDirectory(prefix="heimdall-diff-", dir=self.parent)
+            temporary = TemporaryDirectory(prefix="heimdall-diff-", dir=self.parent)
             self.root = Path(self.stack.enter_context(temporary))
         return self.root / name
 

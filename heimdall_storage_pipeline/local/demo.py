@@ -154,8 +154,15 @@ def _scan_every_bucket(as_of: datetime) -> list[dict[str, Any]]:
     return rows
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _serve_ui(env: dict[str, str]) -> int:
-    print("\nDagster UI on http://127.0.0.1:3000 (Ctrl-C stops everything)", flush=True)
+    print("\nDagster UI on http://127.0.0.1:3000 (Ctrl-C or SIGTERM stops everything)", flush=True)
+    # dagster dev runs in its own session; turn SIGTERM into the Ctrl-C path so that it, and
+    # the demo's servers, are stopped rather than orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
     command = [str(Path(sys.executable).parent / "dagster"), "dev", "-h", "127.0.0.1", "-p", "3000",
                "-w", str(REPO_ROOT / "workspace.yaml")]
     process = subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True)
