@@ -28,6 +28,7 @@ from heimdall_storage_pipeline.core.audit import AuditLog
 from heimdall_storage_pipeline.core.clock import Clock, utc_now
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
+from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
 from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy
 from heimdall_storage_pipeline.core.references import read_only_snapshot
@@ -181,10 +182,11 @@ def delete_candidates(
     report = DeletionReport(bucket=bucket.name, dry_run=dry_run)
     began = time.perf_counter()
     client = make_client(ctx.s3)
+    lister = ListObjectsV2(ctx.s3, bucket.name)
     if ctx.audit is not None and not dry_run:
         with s3_errors(ctx.s3, bucket.name):
             report.reconciled = ctx.audit.reconcile(
-                bucket.name, lambda keys: stat_objects(client, bucket.name, keys), ctx.clock()
+                bucket.name, lambda keys: stat_objects(client, bucket.name, keys, lister), ctx.clock()
             )
         if any(report.reconciled.values()):
             ctx.log(f"{bucket.name}: settled pending audit rows of an earlier run: {report.reconciled}")
@@ -215,7 +217,7 @@ def delete_candidates(
 
         try:
             for batch in batched(candidates, batch_size):
-                in_flight.append(pool.submit(_process_batch, ctx, bucket, batch, client,
+                in_flight.append(pool.submit(_process_batch, ctx, bucket, batch, client, lister,
                                              dry_run=dry_run, age_exempt=age_exempt))
                 if len(in_flight) >= ctx.workers:
                     settle_oldest()
@@ -247,6 +249,7 @@ def _process_batch(
     bucket: BucketPolicy,
     batch: list[Candidate],
     client: Minio,
+    lister: ListObjectsV2,
     *,
     dry_run: bool,
     age_exempt: bool,
@@ -258,7 +261,7 @@ def _process_batch(
         referenced = referenced_among(connection, bucket, {k for k in normalised.values() if k})
     # 2. the objects, fresh; 3. the one decision.
     with s3_errors(ctx.s3, bucket.name):
-        stats = stat_objects(client, bucket.name, [c.key for c in batch])
+        stats = stat_objects(client, bucket.name, [c.key for c in batch], lister)
     now = ctx.clock()
     rows: list[tuple[Candidate, str]] = []
     deletable: list[Candidate] = []

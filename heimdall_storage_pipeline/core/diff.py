@@ -51,10 +51,6 @@ SPILL_BUFFER_BYTES = 32 * 1024**2
 READ_BATCH_ROWS = 65_536
 # Orphans are written in row groups of at least this many rows (not one per input batch).
 WRITE_GROUP_ROWS = 131_072
-def _st(tag):  # DEBUG
-    pass
-
-
 _INVENTORY_COLUMNS = ["key", "size", "last_modified", "etag"]
 
 
@@ -261,9 +257,6 @@ class _WorkDir:
         return self.root / name
 
 
-# --- bitmaps over inventory rows ------------------------------------------------------------
-
-
 def _batches(parquet: pq.ParquetFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
     """The file's rows in order, one row group at a time.
 
@@ -272,6 +265,9 @@ def _batches(parquet: pq.ParquetFile, columns: list[str]) -> Iterator[pa.RecordB
     """
     for group in range(parquet.metadata.num_row_groups):
         yield from parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns, row_groups=[group])
+
+
+# --- bitmaps over inventory rows ------------------------------------------------------------
 
 
 def _set_bits(bits: np.ndarray, rows: np.ndarray) -> None:
@@ -375,7 +371,6 @@ def compute_orphan_diff(
             raise ValueError(f"inventory {inventory_uri} holds {object_count} rows, its footer says {object_rows}")
         listed.finish()
 
-        _st('# Pass 2:')  # DEBUG
         # Pass 2: partition reference keys (with their position, for the dangling sample's order)
         # and the companion keys they derive; a companion usually lands in another partition.
         position = 0
@@ -391,7 +386,6 @@ def compute_orphan_diff(
         referenced.finish()
         companions.finish()
 
-        _st('# Pass 3:')  # DEBUG
         # Pass 3: join partition by partition.
         referenced_count = dangling_count = 0
         dangling_candidates: list[tuple[int, str]] = []
@@ -419,10 +413,8 @@ def compute_orphan_diff(
                     dangling_candidates + list(zip(positions.to_pylist(), sample.to_pylist(), strict=True))
                 )
                 del dangling_candidates[SAMPLE_SIZE:]
-            _st('del listed_part, fir')  # DEBUG
             del listed_keys, references, unique_references, dangling
 
-        _st('# Pass 4:')  # DEBUG
         # Pass 4: the inventory again, in order: write the orphans and their figures.
         cutoff = pa.scalar(age_cutoff(as_of, bucket.min_age), type=timestamp_type)
         as_of_scalar = pa.scalar(as_of, type=timestamp_type)
@@ -484,7 +476,6 @@ def compute_orphan_diff(
             if buffered:
                 writer.write_table(pa.Table.from_batches(buffered, ORPHANS_SCHEMA))
 
-    _st('pass4 done')  # DEBUG
     largest_rows = [] if largest is None else largest.sort_by([("size", "descending")]).to_pylist()
     return OrphanDiffResult(
         bucket=bucket.name,

@@ -21,6 +21,7 @@ from minio.error import S3Error
 from sqlalchemy.engine import Connection
 
 from heimdall_storage_pipeline.core.clock import ensure_utc
+from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2, parse_page
 from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
 from heimdall_storage_pipeline.core.references import (
     FETCH_ROWS,
@@ -31,7 +32,7 @@ from heimdall_storage_pipeline.core.safety import FreshStat
 
 STAT_THREADS = 8
 LISTING_MIN_KEYS = 8  # below this, HEAD requests are cheaper than a listing
-LISTING_BUDGET_FACTOR = 3  # list at most this many objects per key asked for
+LISTING_BUDGET_FACTOR = 4  # list at most this many objects per key asked for
 _JSON_TOKEN_SEPARATORS = '"\\/ \t\n\r\f\v'  # what the JSON token split below cuts at, and escapes
 # The last path segment of a plain value (values are not trimmed: keys may end in spaces).
 _LAST_SEGMENT_SQL = "reverse(split_part(reverse(rtrim(src.value::text, '/')), '/', 1))"
@@ -98,33 +99,45 @@ def _stat_one(client: Minio, bucket: str, key: str) -> FreshStat | None:
     return _fresh(stat.size, stat.last_modified, stat.etag, key)
 
 
+def _just_before(key: str) -> str:
+    """A string that sorts before ``key`` but after almost everything else that does."""
+    last = key[-1]
+    return key[:-1] + chr(ord(last) - 1) + "\U0010ffff" if ord(last) > 0 else key[:-1]
+
+
+def _listed_stats(lister: ListObjectsV2, keys: list[str], budget: int) -> dict[str, FreshStat]:
+    """Stats of those ``keys`` a bounded listing from the smallest of them finds."""
+    wanted = set(keys)
+    first = min(keys)  # S3 lists in byte order (SeaweedFS nearly so): start just before the batch
+    found: dict[str, FreshStat] = {}
+    seen = 0
+    # A string prefix, not a path: 'data/orphan-1' and 'data/orphan-2' share 'data/orphan-'.
+    prefix = os.path.commonprefix(keys)  # noqa: RUF071
+    for body in lister.pages(prefix=prefix, start_after=_just_before(first)):
+        page = parse_page(body)[0].to_pydict()
+        for key, size, modified, etag in zip(page["key"], page["size"], page["last_modified"], page["etag"],
+                                             strict=True):
+            if key in wanted:
+                found[key] = _fresh(size, modified, etag, key)
+        seen += len(page["key"])
+        if len(found) == len(wanted) or seen >= budget:
+            break
+    return found
+
+
 def stat_objects(
-    client: Minio, bucket: str, keys: list[str], threads: int = STAT_THREADS
+    client: Minio, bucket: str, keys: list[str], lister: ListObjectsV2 | None = None, threads: int = STAT_THREADS
 ) -> dict[str, FreshStat | None]:
     """The current size, last-modified and ETag of each key; ``None`` for an object that is gone.
 
-    A batch's keys usually share a long prefix (they come from one listing), so one listing
-    of that prefix answers for many keys at once. The listing is bounded to a few times the
-    batch; keys it does not settle are asked for one by one (HEAD, in parallel). A key is
-    reported gone only when a complete listing of its prefix or its own HEAD says so.
+    A batch's keys come from one listing, so a bounded listing that starts just before the
+    batch's first key usually answers for all of them in a few requests. Only HEAD decides
+    that an object is gone: keys the listing does not settle (its order or budget) are asked
+    for one by one, in parallel.
     """
-    wanted = set(keys)
     stats: dict[str, FreshStat | None] = {}
-    if len(wanted) >= LISTING_MIN_KEYS:
-        budget = LISTING_BUDGET_FACTOR * len(wanted)
-        listing_complete = True
-        # A string prefix, not a path: 'data/orphan-1' and 'data/orphan-2' share 'data/orphan-'.
-        prefix = os.path.commonprefix(keys)  # noqa: RUF071
-        for seen, obj in enumerate(client.list_objects(bucket, prefix=prefix, recursive=True)):
-            if obj.object_name in wanted and not obj.is_dir:
-                stats[obj.object_name] = _fresh(obj.size, obj.last_modified, obj.etag, obj.object_name)
-                if len(stats) == len(wanted):
-                    break
-            if seen + 1 >= budget:
-                listing_complete = False
-                break
-        if listing_complete:
-            stats.update({key: None for key in wanted - stats.keys()})
+    if lister is not None and len(keys) >= LISTING_MIN_KEYS:
+        stats.update(_listed_stats(lister, keys, LISTING_BUDGET_FACTOR * len(keys)))
     unsettled = [key for key in keys if key not in stats]
     if unsettled:
         with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -93,3 +93,22 @@ def test_narrowing_is_skipped_where_it_could_miss_a_spelling():
     assert "ANY(:segments)" in narrowed_query(json_source, {"x.npy"})[0]
     assert narrowed_query(json_source, {'we"ird.npy'}) == ("SELECT v FROM t", {})
     assert narrowed_query(json_source, {"ünï.npy"}) == ("SELECT v FROM t", {})
+
+
+def test_listed_stats_equal_head_stats_and_only_head_reports_a_missing_object(seaweed, make_bucket):
+    import io
+
+    from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
+    from heimdall_storage_pipeline.core.revalidation import stat_objects
+
+    bucket = make_bucket("stat")
+    client = seaweed.client()
+    keys = [f"d/{i:03d}.npy" for i in range(30)] + ["d/with space", "d/ünï", "d/a-b", "d/a/b", "d/a0", "e/x+y%z"]
+    for key in keys:
+        client.put_object(bucket, key, io.BytesIO(key.encode()), len(key.encode()))
+    asked = [*keys, "d/never-uploaded.npy"]
+    listed = stat_objects(client, bucket, asked, ListObjectsV2(seaweed.settings(), bucket))
+    headed = stat_objects(client, bucket, asked)  # no lister: HEAD for every key
+    assert listed == headed
+    assert listed["d/never-uploaded.npy"] is None
+    assert all(listed[k] is not None and listed[k].size == len(k.encode()) for k in keys)
