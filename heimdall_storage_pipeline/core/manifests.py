@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -97,10 +97,8 @@ class ManifestStore:
             ) as parquet_writer:
                 yield parquet_writer
         except BaseException:
-            try:
+            with suppress(OSError):
                 filesystem.delete_file(temporary)
-            except OSError:
-                pass
             raise
         if temporary != final:
             filesystem.move(temporary, final)

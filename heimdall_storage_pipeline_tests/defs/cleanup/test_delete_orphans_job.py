@@ -78,6 +78,7 @@ def test_live_run_deletes_the_dry_run_set_and_audits_it(world):
     dry = harness.metadata("orphan_deletions", bucket)
     store = ManifestStore(str(harness.resources["manifests"].root))
     would = set(store.read_table(dry["manifest_uri"]).column("key").to_pylist())
+    assert would == set(orphans)
     harness.delete(dry_run=False)
     live = harness.metadata("orphan_deletions", bucket)
     assert live["dry_run"] is False and live["deleted_count"] == 4 and live["deleted_bytes"] > 0
