@@ -6,9 +6,10 @@ its own peak RSS from ``VmHWM`` in /proc/self/status (``ru_maxrss`` would carry 
 over ``exec`` on Linux). Prints peak RSS and seconds per size and the growth ratio largest/smallest.
 
     .venv/bin/python bench/diff_memory.py                       # 1M, 5M, 10M
-    .venv/bin/python bench/diff_memory.py --sizes 100000,1000000 --head
+    .venv/bin/python bench/diff_memory.py --sizes 1000000,5000000 --compare 7a2f5ff
 
-``--head`` also measures the diff as committed at git HEAD (the in-memory one) in the same run.
+``--compare REV`` also measures ``core/diff.py`` as of git revision REV in the same run
+(7a2f5ff holds the diff that kept everything in memory).
 """
 
 from __future__ import annotations
@@ -109,18 +110,18 @@ def generate(directory: Path, objects: int, seed: int = 7) -> dict[str, int]:
     return expected
 
 
-def _load_head_diff() -> object:
-    """core/diff.py as committed at git HEAD, imported under another name."""
+def _load_diff_at(revision: str) -> object:
+    """core/diff.py as of a git revision, imported under another name."""
     source = subprocess.run(
-        ["git", "show", "HEAD:heimdall_storage_pipeline/core/diff.py"], cwd=REPO, check=True,
+        ["git", "show", f"{revision}:heimdall_storage_pipeline/core/diff.py"], cwd=REPO, check=True,
         capture_output=True, text=True,
     ).stdout
-    path = Path(tempfile.mkdtemp()) / "head_diff.py"
+    path = Path(tempfile.mkdtemp()) / "compared_diff.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("head_diff", path)
+    spec = importlib.util.spec_from_file_location("compared_diff", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    sys.modules["head_diff"] = module
+    sys.modules["compared_diff"] = module
     spec.loader.exec_module(module)
     return module
 
@@ -131,7 +132,7 @@ def child(directory: Path, variant: str) -> None:
     from heimdall_storage_pipeline.core.manifests import ManifestStore
     from heimdall_storage_pipeline.core.policy import BucketPolicy, CompanionRule
 
-    module = _load_head_diff() if variant == "head" else diff
+    module = diff if variant == "partitioned" else _load_diff_at(variant)
     policy = BucketPolicy(
         name="bench", enabled=True, min_age=timedelta(days=30), batch_size=1000, description="bench",
         references=(), companions=(CompanionRule("sidecar", r"^(.*)\.npy$", r"\1.json"),),
@@ -155,7 +156,7 @@ def child(directory: Path, variant: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000000,5000000,10000000", help="comma-separated object counts")
-    parser.add_argument("--head", action="store_true", help="also run git HEAD's diff for comparison")
+    parser.add_argument("--compare", default=None, metavar="REV", help="also run core/diff.py as of git REV")
     parser.add_argument("--dir", default=None, help="where to generate manifests (default: a temp dir)")
     parser.add_argument("--child", nargs=2, metavar=("DIR", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,7 +174,7 @@ def main() -> int:
             started = time.perf_counter()
             expected = generate(directory, size)
             print(f"generated {size:,} objects in {time.perf_counter() - started:.1f} s", flush=True)
-            for variant in ("partitioned", *(("head",) if args.head else ())):
+            for variant in ("partitioned", *((args.compare,) if args.compare else ())):
                 output = subprocess.run(
                     [sys.executable, __file__, "--child", str(directory), variant],
                     check=True, capture_output=True, text=True, cwd=REPO,

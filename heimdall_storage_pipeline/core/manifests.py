@@ -124,7 +124,11 @@ class ManifestStore:
     def iter_batches(
         self, uri: str, columns: list[str] | None = None, batch_size: int = 65_536
     ) -> Iterator[pa.RecordBatch]:
-        yield from self.open(uri).iter_batches(batch_size=batch_size, columns=columns)
+        """Stream a manifest; one row group at a time, because pyarrow's whole-file batch reader
+        keeps a few bytes per row already read until it is closed."""
+        parquet_file = self.open(uri)
+        for group in range(parquet_file.num_row_groups):
+            yield from parquet_file.read_row_group(group, columns=columns).to_batches(max_chunksize=batch_size)
 
     def prune(self, bucket: str, now: datetime, retention: timedelta, keep: set[str]) -> list[str]:
         """Delete this bucket's manifests older than ``retention``, except the URIs in ``keep``."""
