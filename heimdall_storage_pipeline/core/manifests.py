@@ -13,6 +13,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,8 +83,11 @@ class ManifestStore:
         return self._to_uri(f"{base}/{kind}/{bucket}/{name}")
 
     @contextmanager
-    def writer(self, uri: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
-        """Write a manifest; it appears at ``uri`` only if the block completes."""
+    def writer(self, uri: str, schema: pa.Schema, **parquet_options: Any) -> Iterator[pq.ParquetWriter]:
+        """Write a manifest; it appears at ``uri`` only if the block completes.
+
+        ``parquet_options`` override the defaults (zstd, dictionaries) for ``pq.ParquetWriter``.
+        """
         filesystem, _ = self._filesystem()
         final = self._to_path(uri)
         if not self.is_s3:
@@ -93,7 +97,7 @@ class ManifestStore:
         temporary = final if self.is_s3 else f"{final}.partial-{uuid.uuid4().hex[:8]}"
         try:
             with filesystem.open_output_stream(temporary) as stream, pq.ParquetWriter(
-                stream, schema, compression="zstd"
+                stream, schema, **{"compression": "zstd", **parquet_options}
             ) as parquet_writer:
                 yield parquet_writer
         except BaseException:

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import queue
 import re
 import threading
 import time
@@ -29,11 +30,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from heimdall_storage_pipeline.core.clock import Clock, utc_now
+from heimdall_storage_pipeline.core.distinct import DistinctCounter
 from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, redact
 from heimdall_storage_pipeline.core.keys import (
     NEEDS_NORMALISATION_PATTERN,
@@ -43,6 +44,7 @@ from heimdall_storage_pipeline.core.keys import (
     parse_reference,
 )
 from heimdall_storage_pipeline.core.manifests import REFERENCES_SCHEMA, ManifestStore
+from heimdall_storage_pipeline.core.native import all_plain, split_rows
 from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
 
 FETCH_ROWS = 10_000  # rows per server-side cursor fetch
@@ -54,7 +56,11 @@ _SAMPLE_VALUE_CHARS = 200
 _STRING_OIDS = frozenset({25, 1043, 1042, 19})
 _JSON_OID = 114
 _JSONB_OID = 3802
-_COPY_BLOCK_BYTES = 4 << 20  # Arrow CSV block: ~60k URIs per batch, bounded memory
+_COPY_BLOCK_BYTES = 4 << 20  # rows handled per batch: ~60k URIs, bounded memory
+# The references manifest is read once, by the diff: fast to write beats small. Keys are
+# unique, so a dictionary for them is wasted work; the source name repeats, so it keeps one.
+REFERENCES_PARQUET = {"compression": "snappy", "use_dictionary": ["source"], "write_statistics": ["source"]}
+_QUEUED_BLOCKS = 8  # blocks COPY may run ahead of the caller
 _PIPE_BYTES = 1 << 20  # the default pipe-max-size for unprivileged processes
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, absent from Python < 3.10's fcntl on some builds
 _MAX_SLICE = 1 << 30
@@ -210,6 +216,10 @@ def normalise_string_array(
     fmt = ReferenceFormat(source.format)
     prefix = {ReferenceFormat.URI: f"s3://{bucket.name}/", ReferenceFormat.BUCKET_KEY: f"{bucket.name}/"}.get(fmt, "")
     pattern = NEEDS_NORMALISATION_PATTERN + ("|%" if source.percent_decode else "")
+    if (not prefix or pc.all(pc.starts_with(values, prefix)).as_py()) and all_plain(
+        values, len(prefix), "%" if source.percent_decode else ""
+    ):
+        return _strip_prefix(values, len(prefix))  # the usual block: prefix + a key in normal form
     rest = _strip_prefix(values, len(prefix))
     fast = pc.and_(pc.invert(pc.match_substring_regex(rest, pattern)), pc.greater(pc.binary_length(rest), 0))
     if prefix:
@@ -349,58 +359,122 @@ def copy_column_batches(raw: Any, query: str, columns: int = 1) -> Iterator[pa.A
     """The first of the ``columns`` columns of ``query`` as Arrow string arrays, read by ``COPY ... TO STDOUT``.
 
     COPY runs on ``raw`` (inside its current transaction, so in the caller's snapshot) in a
-    background thread and writes CSV into a pipe; this thread parses it with Arrow as it comes,
-    so reading, parsing and the caller's work overlap, and memory stays at a few blocks.
-    CSV rather than text format because Arrow reads CSV quoting exactly: an unquoted empty
-    field is NULL, ``""`` is the empty string, quoted fields may hold newlines.
+    background thread and writes into a pipe; a second thread cuts what arrives into blocks of
+    whole rows and queues a few of them, so COPY never waits for the caller's work on a block
+    and memory stays at a few blocks. Text format, one column: every newline ends a row
+    (newlines in values are escaped), so a block becomes an Arrow array by locating its
+    newlines; only rows holding a backslash (an escape, or ``\\N`` for NULL) are decoded in Python.
     """
-    sql = f"COPY ({_wrapped(query, columns)}) TO STDOUT WITH (FORMAT csv)"
+    sql = f"COPY ({_wrapped(query, columns)}) TO STDOUT"
     read_fd, write_fd = os.pipe()
     _grow_pipe(write_fd)
-    failures: list[BaseException] = []
+    copy_failures: list[BaseException] = []
+    read_failures: list[BaseException] = []
+    blocks: queue.Queue[tuple[bytearray | None, int] | None] = queue.Queue(maxsize=_QUEUED_BLOCKS)
+    stopping = threading.Event()
 
     def produce() -> None:
         try:
             with os.fdopen(write_fd, "wb", buffering=_PIPE_BYTES) as sink, raw.cursor() as cursor:
                 cursor.copy_expert(sql, sink)
-        except BaseException as exc:  # handed to the reading thread
-            failures.append(exc)
+        except BaseException as exc:  # handed to the calling thread
+            copy_failures.append(exc)
+
+    def cut() -> None:
+        try:
+            with os.fdopen(read_fd, "rb", buffering=0) as source:  # closing it stops a producer on EPIPE
+                for item in _row_blocks(source):
+                    blocks.put(item)
+                    if stopping.is_set():
+                        break
+        except BaseException as exc:  # handed to the calling thread
+            read_failures.append(exc)
+        finally:
+            blocks.put(None)
 
     producer = threading.Thread(target=produce, name="heimdall-references-copy", daemon=True)
+    cutter = threading.Thread(target=cut, name="heimdall-references-rows", daemon=True)
     try:
         producer.start()
     except BaseException:
         os.close(write_fd)
         os.close(read_fd)
         raise
-    source = os.fdopen(read_fd, "rb", buffering=_PIPE_BYTES)
-
-    def stop() -> None:
-        source.close()  # a producer still writing stops on EPIPE, so the join cannot hang
-        producer.join()
-
+    cutter.start()
+    truncated = False
+    item = blocks.get()
     try:
-        if source.peek(1):  # Arrow refuses an empty CSV stream
-            reader = pcsv.open_csv(
-                source,
-                read_options=pcsv.ReadOptions(autogenerate_column_names=True, block_size=_COPY_BLOCK_BYTES),
-                parse_options=pcsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=False),
-                convert_options=pcsv.ConvertOptions(
-                    column_types={"f0": pa.string()}, null_values=[""], strings_can_be_null=True,
-                    quoted_strings_can_be_null=False,
-                ),
-            )
-            for batch in reader:
-                yield batch.column(0)
-    except pa.ArrowInvalid:
-        stop()
-        if failures:  # a COPY that failed half-way truncates the stream: its error is the one to report
-            _raise_as_sqlalchemy(sql, failures[0])
-        raise
+        while item is not None:
+            block, rows_end = item
+            if block is None:
+                truncated = True
+            else:
+                yield _text_rows(block, rows_end)
+            item = blocks.get()
     finally:
-        stop()
-    if failures:
-        _raise_as_sqlalchemy(sql, failures[0])
+        stopping.set()
+        while item is not None:  # unblock the cutter until it has finished
+            item = blocks.get()
+        cutter.join()
+        producer.join()
+    if copy_failures:  # a COPY that failed half-way truncates the stream: its error is the one to report
+        _raise_as_sqlalchemy(sql, copy_failures[0])
+    if read_failures:
+        raise read_failures[0]
+    if truncated:
+        raise ReferenceDatabaseError(f"the COPY output of {query!r} ended inside a row")
+
+
+def _row_blocks(source: Any) -> Iterator[tuple[bytearray | None, int]]:
+    """Blocks of about ``_COPY_BLOCK_BYTES`` from ``source``, each with the end of its last whole row;
+    ``(None, 0)`` last if the stream ends inside a row (which only a failed COPY does)."""
+    carry = b""
+    size = _COPY_BLOCK_BYTES
+    while True:
+        block = bytearray(max(size, 2 * len(carry)))
+        block[: len(carry)] = carry
+        filled = len(carry)
+        view = memoryview(block)
+        while filled < len(block):
+            read = source.readinto(view[filled:])
+            if not read:
+                break
+            filled += read
+        view.release()
+        rows_end = block.rfind(b"\n", 0, filled) + 1
+        if filled < len(block):  # end of stream
+            if rows_end:
+                yield block, rows_end
+            if rows_end < filled:
+                yield None, 0
+            return
+        if rows_end == 0:  # a row longer than a block: read on into a bigger one
+            carry, size = bytes(block), 2 * len(block)
+            continue
+        carry = bytes(block[rows_end:filled])
+        yield block, rows_end
+
+
+def _text_rows(block: bytearray, rows_end: int) -> pa.Array:
+    """The rows of ``block[:rows_end]`` (COPY text format, one column) as a string array."""
+    values = split_rows(block, rows_end)
+    if block.find(b"\\", 0, rows_end) < 0:
+        return values
+    escaped = pc.match_substring(values, "\\")
+    rows = pc.indices_nonzero(escaped)
+    decoded = [_decode_copy_text(text) for text in values.take(rows).to_pylist()]
+    return pc.replace_with_mask(values, escaped, pa.array(decoded, pa.string()))
+
+
+_COPY_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+_COPY_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _decode_copy_text(text: str) -> str | None:
+    """One field of COPY text output: ``\\N`` is NULL, other escapes stand for one character."""
+    if text == "\\N":
+        return None
+    return _COPY_ESCAPE.sub(lambda match: _COPY_ESCAPES.get(match.group(1), match.group(1)), text)
 
 
 def _fast_source_keys(
@@ -471,22 +545,22 @@ def read_references_to_manifest(
     """Read every reference source of ``bucket`` in one snapshot into a references manifest."""
     counts = ReferenceCounts()
     began = time.perf_counter()
-    written: list[pa.Array] = []  # kept for the distinct count: no second read of the manifest
+    distinct = DistinctCounter()  # counted as the keys pass: no second read, no copy of the keys
     with read_only_snapshot(engine) as connection:
         # The snapshot is taken by the first statement; the clock is read just before it,
         # so snapshot_at never claims a later moment than the snapshot really has.
         snapshot_at = clock()
         connection.execute(sa.text("SELECT 1"))
         uri = store.new_uri("references", bucket.name, snapshot_at, run_id)
-        with store.writer(uri, REFERENCES_SCHEMA) as writer:
+        with store.writer(uri, REFERENCES_SCHEMA, **REFERENCES_PARQUET) as writer:
             for source in bucket.references:
                 for keys in source_key_arrays(connection, bucket, source, counts):
                     if len(keys):
                         writer.write_batch(_references_batch(keys, source.name))
-                        written.append(keys)
+                        distinct.add(keys)
     return ReferencesResult(
         bucket=bucket.name,
-        referenced_count=len(pc.unique(pa.chunked_array(written, pa.string()))),
+        referenced_count=distinct.count,
         reference_rows=counts.reference_rows,
         other_bucket_reference_count=counts.other_bucket,
         unparseable_reference_count=counts.unparseable,
@@ -499,5 +573,4 @@ def read_references_to_manifest(
 
 def _references_batch(keys: pa.Array | list[str], source: str) -> pa.RecordBatch:
     keys = keys if isinstance(keys, pa.Array) else pa.array(keys, pa.string())
-    sources = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(keys), dtype=np.int32)), pa.array([source]))
-    return pa.record_batch([keys, sources.cast(pa.string())], schema=REFERENCES_SCHEMA)
+    return pa.record_batch([keys, pa.repeat(source, len(keys))], schema=REFERENCES_SCHEMA)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from heimdall_storage_pipeline.core import references
+from heimdall_storage_pipeline.core import native, references
 from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError
 from heimdall_storage_pipeline.core.keys import ReferenceFormat
 from heimdall_storage_pipeline.core.manifests import ManifestStore
@@ -179,6 +179,27 @@ def test_read_matches_the_general_path_for_string_columns(
     query = _table(db_engine, column_type, _DB_VALUES)
     source = ReferenceSource(name="s", query=query, format=fmt, percent_decode=percent_decode)
     _both_paths_agree(db_engine, [source], tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_read_without_the_compiled_loops_matches_the_general_path(
+    db_engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: ReferenceFormat
+) -> None:
+    monkeypatch.setattr(native, "_native", None)
+    values = [*_DB_VALUES, *(f"s3://{BUCKET}/plain/{i}.npy" for i in range(50))]
+    source = ReferenceSource(name="s", query=_table(db_engine, "text", values), format=fmt)
+    _both_paths_agree(db_engine, [source], tmp_path, monkeypatch)
+
+
+def test_a_block_of_plain_values_keeps_every_key(
+    db_engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Enough rows for several COPY blocks, all plain: the whole-block shortcut, then one odd value.
+    query = (f"SELECT 's3://{BUCKET}/sessions/' || g || '/websdr_' || (g % 7) || '.npy' "
+             f"FROM generate_series(1, 200000) AS g UNION ALL SELECT 's3://{BUCKET}//odd.npy'")
+    source = ReferenceSource(name="s", query=query, format=ReferenceFormat.URI)
+    figures = _both_paths_agree(db_engine, [source], tmp_path, monkeypatch)
+    assert figures[:2] == (200_001, 200_001)
 
 
 def test_read_matches_the_general_path_for_json_columns(

@@ -1,0 +1,141 @@
+/* Byte loops for reading references: one pass each over a block, no Python object per key.
+ *
+ * Optional accelerator: heimdall_storage_pipeline/core/native.py falls back to numpy versions
+ * with the same results when this module is not built. Every function takes Arrow-style
+ * int32 offsets and a data buffer, and releases the GIL while it loops.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PRIME 0x100000001B3ULL
+#define GOLDEN 0x9E3779B97F4A7C15ULL
+
+static uint64_t fmix64(uint64_t k) {
+    k ^= k >> 33;
+    k *= 0xFF51AFD7ED558CCDULL;
+    k ^= k >> 33;
+    k *= 0xC4CEB9FE1A85EC53ULL;
+    k ^= k >> 33;
+    return k;
+}
+
+/* split_rows(block, end, offsets_out, data_out) -> (rows, data_length)
+ * Rows of block[:end], each ended by '\n': their bytes without the newlines go to data_out,
+ * Arrow offsets (rows + 1 of them) to offsets_out. */
+static PyObject *split_rows(PyObject *self, PyObject *args) {
+    Py_buffer block, offsets, data;
+    Py_ssize_t end;
+    if (!PyArg_ParseTuple(args, "y*nw*w*", &block, &end, &offsets, &data)) return NULL;
+    Py_ssize_t rows = 0, length = 0;
+    int ok = end <= block.len && data.len >= end && offsets.len >= (Py_ssize_t)sizeof(int32_t);
+    if (ok) {
+        const char *src = block.buf;
+        char *dst = data.buf;
+        int32_t *out = offsets.buf;
+        Py_ssize_t capacity = offsets.len / (Py_ssize_t)sizeof(int32_t);
+        Py_BEGIN_ALLOW_THREADS
+        Py_ssize_t start = 0;
+        out[0] = 0;
+        while (start < end) {
+            const char *newline = memchr(src + start, '\n', (size_t)(end - start));
+            Py_ssize_t stop = newline ? newline - src : end;
+            if (rows + 2 > capacity) { ok = 0; break; }
+            memcpy(dst + length, src + start, (size_t)(stop - start));
+            length += stop - start;
+            out[++rows] = (int32_t)length;
+            start = stop + 1;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&block);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&data);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "split_rows: output buffers too small");
+        return NULL;
+    }
+    return Py_BuildValue("nn", rows, length);
+}
+
+/* needs_work(offsets, data, rows, skip, extra) -> index of the first value whose bytes after
+ * the first `skip` are empty, start with '/' or '.', contain "//", "/.", a control character
+ * or a byte of `extra`; -1 if none. A superset of keys.NEEDS_NORMALISATION_PATTERN. */
+static PyObject *needs_work(PyObject *self, PyObject *args) {
+    Py_buffer offsets, data, extra;
+    Py_ssize_t rows, skip;
+    if (!PyArg_ParseTuple(args, "y*y*nny*", &offsets, &data, &rows, &skip, &extra)) return NULL;
+    Py_ssize_t found = -1;
+    if (offsets.len < (rows + 1) * (Py_ssize_t)sizeof(int32_t)) {
+        PyBuffer_Release(&offsets); PyBuffer_Release(&data); PyBuffer_Release(&extra);
+        PyErr_SetString(PyExc_ValueError, "needs_work: offsets too short");
+        return NULL;
+    }
+    const int32_t *off = offsets.buf;
+    const unsigned char *bytes = data.buf;
+    unsigned char special[256] = {0};
+    for (int c = 0; c < 0x20; c++) special[c] = 1;
+    special[0x7f] = 1;
+    for (Py_ssize_t i = 0; i < extra.len; i++) special[((unsigned char *)extra.buf)[i]] = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t row = 0; row < rows && found < 0; row++) {
+        Py_ssize_t first = off[row] + skip, last = off[row + 1];
+        if (first >= last || bytes[first] == '/' || bytes[first] == '.') { found = row; break; }
+        for (Py_ssize_t i = first; i < last; i++) {
+            unsigned char c = bytes[i];
+            if (special[c] || (c == '/' && i + 1 < last && (bytes[i + 1] == '/' || bytes[i + 1] == '.'))) {
+                found = row;
+                break;
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&extra);
+    return PyLong_FromSsize_t(found);
+}
+
+/* hash64(offsets, data, rows, out): the same 64-bit hash as hashing.hash_strings64. */
+static PyObject *hash64(PyObject *self, PyObject *args) {
+    Py_buffer offsets, data, out;
+    Py_ssize_t rows;
+    if (!PyArg_ParseTuple(args, "y*y*nw*", &offsets, &data, &rows, &out)) return NULL;
+    int ok = offsets.len >= (rows + 1) * (Py_ssize_t)sizeof(int32_t) && out.len >= rows * (Py_ssize_t)sizeof(uint64_t);
+    if (ok) {
+        const int32_t *off = offsets.buf;
+        const unsigned char *bytes = data.buf;
+        uint64_t *hashes = out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t row = 0; row < rows; row++) {
+            uint64_t h = 0, power = 1;
+            for (int32_t i = off[row]; i < off[row + 1]; i++) {
+                h += (uint64_t)bytes[i] * power;
+                power *= PRIME;
+            }
+            h += (uint64_t)(off[row + 1] - off[row]) * GOLDEN;
+            hashes[row] = fmix64(h);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&out);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "hash64: buffers too short");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"split_rows", split_rows, METH_VARARGS, "Split newline-ended rows into Arrow offsets and data."},
+    {"needs_work", needs_work, METH_VARARGS, "Index of the first value that may need normalisation, or -1."},
+    {"hash64", hash64, METH_VARARGS, "64-bit hashes of Arrow string values."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,83 @@
+"""The compiled loops (core/_native.c) against their numpy fallbacks and the regex they stand in for."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from heimdall_storage_pipeline.core import native
+from heimdall_storage_pipeline.core.keys import NEEDS_NORMALISATION_PATTERN
+
+_ALPHABET = list("ab/.%_ \t\r\x00\x01\x1f\x7f\\\u00fc\u65e5\U0001f600")
+_values = st.lists(st.text(alphabet=_ALPHABET, max_size=10), max_size=40)
+
+
+def test_the_extension_is_built() -> None:
+    # make install compiles it; a machine without a compiler still works, only slower.
+    assert native.NATIVE
+
+
+@pytest.fixture
+def numpy_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_native", None)
+
+
+def _split_both(rows: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    text = "".join(f"{row}\n" for row in rows).encode()
+    block = bytearray(text + b"partial row")  # bytes after rows_end are not rows
+    compiled = native.split_rows(block, len(text)).to_pylist()
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "_native", None)
+        fallback = native.split_rows(block, len(text)).to_pylist()
+    return compiled, fallback
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.text(alphabet=[c for c in _ALPHABET if c != "\n"], max_size=12), max_size=30))
+def test_split_rows_compiled_equals_numpy(rows: list[str]) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        compiled, fallback = _split_both(rows, monkeypatch)
+    assert compiled == fallback == rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=_values, skip=st.integers(0, 3), extra=st.sampled_from(["", "%"]))
+def test_all_plain_is_true_only_when_no_value_needs_work(values: list[str], skip: int, extra: str) -> None:
+    array = pa.array(values, pa.string())
+    pattern = re.compile(NEEDS_NORMALISATION_PATTERN + ("|%" if extra else ""))
+    needs_work = any(
+        len(value.encode()) <= skip or pattern.search(value.encode()[skip:].decode(errors="replace"))
+        for value in values
+    )
+    if native.all_plain(array, skip, extra):
+        assert not needs_work
+    # The compiled check is exact enough to pass ordinary keys.
+    plain = [v for v in values if v and not pattern.search(v) and not v.startswith(".") and "/." not in v]
+    assert native.all_plain(pa.array(plain, pa.string()), 0, extra)
+
+
+def test_all_plain_falls_back_to_the_per_value_path_without_the_extension(numpy_only: None) -> None:
+    assert not native.all_plain(pa.array(["plain/key.npy"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.text(alphabet=_ALPHABET, max_size=30), max_size=50), pad=st.integers(0, 3))
+def test_hash64_compiled_equals_numpy_and_ignores_position(values: list[str], pad: int) -> None:
+    array = pa.array(["x" * 7] * pad + values, pa.string()).slice(pad)
+    compiled = native.hash_strings64(array)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(native, "_native", None)
+        fallback = native.hash_strings64(array)
+    assert compiled.tolist() == fallback.tolist()
+    assert compiled.tolist() == native.hash_strings64(pa.array(values, pa.string())).tolist()
+
+
+def test_hash64_separates_near_misses() -> None:
+    keys = ["a", "a\x00", "\x00a", "", "ab", "ba", *(f"sessions/{i}/websdr_1.npy" for i in range(100_000))]
+    hashes = native.hash_strings64(pa.array(keys))
+    assert len(np.unique(hashes)) == len(keys)
