@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,12 @@ CASES = {
     ),
 }
 BUCKETS = {"uri": "heimdall-raw-iq", "json": "heimdall-synthetic-iq"}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (the database server's is not included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_mb() -> float:
@@ -104,14 +111,18 @@ def measure(kind: str, case: str, url: str) -> dict[str, float | int | str]:
         dsn = sa.make_url(url)
         connection = psycopg2.connect(host=dsn.host, port=dsn.port, user=dsn.username, dbname=dsn.database)
         connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        cpu_before = cpu_seconds()
         began = time.perf_counter()
         with open(os.devnull, "wb") as sink, connection.cursor() as cursor:
             cursor.copy_expert(f"COPY ({source.query}) TO STDOUT", sink)
         seconds = time.perf_counter() - began
         connection.rollback()
         connection.close()
-        return {"seconds": seconds, "rss_mb": peak_rss_mb()}
-    from heimdall_storage_pipeline.core import references
+        return {"seconds": seconds, "rss_mb": peak_rss_mb(), "cpu_seconds": cpu_seconds() - cpu_before}
+    # A step process has imported the definitions (and with them pandas, which pyarrow would
+    # otherwise import lazily, ~0.5 s, on the first pa.array of Python objects) before it runs.
+    import heimdall_storage_pipeline.definitions  # noqa: F401
+    from heimdall_storage_pipeline.core import native, references
     from heimdall_storage_pipeline.core.manifests import ManifestStore
 
     if kind == "cursor":
@@ -121,10 +132,14 @@ def measure(kind: str, case: str, url: str) -> dict[str, float | int | str]:
     engine = references.make_engine(url)
     with engine.connect() as warm:  # connect outside the timing, as raw does
         warm.execute(sa.text("SELECT 1"))
+    if kind == "numpy":
+        native._native = None  # the fallback used where the extension was not built
     with tempfile.TemporaryDirectory() as directory:
+        cpu_before = cpu_seconds()
         result = references.read_references_to_manifest(engine, bucket, ManifestStore(directory), "bench-run")
     engine.dispose()
-    return {"seconds": result.read_seconds, "rss_mb": peak_rss_mb(), "distinct": result.referenced_count,
+    return {"seconds": result.read_seconds, "rss_mb": peak_rss_mb(), "native": native.NATIVE,
+            "cpu_seconds": cpu_seconds() - cpu_before, "distinct": result.referenced_count,
             "rows": result.reference_rows, "unparseable": result.unparseable_reference_count,
             "other_bucket": result.other_bucket_reference_count}
 
@@ -143,6 +158,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", default="uri,json")
     parser.add_argument("--cursor", action="store_true", help="also time the general (cursor) path once")
+    parser.add_argument("--numpy", action="store_true", help="also time ours without the compiled loops")
     parser.add_argument("--admin-url", default=LOCAL_SERVER_URL)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -160,13 +176,13 @@ def main() -> int:
         print(f"filled {args.rows:,} references per case in {time.perf_counter() - began:.1f} s")
         for case in args.cases.split(","):
             expected = args.rows if case == "uri" else args.rows // RECEIVERS * RECEIVERS
-            kinds = ["raw", "ours"]
+            kinds = ["raw", "ours", *(["numpy"] if args.numpy else [])]
             best: dict[str, dict[str, float | int | str]] = {}
             for repeat in range(args.repeats):
                 for kind in kinds + (["cursor"] if args.cursor and repeat == 0 else []):
                     figures = run_measurement(kind, case, url)
                     print(f"  {case} {kind:6} run {repeat + 1}: {figures['seconds']:.3f} s, "
-                          f"RSS {figures['rss_mb']:.1f} MB")
+                          f"CPU {figures['cpu_seconds']:.3f} s, RSS {figures['rss_mb']:.1f} MB", flush=True)
                     if kind != "raw" and (figures["distinct"], figures["rows"], figures["unparseable"]) != (
                         expected, expected, 0
                     ):
@@ -176,11 +192,12 @@ def main() -> int:
                         best[kind] = figures
             raw_seconds = float(best["raw"]["seconds"])
             print(f"\n{case}: {expected:,} references, best of {args.repeats}")
-            print(f"  {'measurement':12} {'seconds':>8} {'keys/s':>11} {'vs raw':>7} {'RSS peak MB':>12}")
+            print(f"  {'measurement':12} {'seconds':>8} {'keys/s':>11} {'vs raw':>7} {'client CPU s':>12} "
+                  f"{'RSS peak MB':>12}")
             for kind, figures in best.items():
                 seconds = float(figures["seconds"])
                 print(f"  {kind:12} {seconds:8.3f} {expected / seconds:11,.0f} {seconds / raw_seconds:6.2f}x "
-                      f"{float(figures['rss_mb']):12.1f}")
+                      f"{float(figures['cpu_seconds']):12.3f} {float(figures['rss_mb']):12.1f}")
             print()
     finally:
         drop_database(args.admin_url, url)

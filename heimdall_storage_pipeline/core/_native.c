@@ -12,6 +12,9 @@
 #define PRIME 0x100000001B3ULL
 #define GOLDEN 0x9E3779B97F4A7C15ULL
 
+#define POWERS 1024 /* S3 keys are at most 1024 bytes: longer ones continue the powers in the loop */
+static uint64_t powers[POWERS]; /* PRIME**i mod 2**64, filled when the module loads */
+
 static uint64_t fmix64(uint64_t k) {
     k ^= k >> 33;
     k *= 0xFF51AFD7ED558CCDULL;
@@ -109,12 +112,13 @@ static PyObject *hash64(PyObject *self, PyObject *args) {
         uint64_t *hashes = out.buf;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t row = 0; row < rows; row++) {
-            uint64_t h = 0, power = 1;
-            for (int32_t i = off[row]; i < off[row + 1]; i++) {
-                h += (uint64_t)bytes[i] * power;
-                power *= PRIME;
-            }
-            h += (uint64_t)(off[row + 1] - off[row]) * GOLDEN;
+            const unsigned char *key = bytes + off[row];
+            int32_t length = off[row + 1] - off[row], head = length < POWERS ? length : POWERS;
+            uint64_t h = 0, power = powers[POWERS - 1] * PRIME;
+            /* Independent multiply-adds from the table (no chain of multiplies through the key). */
+            for (int32_t i = 0; i < head; i++) h += (uint64_t)key[i] * powers[i];
+            for (int32_t i = head; i < length; i++, power *= PRIME) h += (uint64_t)key[i] * power;
+            h += (uint64_t)length * GOLDEN;
             hashes[row] = fmix64(h);
         }
         Py_END_ALLOW_THREADS
@@ -129,13 +133,91 @@ static PyObject *hash64(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Scans one JSON string body from text[i] (just after its opening quote); returns the index of
+ * the closing quote, or -1 if the string holds a backslash or does not end before `end`. */
+static Py_ssize_t plain_string_end(const unsigned char *text, Py_ssize_t i, Py_ssize_t end) {
+    for (; i < end; i++) {
+        if (text[i] == '"') return i;
+        if (text[i] == '\\') return -1;
+    }
+    return -1;
+}
+
+/* object_values(offsets, data, rows, values_offsets_out, values_data_out, members_out)
+ *     -> (values, values_length)
+ * For each row in jsonb's canonical form {"k": "v", "k2": "v2"} whose keys and values hold no
+ * backslash: its member values, in order, appended to the outputs, and members_out[row] = their
+ * number. Any other row: members_out[row] = -1 and nothing appended. */
+static PyObject *object_values(PyObject *self, PyObject *args) {
+    Py_buffer offsets, data, value_offsets, value_data, members;
+    Py_ssize_t rows;
+    if (!PyArg_ParseTuple(args, "y*y*nw*w*w*", &offsets, &data, &rows, &value_offsets, &value_data, &members))
+        return NULL;
+    int ok = offsets.len >= (rows + 1) * (Py_ssize_t)sizeof(int32_t) && members.len >= rows * (Py_ssize_t)sizeof(int32_t)
+             && value_data.len >= data.len && value_offsets.len >= (Py_ssize_t)sizeof(int32_t);
+    Py_ssize_t values = 0, length = 0;
+    if (ok) {
+        const int32_t *off = offsets.buf;
+        const unsigned char *text = data.buf;
+        unsigned char *dst = value_data.buf;
+        int32_t *out = value_offsets.buf, *count = members.buf;
+        Py_ssize_t capacity = value_offsets.len / (Py_ssize_t)sizeof(int32_t);
+        Py_BEGIN_ALLOW_THREADS
+        out[0] = 0;
+        for (Py_ssize_t row = 0; row < rows && ok; row++) {
+            Py_ssize_t i = off[row], end = off[row + 1], first_value = values, first_length = length;
+            int32_t found = -1;
+            if (end - i >= 2 && text[i] == '{' && text[end - 1] == '}') {
+                i++;
+                found = 0;
+                if (i == end - 1) i = end; /* {} */
+                while (i < end) {
+                    Py_ssize_t key_end, value_start, value_end;
+                    if (text[i] != '"' || (key_end = plain_string_end(text, i + 1, end)) < 0
+                        || key_end + 4 >= end || memcmp(text + key_end + 1, ": \"", 3) != 0
+                        || (value_end = plain_string_end(text, value_start = key_end + 4, end)) < 0) {
+                        found = -1;
+                        break;
+                    }
+                    if (values + 2 > capacity) { ok = 0; break; }
+                    memcpy(dst + length, text + value_start, (size_t)(value_end - value_start));
+                    length += value_end - value_start;
+                    out[++values] = (int32_t)length;
+                    found++;
+                    if (value_end + 1 == end - 1) { i = end; break; } /* the closing brace */
+                    if (value_end + 3 >= end || memcmp(text + value_end + 1, ", ", 2) != 0) { found = -1; break; }
+                    i = value_end + 3;
+                }
+            }
+            if (found < 0) { values = first_value; length = first_length; } /* drop a partial row */
+            count[row] = found;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&value_offsets);
+    PyBuffer_Release(&value_data);
+    PyBuffer_Release(&members);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "object_values: buffers too small");
+        return NULL;
+    }
+    return Py_BuildValue("nn", values, length);
+}
+
 static PyMethodDef methods[] = {
     {"split_rows", split_rows, METH_VARARGS, "Split newline-ended rows into Arrow offsets and data."},
     {"needs_work", needs_work, METH_VARARGS, "Index of the first value that may need normalisation, or -1."},
     {"hash64", hash64, METH_VARARGS, "64-bit hashes of Arrow string values."},
+    {"object_values", object_values, METH_VARARGS, "Member values of plain jsonb objects, row by row."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    powers[0] = 1;
+    for (int i = 1; i < POWERS; i++) powers[i] = powers[i - 1] * PRIME;
+    return PyModule_Create(&module);
+}

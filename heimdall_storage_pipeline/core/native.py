@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 try:
     from heimdall_storage_pipeline.core import _native  # type: ignore[attr-defined]
@@ -48,6 +49,37 @@ def all_plain(values: pa.Array, skip: int = 0, extra: str = "") -> bool:
         return False  # the caller's per-value path decides
     offsets, data = _offsets_and_data(values)
     return _native.needs_work(offsets, data, len(values), skip, extra.encode()) < 0
+
+
+# jsonb's canonical output of an object whose members are all plain strings (no escapes):
+# {"k": "v", "k2": "v2"}. Such values expand without JSON decoding.
+_SIMPLE_JSONB_OBJECT = r'^\{"[^"\\]*": "[^"\\]*"(, "[^"\\]*": "[^"\\]*")*\}$'
+
+
+def object_values(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """The member values of the simple jsonb objects among ``texts`` (no nulls), in order, and
+    per text their number, or -1 for a text that is not such an object (``{"k": "v", ...}``
+    with no backslash in any key or value) and must be decoded as JSON instead."""
+    if _native is None or texts.type != pa.string():
+        return _object_values_arrow(texts)
+    offsets, data = _offsets_and_data(texts)
+    value_offsets = np.empty(data.size // 4 + 2, dtype=np.int32)  # a value takes 4+ bytes: "k": ""
+    value_data = np.empty(data.size, dtype=np.uint8)
+    members = np.empty(len(texts), dtype=np.int32)
+    count, length = _native.object_values(offsets, data, len(texts), value_offsets, value_data, members)
+    values = pa.StringArray.from_buffers(count, pa.py_buffer(value_offsets[: count + 1]),
+                                         pa.py_buffer(value_data[:length]))
+    return values, members
+
+
+def _object_values_arrow(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    simple = pc.match_substring_regex(texts, _SIMPLE_JSONB_OBJECT)
+    inner = pc.binary_slice(texts.filter(simple).view(pa.binary()), 2, -2).view(pa.string())  # a": "x", "b": "y
+    split = pc.split_pattern(inner, '", "')  # keys and values hold no '"'
+    values = pc.list_element(pc.split_pattern(pc.list_flatten(split), '": "', max_splits=1), 1)
+    members = np.full(len(texts), -1, dtype=np.int32)
+    members[np.flatnonzero(simple.to_numpy(zero_copy_only=False))] = pc.list_value_length(split).to_numpy()
+    return values.cast(pa.string()), members
 
 
 def hash_strings64(keys: pa.Array) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -81,3 +82,26 @@ def test_hash64_separates_near_misses() -> None:
     keys = ["a", "a\x00", "\x00a", "", "ab", "ba", *(f"sessions/{i}/websdr_1.npy" for i in range(100_000))]
     hashes = native.hash_strings64(pa.array(keys))
     assert len(np.unique(hashes)) == len(keys)
+
+
+_member_text = st.text(alphabet=list('ab/ ,:{}"\\\u00fc'), max_size=6)
+_jsonb_text = st.one_of(
+    st.dictionaries(_member_text, _member_text, max_size=4).map(lambda d: json.dumps(d, ensure_ascii=False)),
+    st.sampled_from(['{"a": 1}', '{"a": {"b": "c"}}', '["x"]', '"x"', "{}", '{"a": "b"}}', '{"a": "b", }', "{",
+                     '{"a" : "b"}', '{"a": "b","c": "d"}', "", '{"a": "b\\"c"}']),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(_jsonb_text, max_size=20))
+def test_object_values_compiled_equals_the_arrow_version(texts: list[str]) -> None:
+    array = pa.array(texts, pa.string())
+    values, members = native.object_values(array)
+    fallback_values, fallback_members = native._object_values_arrow(array)
+    # '{}' is simple for the compiled loop (no values) and decoded by the fallback: the same keys.
+    agree = [(m, f) for m, f, text in zip(members, fallback_members, texts, strict=True) if text != "{}"]
+    assert all(m == f for m, f in agree)
+    assert values.to_pylist() == fallback_values.to_pylist()
+    for text, count in zip(texts, members, strict=True):
+        if count >= 0:
+            assert count == len(json.loads(text))
