@@ -27,9 +27,12 @@ class DistinctCounter:
             self._compact()
 
     def _compact(self) -> None:
-        # Sort and drop repeats: numpy 2's hash-based np.unique is ~40x slower on 1M uint64.
-        hashes = np.sort(np.concatenate([self._unique, *self._pending]))
-        self._unique = hashes[np.concatenate(([True], hashes[1:] != hashes[:-1]))] if len(hashes) else hashes
+        # Sort in place and drop repeats: numpy 2's hash-based np.unique is ~40x slower on 1M uint64.
+        hashes = np.concatenate([self._unique, *self._pending])
+        hashes.sort()
+        first = np.ones(len(hashes), dtype=bool)
+        np.not_equal(hashes[1:], hashes[:-1], out=first[1:])
+        self._unique = hashes[first]
         self._pending, self._pending_count = [], 0
 
     @property
