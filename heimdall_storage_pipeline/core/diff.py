@@ -4,7 +4,9 @@ Memory does not grow with the bucket: the normalised listed keys and the protect
 (references and companions) are hash-partitioned into K partitions, spilled to local temporary
 disk, and anti-joined one partition at a time. What survives between passes is two bitmaps of
 one bit per listed object, so the orphan manifest is written in inventory order by re-reading
-the inventory. A bucket small enough for one partition never touches the disk.
+the inventory. A bucket small enough for one partition never touches the disk. While it runs,
+pyarrow allocates from jemalloc (see ``_diff_memory_pool``): with the default pool, memory freed
+but not yet returned was most of the peak.
 
 Passes: (1) inventory keys -> partitions, (2) reference and companion keys -> partitions,
 (3) per partition: unique references, protected listed rows, dangling references,
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -43,14 +47,17 @@ SAMPLE_SIZE = 10
 LARGEST_SHOWN = 10
 # Orphan age histogram edges, in days; the last bin is open-ended.
 AGE_BINS_DAYS = (1, 7, 30, 60, 90)
-# Keys (listed + referenced + companion) per partition: sets the per-partition working set,
-# which is what bounds peak memory (~100 bytes per key while a partition is joined).
-PARTITION_ROWS = 400_000
-# Partitioned rows buffered in memory before they are appended to the partition files.
-SPILL_BUFFER_BYTES = 32 * 1024**2
-READ_BATCH_ROWS = 65_536
+# Keys (listed + referenced + companion) per partition: sets the per-partition working set
+# (~100 bytes per key while a partition is joined). Smaller partitions were also faster: their
+# hash tables stay in cache.
+PARTITION_ROWS = 100_000
+# Partitioned rows buffered in memory before they are appended to the spill files.
+SPILL_BUFFER_BYTES = 8 * 1024**2
+# Rows per batch read from a manifest. With WRITE_GROUP_ROWS, sets pass 4's peak: the batch
+# being filtered and the orphans the Parquet writer is encoding are in memory together.
+READ_BATCH_ROWS = 32_768
 # Orphans are written in row groups of at least this many rows (not one per input batch).
-WRITE_GROUP_ROWS = 131_072
+WRITE_GROUP_ROWS = 65_536
 _INVENTORY_COLUMNS = ["key", "size", "last_modified", "etag"]
 
 
@@ -184,15 +191,22 @@ def _hash_strings(keys: pa.Array) -> np.ndarray:
 
 
 class _Partitions:
-    """K partitions of record batches: buffered in memory, appended to local Arrow IPC files when the
-    buffer grows past ``SPILL_BUFFER_BYTES``. With one partition nothing is spilled, since that
+    """K partitions of record batches: buffered in memory and, once the buffer grows past
+    ``SPILL_BUFFER_BYTES``, appended to one local spill file per set (listed, referenced,
+    companions), each partition's rows of that flush as one Arrow IPC message whose (offset,
+    length) an in-memory index keeps. A flush is K appends to one open file, and a partition is
+    read back with one positioned read per flush. With one partition nothing is spilled, since that
     partition is loaded whole for its join anyway."""
 
     def __init__(self, name: str, schema: pa.Schema, count: int, work_dir: _WorkDir) -> None:
         self.name, self.schema, self.count, self.work_dir = name, schema, count, work_dir
         self.pending: list[list[pa.RecordBatch]] = [[] for _ in range(count)]
         self.pending_bytes = 0
-        self.files: list[Path | None] = [None] * count
+        self.spilled: list[list[tuple[int, int]]] = [[] for _ in range(count)]
+        self.path: Path | None = None
+        self.file: pa.NativeFile | None = None
+        self.size = 0
+        self.unread = count
 
     def add(self, batch: pa.RecordBatch, hash_column: str) -> None:
         if batch.num_rows == 0:
@@ -215,12 +229,15 @@ class _Partitions:
         for index, batches in enumerate(self.pending):
             if not batches:
                 continue
-            path = self.files[index] or self.work_dir.path(f"{self.name}-{index:05d}.arrows")
-            self.files[index] = path
-            # Appending a new IPC stream each flush; read() reads the concatenated streams back.
-            table = pa.Table.from_batches(batches, self.schema).combine_chunks()
-            with pa.OSFile(str(path), "ab") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
-                writer.write_table(table)
+            if self.file is None:
+                self.path = self.work_dir.path(f"{self.name}.arrows")
+                self.file = pa.OSFile(str(self.path), "wb")
+                self.work_dir.stack.callback(self.close)  # runs before the directory is removed
+            # One message per partition and flush (a lone slice is serialised truncated to its rows).
+            message = (batches[0] if len(batches) == 1 else pa.concat_batches(batches)).serialize()
+            self.file.write(message)
+            self.spilled[index].append((self.size, message.size))
+            self.size += message.size
             batches.clear()
         self.pending_bytes = 0
 
@@ -228,20 +245,34 @@ class _Partitions:
         """Done adding: spill what is buffered, so that only one partition is in memory at a time."""
         if self.count > 1:
             self.flush()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def read(self, index: int) -> pa.Table:
-        """The whole partition ``index``; its file is removed once read."""
-        tables: list[pa.Table] = []
-        path = self.files[index]
-        if path is not None:
-            with pa.OSFile(str(path), "rb") as source:
-                while source.tell() < source.size():
-                    tables.append(pa.ipc.open_stream(source).read_all())
-            path.unlink()
-            self.files[index] = None
-        tables.append(pa.Table.from_batches(self.pending[index], self.schema))
-        self.pending[index] = []
-        return pa.concat_tables(tables).combine_chunks()
+        """The whole partition ``index``, in the order its rows were added, in one or more chunks.
+
+        The spill file is removed once every partition has been read."""
+        batches: list[pa.RecordBatch] = []
+        if self.spilled[index]:
+            assert self.path is not None
+            with pa.OSFile(str(self.path), "rb") as source:
+                for offset, length in self.spilled[index]:
+                    batches.append(pa.ipc.read_record_batch(source.read_at(length, offset), self.schema))
+        batches += self.pending[index]
+        self.spilled[index], self.pending[index] = [], []
+        self.unread -= 1
+        if self.unread == 0:
+            self.close()
+        return pa.Table.from_batches(batches, self.schema)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
 
 
 class _WorkDir:
@@ -258,13 +289,63 @@ class _WorkDir:
 
 
 def _batches(parquet: pq.ParquetFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """The file's rows in order, one row group at a time.
+    """The file's rows in order, one row group at a time, decoded on the calling thread.
 
     A reader over the whole file holds on to a few bytes per row already read (~65 MB over
-    10M rows with pyarrow 26); a reader per row group does not.
+    10M rows with pyarrow 26); a reader per row group does not. Decoding on Arrow's thread pool
+    was no faster for these few columns, and each pool thread kept freed memory of its own
+    (~45 MB more peak RSS at 1M keys).
     """
     for group in range(parquet.metadata.num_row_groups):
-        yield from parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns, row_groups=[group])
+        yield from parquet.iter_batches(
+            batch_size=READ_BATCH_ROWS, columns=columns, row_groups=[group], use_threads=False
+        )
+
+
+# --- the Arrow memory pool the diff allocates from -----------------------------------------
+
+_pool_lock = threading.Lock()
+_pool_users = 0
+_pool_outside: pa.MemoryPool | None = None
+
+
+@contextmanager
+def _diff_memory_pool() -> Iterator[None]:
+    """Make pyarrow's default pool jemalloc while a diff runs, unless ``ARROW_DEFAULT_MEMORY_POOL`` chose one.
+
+    The diff allocates and frees a few MB per batch, many batches a second. pyarrow's default,
+    mimalloc (3.4 in pyarrow 26), keeps freed pages for a second before it returns them
+    (``purge_delay``), and that retention, not live data, was most of the diff's peak RSS;
+    jemalloc returned them sooner. The pool outside is
+    told to return what it no longer uses before the switch (the earlier scan stages' leftovers)
+    and after it (what Arrow's own C++ code, e.g. the Parquet writer, took from it meanwhile), and
+    jemalloc afterwards. Process-wide state, hence the count of diffs running at once: the first
+    switches, the last restores. Buffers remember their pool, so switching is safe at any time.
+    """
+    global _pool_users, _pool_outside
+    try:
+        pool = None if os.environ.get("ARROW_DEFAULT_MEMORY_POOL") else pa.jemalloc_memory_pool()
+    except NotImplementedError:  # a pyarrow built without jemalloc
+        pool = None
+    if pool is None:
+        yield
+        return
+    with _pool_lock:
+        if _pool_users == 0:
+            _pool_outside = pa.default_memory_pool()
+            _pool_outside.release_unused()
+            pa.set_memory_pool(pool)
+        _pool_users += 1
+    try:
+        yield
+    finally:
+        with _pool_lock:
+            _pool_users -= 1
+            if _pool_users == 0 and _pool_outside is not None:
+                pa.set_memory_pool(_pool_outside)
+                _pool_outside.release_unused()
+                _pool_outside = None
+                pool.release_unused()
 
 
 # --- bitmaps over inventory rows ------------------------------------------------------------
@@ -330,6 +411,23 @@ def compute_orphan_diff(
     ``work_dir`` is where partitions spill (default: the system temporary directory);
     ``partition_rows`` sizes the partitions (tests lower it to force many).
     """
+    with _diff_memory_pool():
+        return _compute_orphan_diff(bucket=bucket, store=store, inventory_uri=inventory_uri,
+                                    references_uri=references_uri, as_of=as_of, run_id=run_id,
+                                    work_dir=work_dir, partition_rows=partition_rows)
+
+
+def _compute_orphan_diff(
+    *,
+    bucket: BucketPolicy,
+    store: ManifestStore,
+    inventory_uri: str,
+    references_uri: str,
+    as_of: datetime,
+    run_id: str,
+    work_dir: str | None,
+    partition_rows: int,
+) -> OrphanDiffResult:
     as_of = ensure_utc(as_of, "as_of")
     inventory_file = store.open(inventory_uri)
     references_file = store.open(references_uri)
@@ -386,18 +484,17 @@ def compute_orphan_diff(
         referenced.finish()
         companions.finish()
 
-        # Pass 3: join partition by partition.
+        # Pass 3: join partition by partition. Partitions stay in the chunks they were spilled in
+        # (the kernels take chunked arrays) instead of being copied into one piece first.
         referenced_count = dangling_count = 0
         dangling_candidates: list[tuple[int, str]] = []
         for index in range(partition_count):
             listed_keys = listed.read(index)
             references = referenced.read(index)
             # Rows of a partition keep manifest order, so unique() lists keys by first occurrence.
-            unique_references = pc.unique(references.column("key").combine_chunks())
+            unique_references = pc.unique(references.column("key"))
             referenced_count += len(unique_references)
-            protected = pa.concat_arrays(
-                [unique_references, companions.read(index).column("key").combine_chunks()]
-            )
+            protected = pa.concat_arrays([unique_references, *companions.read(index).column("key").chunks])
             is_protected = pc.is_in(listed_keys.column("key"), value_set=protected)
             _set_bits(protected_bits, listed_keys.column("row").filter(is_protected).to_numpy())
             del protected, is_protected

@@ -258,11 +258,68 @@ def test_spilled_partitions_leave_nothing_behind(store: ManifestStore, tmp_path:
     assert list(work.iterdir()) == []
 
 
+def test_a_failing_diff_leaves_no_spill_files(store: ManifestStore, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    objects = [Obj(f"k/{i}") for i in range(50)]
+    with mock.patch.object(diff, "_set_bits", side_effect=RuntimeError("boom")), pytest.raises(RuntimeError):
+        run(store, objects, [f"k/{i}" for i in range(25)], partition_rows=4, spill_bytes=0, work_dir=str(work))
+    assert list(work.iterdir()) == []
+
+
 def test_small_bucket_does_not_touch_the_disk(store: ManifestStore) -> None:
     with mock.patch.object(diff, "TemporaryDirectory", wraps=tempfile.TemporaryDirectory) as temporary:
         result, _ = run(store, [Obj("a"), Obj("b")], ["a"])
     assert not temporary.called
     assert result.orphan_count == 1
+
+
+def _jemalloc_or_skip() -> None:
+    try:
+        pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        pytest.skip("this pyarrow is built without jemalloc")
+
+
+def test_the_diff_allocates_from_jemalloc_and_restores_the_default_pool(
+    store: ManifestStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _jemalloc_or_skip()
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    before = pa.default_memory_pool().backend_name
+    seen: list[str] = []
+    read = diff._batches
+
+    def spy(*args: object) -> Iterator[pa.RecordBatch]:
+        seen.append(pa.default_memory_pool().backend_name)
+        return read(*args)  # type: ignore[arg-type]
+
+    with mock.patch.object(diff, "_batches", spy):
+        result, _ = run(store, [Obj("a"), Obj("b")], ["a"], partition_rows=1, spill_bytes=0)
+    assert result.orphan_count == 1
+    assert seen and set(seen) == {"jemalloc"}
+    assert pa.default_memory_pool().backend_name == before
+
+
+def test_an_explicitly_chosen_arrow_pool_is_left_alone(store: ManifestStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "system")
+    with mock.patch.object(pa, "set_memory_pool") as set_pool:
+        run(store, [Obj("a"), Obj("b")], ["a"])
+    assert not set_pool.called
+
+
+def test_overlapping_diffs_restore_the_pool_when_the_last_one_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    _jemalloc_or_skip()
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    before = pa.default_memory_pool().backend_name
+    with diff._diff_memory_pool():
+        with diff._diff_memory_pool():
+            assert pa.default_memory_pool().backend_name == "jemalloc"
+        assert pa.default_memory_pool().backend_name == "jemalloc"
+    assert pa.default_memory_pool().backend_name == before
+    with pytest.raises(RuntimeError), diff._diff_memory_pool():
+        raise RuntimeError("a failing diff restores the pool too")
+    assert pa.default_memory_pool().backend_name == before
 
 
 def test_hash_ignores_where_a_string_sits() -> None:
