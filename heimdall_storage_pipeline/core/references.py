@@ -4,8 +4,8 @@ Two ways to read a source, with the same result (pinned by ``tests/core/test_ref
 
 - the general path: a server-side cursor, each value normalised by ``normalise_source_values``;
 - the fast path, for a psycopg2 connection and a first column of a string type (or ``jsonb``
-  for ``container: json``): ``COPY (...) TO STDOUT (FORMAT csv)`` inside the same snapshot,
-  streamed through a pipe into Arrow's CSV reader, and normalised with Arrow kernels. Only
+  for ``container: json``): ``COPY (...) TO STDOUT`` inside the same snapshot, cut into Arrow
+  arrays as it streams in, and normalised a block at a time (``core/native.py``). Only
   the rare values that need work (``//``, a leading ``/``, ``.`` segments, control characters,
   ``%`` when decoding, a foreign prefix, ...) go through the per-value Python path, in order, so
   counts, keys and the unparseable sample are exactly those of the general path.
