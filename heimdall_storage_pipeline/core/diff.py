@@ -40,6 +40,7 @@ from heimdall_storage_pipeline.core.keys import (
     normalize_key,
 )
 from heimdall_storage_pipeline.core.manifests import ORPHANS_SCHEMA, ManifestStore
+from heimdall_storage_pipeline.core.native import hash_strings64
 from heimdall_storage_pipeline.core.policy import BucketPolicy, CompanionRule
 from heimdall_storage_pipeline.core.safety import age_cutoff
 
@@ -135,59 +136,10 @@ def companion_keys(referenced: pa.Array, rules: tuple[CompanionRule, ...]) -> pa
 
 # --- partitioning -------------------------------------------------------------------------
 
-_HASH_PRIME = 0x01000193  # FNV-1a's 32-bit prime; odd, so it has an inverse mod 2**32
-_HASH_CHUNK_KEYS = 8192
-_powers_cache: dict[str, np.ndarray] = {}
-
-
-def _powers(length: int) -> tuple[np.ndarray, np.ndarray]:
-    """P**i and P**-i mod 2**32 for i < length (grown on demand, kept for the process)."""
-    if len(_powers_cache.get("forward", ())) < length:
-        size = max(length, 1 << 20)
-        inverse = pow(_HASH_PRIME, -1, 1 << 32)
-        for name, base in (("forward", _HASH_PRIME), ("inverse", inverse)):
-            table = np.full(size, base, dtype=np.uint32)
-            table[0] = 1
-            _powers_cache[name] = np.cumprod(table, dtype=np.uint32)  # wraps mod 2**32, as intended
-    return _powers_cache["forward"], _powers_cache["inverse"]
-
-
 def _hash_strings(keys: pa.Array) -> np.ndarray:
-    """A 32-bit hash of each (non-null) string, computed over Arrow's buffers without Python objects.
-
-    Polynomial hash sum(b_i * P**i) via prefix sums over the whole data buffer (one pass per chunk,
-    then a per-key shift by P**-start), finished with murmur3's avalanche so every bit mixes.
-    Equal strings hash equally whatever array or offset they sit at; that is all partitioning needs.
-    """
-    if keys.type == pa.large_string():
-        offset_type = np.int64
-    else:
-        keys = keys.cast(pa.string())
-        offset_type = np.int32
-    count = len(keys)
-    out = np.zeros(count, dtype=np.uint32)
-    if count == 0:
-        return out
-    buffers = keys.buffers()
-    itemsize = np.dtype(offset_type).itemsize
-    offsets = np.frombuffer(buffers[1], dtype=offset_type, count=count + 1, offset=keys.offset * itemsize)
-    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
-    for start in range(0, count, _HASH_CHUNK_KEYS):
-        stop = min(count, start + _HASH_CHUNK_KEYS)
-        bounds = offsets[start : stop + 1].astype(np.int64)
-        first, last = int(bounds[0]), int(bounds[-1])
-        forward, inverse = _powers(last - first + 1)
-        weighted = np.multiply(data[first:last], forward[: last - first], dtype=np.uint32)
-        prefix = np.zeros(last - first + 1, dtype=np.uint32)
-        np.cumsum(weighted, dtype=np.uint32, out=prefix[1:])
-        relative = bounds - first
-        out[start:stop] = (prefix[relative[1:]] - prefix[relative[:-1]]) * inverse[relative[:-1]]
-    out ^= out >> np.uint32(16)
-    out *= np.uint32(0x85EBCA6B)
-    out ^= out >> np.uint32(13)
-    out *= np.uint32(0xC2B2AE35)
-    out ^= out >> np.uint32(16)
-    return out
+    """A 32-bit hash of each string, for partitioning: the low half of ``native.hash_strings64``
+    (compiled, or numpy). Equal strings hash equally whatever array or offset they sit at."""
+    return hash_strings64(keys).astype(np.uint32)
 
 
 class _Partitions:
