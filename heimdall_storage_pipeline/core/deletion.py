@@ -1,18 +1,24 @@
 """Batched deletion: re-validate every batch, delete, record; or, in a dry run, only record.
 
 For each batch of at most ``batch_size`` keys, in this order: the reference sources are
-queried again for exactly these keys, each object is stat'ed, and ``deletion_verdict``
+queried again for exactly these keys while each object is stat'ed, and ``deletion_verdict``
 decides. Survivors are written to the audit log as pending, deleted with one
 DeleteObjects request (retried on transient failures), then marked deleted or failed.
+
+Deletion is bound by request latency, not by the client: the job keeps ``workers``
+DeleteObjects requests in flight and re-validates the next batches meanwhile, so a request
+slot never waits for a check; a batch whose check is older than ``REVALIDATION_MAX_AGE``
+when its slot comes is checked again.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import islice
@@ -36,7 +42,11 @@ from heimdall_storage_pipeline.core.revalidation import referenced_among, stat_o
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client, s3_errors
 from heimdall_storage_pipeline.core.safety import Candidate, Outcome, deletion_verdict
 
-DELETE_WORKERS = 4  # batches in flight at once; S3 servers take parallel DeleteObjects well
+DELETE_WORKERS = 4  # DeleteObjects requests in flight at once; S3 servers take parallel requests well
+# A batch's DeleteObjects starts at most this long after its re-validation, or it is re-validated
+# again. Batches re-validate while earlier ones delete, so they usually wait for a request slot.
+REVALIDATION_MAX_AGE = 2.0
+SETTLE_BACKLOG = 4  # finished batches waiting for an older one, per worker
 MAX_FAILED_SHARE = 0.10  # more failed keys than this in one batch stops the bucket
 DELETE_ATTEMPTS = 5
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
@@ -58,6 +68,7 @@ class DeletionReport:
     would_delete_bytes: int = 0
     batches: int = 0
     revalidation_seconds: float = 0.0
+    revalidated_again: int = 0
     delete_seconds: float = 0.0
     seconds: float = 0.0
     manifest_uri: str = ""
@@ -141,7 +152,14 @@ class DeletionContext:
     # Opens the connection references are re-checked through (the purge's dry run passes
     # its uncommitted transaction).
     references: Callable[[Engine], AbstractContextManager[Connection]] = read_only_snapshot
-    workers: int = DELETE_WORKERS
+    workers: int = DELETE_WORKERS  # DeleteObjects requests in flight
+    # Batches re-validated while ``workers`` others delete, so that a request slot never waits
+    # for a re-validation (at most REVALIDATION_MAX_AGE old when used). None: as many as workers.
+    revalidate_ahead: int | None = None
+
+    @property
+    def threads(self) -> int:
+        return self.workers + (self.workers if self.revalidate_ahead is None else self.revalidate_ahead)
 
 
 @dataclass
@@ -152,6 +170,7 @@ class BatchResult:
     seconds: float
     revalidation_seconds: float = 0.0
     delete_seconds: float = 0.0
+    revalidated_again: int = 0  # keys checked a second time after waiting for a request slot
     failures: dict[str, str] = field(default_factory=dict)
 
     def count(self, *outcomes: Outcome) -> int:
@@ -173,9 +192,10 @@ def delete_candidates(
 ) -> DeletionReport:
     """Re-validate and delete ``candidates`` of ``bucket`` in batches; see the module doc.
 
-    Batches are disjoint, so up to ``ctx.workers`` run at once (each re-validates right
-    before its own DeleteObjects request); results are merged here, in batch order, and at
-    most a few batches are in flight, so memory does not grow with the bucket.
+    Batches are disjoint: ``ctx.workers`` of them delete at once while up to
+    ``ctx.revalidate_ahead`` more re-validate, each taking the next free DeleteObjects slot
+    within REVALIDATION_MAX_AGE of its check (or checking again). Results are merged here, in
+    batch order, and at most a few batches are in flight, so memory does not grow with the bucket.
     """
     if not dry_run and ctx.audit is None:
         raise ValueError("a live deletion needs an audit log")
@@ -192,8 +212,9 @@ def delete_candidates(
             ctx.log(f"{bucket.name}: settled pending audit rows of an earlier run: {report.reconciled}")
     batches_total = -(-total // batch_size) if total else None
     uri = ctx.store.new_uri("deletions", bucket.name, ctx.clock(), ctx.run_id)
-    with ctx.store.writer(uri, DELETIONS_SCHEMA) as writer, ThreadPoolExecutor(ctx.workers) as pool:
-        in_flight: deque[Future[BatchResult]] = deque()
+    with ctx.store.writer(uri, DELETIONS_SCHEMA) as writer, ThreadPoolExecutor(ctx.threads) as pool:
+        slots = threading.BoundedSemaphore(ctx.workers)
+        in_flight: deque[Future[BatchResult]] = deque()  # in batch order, running or finished
 
         def settle_oldest() -> None:
             result = in_flight.popleft().result()  # re-raises a worker's failure
@@ -215,19 +236,38 @@ def delete_candidates(
                     f"server's health and permissions, then launch the job again: it resumes safely"
                 )
 
+        def settle_finished() -> None:
+            while in_flight and in_flight[0].done():
+                settle_oldest()
+            # A failing batch stops the bucket as soon as it finishes, not when its turn comes.
+            for future in in_flight:
+                if future.done() and (future.exception() or too_many_failures(
+                        future.result().count(Outcome.FAILED), len(future.result().rows))):
+                    while in_flight:
+                        settle_oldest()
+
         try:
             for batch in batched(candidates, batch_size):
-                in_flight.append(pool.submit(_process_batch, ctx, bucket, batch, client, lister,
+                # A free worker takes the next batch even while an older one still runs (no
+                # head-of-line wait); finished batches queue for the manifest, bounded by the cap.
+                while (sum(not f.done() for f in in_flight) >= ctx.threads
+                       or len(in_flight) >= ctx.threads * SETTLE_BACKLOG):
+                    wait([f for f in in_flight if not f.done()] or in_flight, return_when=FIRST_COMPLETED)
+                    settle_finished()
+                in_flight.append(pool.submit(_process_batch, ctx, bucket, batch, client, lister, slots,
                                              dry_run=dry_run, age_exempt=age_exempt))
-                if len(in_flight) >= ctx.workers:
-                    settle_oldest()
             while in_flight:
                 settle_oldest()
         except BaseException:
-            # Let the batches already running finish and record themselves; start no more.
+            # Start no more batches; those already running finish and record themselves in the
+            # audit log, and those that finished cleanly also go into the manifest.
             for future in in_flight:
                 future.cancel()
             wait(in_flight)
+            for future in in_flight:
+                if not future.cancelled() and future.exception() is None:
+                    _merge(report, future.result())
+                    writer.write_batch(_deletions_batch(future.result().rows))
             raise
     report.manifest_uri = uri
     report.seconds = time.perf_counter() - began
@@ -241,6 +281,7 @@ def _merge(report: DeletionReport, result: BatchResult) -> None:
     report.would_delete_bytes += result.bytes(Outcome.WOULD_DELETE)
     report.revalidation_seconds += result.revalidation_seconds
     report.delete_seconds += result.delete_seconds
+    report.revalidated_again += result.revalidated_again
     report.failures += [f"{k}: {e}" for k, e in result.failures.items()][: max(0, 10 - len(report.failures))]
 
 
@@ -250,20 +291,62 @@ def _process_batch(
     batch: list[Candidate],
     client: Minio,
     lister: ListObjectsV2,
+    slots: threading.Semaphore,
     *,
     dry_run: bool,
     age_exempt: bool,
 ) -> BatchResult:
     began = time.perf_counter()
-    # 1. references, fresh, for exactly these keys (a key we cannot normalise is never deleted).
+    rows, deletable = _revalidate(ctx, bucket, batch, client, lister, age_exempt)
+    checked = time.perf_counter()
+    result = BatchResult(rows=rows, seconds=0.0, revalidation_seconds=checked - began)
+    if dry_run:
+        rows += [(c, Outcome.WOULD_DELETE.value) for c in deletable]
+    elif deletable:
+        assert ctx.audit is not None
+        # The intent is written before the wait for a slot, so that the slot holds only the request.
+        ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket.name, candidates=deletable,
+                                at=ctx.clock())
+        errors: dict[str, str] = {}
+        with slots:  # one of ctx.workers DeleteObjects requests in flight
+            if time.perf_counter() - checked > REVALIDATION_MAX_AGE:
+                # The wait for a slot outlived the check: check these keys again.
+                again = time.perf_counter()
+                skipped, deletable = _revalidate(ctx, bucket, deletable, client, lister, age_exempt)
+                rows += skipped
+                result.revalidated_again = len(skipped) + len(deletable)
+                result.revalidation_seconds += time.perf_counter() - again
+                for outcome, keys in _keys_by_outcome(skipped).items():
+                    ctx.audit.mark(run_id=ctx.run_id, bucket=bucket.name, keys=keys, status="not_deleted",
+                                   at=None, error=f"{outcome} when checked again")
+            if deletable:
+                errors = _delete(ctx, bucket.name, deletable, client, result)
+        if deletable:
+            rows += _mark(ctx, bucket.name, deletable, errors)
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+def _revalidate(
+    ctx: DeletionContext, bucket: BucketPolicy, batch: list[Candidate], client: Minio, lister: ListObjectsV2,
+    age_exempt: bool,
+) -> tuple[list[tuple[Candidate, str]], list[Candidate]]:
+    """The skipped candidates with their outcome, and those that may be deleted now."""
+    # 1. references, fresh, for exactly these keys (a key we cannot normalise is never deleted),
+    # read while 2. the objects are stat'ed, fresh: both finish before 3. the one decision.
     normalised = {c.key: _normalised(c) for c in batch}
-    with ctx.references(ctx.engine) as connection:
-        referenced = referenced_among(connection, bucket, {k for k in normalised.values() if k})
-    # 2. the objects, fresh; 3. the one decision.
-    with s3_errors(ctx.s3, bucket.name):
-        stats = stat_objects(client, bucket.name, [c.key for c in batch], lister)
+
+    def fresh_references() -> set[str]:
+        with ctx.references(ctx.engine) as connection:
+            return referenced_among(connection, bucket, {k for k in normalised.values() if k})
+
+    with ThreadPoolExecutor(1) as side:
+        references = side.submit(fresh_references)
+        with s3_errors(ctx.s3, bucket.name):
+            stats = stat_objects(client, bucket.name, [c.key for c in batch], lister)
+        referenced = references.result()
     now = ctx.clock()
-    rows: list[tuple[Candidate, str]] = []
+    skipped: list[tuple[Candidate, str]] = []
     deletable: list[Candidate] = []
     for candidate in batch:
         key = normalised[candidate.key]
@@ -278,31 +361,38 @@ def _process_batch(
         if verdict is None:
             deletable.append(candidate)
         else:
-            rows.append((candidate, verdict.value))
-    result = BatchResult(rows=rows, seconds=0.0, revalidation_seconds=time.perf_counter() - began)
-    if dry_run:
-        rows += [(c, Outcome.WOULD_DELETE.value) for c in deletable]
-    elif deletable:
-        rows += _delete_and_record(ctx, bucket.name, deletable, client, result)
-    result.seconds = time.perf_counter() - began
-    return result
+            skipped.append((candidate, verdict.value))
+    return skipped, deletable
 
 
-def _delete_and_record(
+def _keys_by_outcome(rows: list[tuple[Candidate, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for candidate, outcome in rows:
+        grouped.setdefault(outcome, []).append(candidate.key)
+    return grouped
+
+
+def _delete(
     ctx: DeletionContext, bucket: str, deletable: list[Candidate], client: Minio, result: BatchResult
-) -> list[tuple[Candidate, str]]:
-    assert ctx.audit is not None
-    ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket, candidates=deletable, at=ctx.clock())
+) -> dict[str, str]:
+    """Send DeleteObjects for ``deletable`` (their intent is recorded); returns ``{key: error}``."""
     delete_began = time.perf_counter()
     with s3_errors(ctx.s3, bucket):
         errors = delete_batch(client, bucket, [c.key for c in deletable], ctx.log, ctx.sleep)
     result.delete_seconds = time.perf_counter() - delete_began
-    at = ctx.clock()
+    result.failures = errors
+    return errors
+
+
+def _mark(
+    ctx: DeletionContext, bucket: str, deletable: list[Candidate], errors: dict[str, str]
+) -> list[tuple[Candidate, str]]:
+    """Mark the audit rows deleted or failed; outside the slot, so the next request goes out first."""
+    assert ctx.audit is not None
     ctx.audit.mark(run_id=ctx.run_id, bucket=bucket, keys=[c.key for c in deletable if c.key not in errors],
-                   status="deleted", at=at)
+                   status="deleted", at=ctx.clock())
     for key, error in errors.items():
         ctx.audit.mark(run_id=ctx.run_id, bucket=bucket, keys=[key], status="failed", at=None, error=error)
-    result.failures = errors
     return [(c, Outcome.FAILED.value if c.key in errors else Outcome.DELETED.value) for c in deletable]
 
 

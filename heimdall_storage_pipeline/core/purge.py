@@ -104,7 +104,8 @@ def purge_dataset(
                 def in_transaction(_: Engine) -> Iterator[Connection]:
                     yield connection
 
-                dry_ctx = replace(ctx, references=in_transaction)
+                # One batch at a time: a connection serves one thread at a time.
+                dry_ctx = replace(ctx, references=in_transaction, workers=1, revalidate_ahead=0)
                 report = delete_candidates(dry_ctx, bucket, list_prefix_candidates(ctx, bucket.name, prefixes),
                                            dry_run=True, batch_size=bucket.batch_size, age_exempt=True)
             finally:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,13 +15,14 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from heimdall_storage_pipeline.core import deletion
 from heimdall_storage_pipeline.core.deletion import delete_batch, too_many_failures
 from heimdall_storage_pipeline.core.errors import (
     ReferenceDatabaseError,
     StorageAccessDeniedError,
     StorageUnreachableError,
 )
-from heimdall_storage_pipeline.core.references import make_engine
+from heimdall_storage_pipeline.core.references import make_engine, read_only_snapshot
 from heimdall_storage_pipeline.core.safety import Candidate
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
 from heimdall_storage_pipeline_tests.cleanup_support import (
@@ -97,6 +100,64 @@ def test_races_after_the_scan_row_inserted_and_object_overwritten_are_skipped(ri
     assert report.outcomes["deleted"] == 1
     assert listed_keys(client, bucket) >= {dead[0], dead[1]}
     assert dead[3] not in listed_keys(client, bucket)
+
+
+def test_a_batch_that_waited_past_the_age_bound_is_checked_again_before_its_delete(
+    rig, seaweed, make_bucket, monkeypatch
+):
+    bucket, table, _, dead = _world(rig, seaweed, make_bucket, referenced=1, orphans=4)
+    policy = bucket_policy(bucket, table)
+    rig.offset = OLD
+    orphans_uri = rig.scan(policy)
+    client = seaweed.client()
+    monkeypatch.setattr(deletion, "REVALIDATION_MAX_AGE", -1.0)  # every wait outlives the check
+    checks = []
+
+    @contextmanager
+    def references(engine: sa.Engine) -> Iterator[sa.Connection]:
+        checks.append(engine)
+        if len(checks) == 2:  # between the first check and the delete, the application links one
+            add_refs(rig.engine, table, [dead[0]])
+        with read_only_snapshot(engine) as connection:
+            yield connection
+
+    report = rig.delete(policy, orphans_uri, references=references)
+
+    assert len(checks) == 2 and report.revalidated_again == len(dead)
+    assert report.outcomes["skipped_referenced"] == 1 and report.outcomes["deleted"] == 3
+    assert dead[0] in listed_keys(client, bucket) and not set(dead[1:]) & listed_keys(client, bucket)
+    rows = {r.key: r for r in rig.audit_rows(bucket)}
+    assert (rows[dead[0]].status, rows[dead[0]].error) == ("not_deleted", "skipped_referenced when checked again")
+    assert {rows[key].status for key in dead[1:]} == {"deleted"}
+
+
+def test_request_slots_bound_the_deletes_in_flight_while_later_batches_revalidate(rig, seaweed, make_bucket,
+                                                                                   monkeypatch):
+    bucket, table, _, dead = _world(rig, seaweed, make_bucket, referenced=1, orphans=12)
+    policy = bucket_policy(bucket, table)
+    rig.offset = OLD
+    orphans_uri = rig.scan(policy)
+    in_flight, most = 0, 0
+    lock = threading.Lock()
+    real_delete_batch = deletion.delete_batch
+
+    def counting_delete_batch(*args: object, **kwargs: object) -> dict[str, str]:
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        try:
+            return real_delete_batch(*args, **kwargs)
+        finally:
+            with lock:
+                in_flight -= 1
+
+    monkeypatch.setattr(deletion, "delete_batch", counting_delete_batch)
+    report = rig.delete(policy, orphans_uri, batch_size=1, workers=2)
+
+    assert report.outcomes["deleted"] == len(dead) and report.batches == len(dead)
+    assert 1 <= most <= 2
+    assert not set(dead) & listed_keys(seaweed.client(), bucket)
 
 
 def test_dry_run_deletes_nothing_and_its_manifest_equals_what_a_live_run_deletes(rig, seaweed, make_bucket):
@@ -184,7 +245,8 @@ def test_seaweedfs_stopped_mid_run_then_relaunched_completes_with_a_consistent_a
             private_seaweed.stop()
 
     with pytest.raises(StorageUnreachableError) as raised:
-        rig.delete(policy, orphans_uri, batch_size=3, log=stop_after_first_batch, workers=1)
+        rig.delete(policy, orphans_uri, batch_size=3, log=stop_after_first_batch, workers=1,
+                   revalidate_ahead=0)
     assert private_seaweed.secret_key not in str(raised.value)
     private_seaweed.start()
     assert len(listed_keys(client, bucket)) == 7  # batch 1 went, the rest waits

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
 from heimdall_storage_pipeline.core.deletion import (
+    DELETE_WORKERS,
     DeletionContext,
     DeletionReport,
     candidates_from_orphans,
@@ -54,6 +55,10 @@ class DeleteOrphansConfig(dg.Config):
         description="keys per DeleteObjects request (at most the bucket's policy batch_size)",
     )
     max_objects: int | None = Field(default=None, ge=0, description="cap on candidates per bucket")
+    delete_concurrency: int = Field(
+        default=DELETE_WORKERS, ge=1, le=32,
+        description="DeleteObjects requests in flight per bucket (the load put on the S3 server)",
+    )
     max_diff_age_minutes: int = Field(default=24 * 60, ge=1, description="refuse older diffs")
     max_delete_fraction: float = Field(
         default=0.5, gt=0, le=1, description="refuse when eligible orphans exceed this share"
@@ -112,6 +117,7 @@ def record_deletions(
         "seconds": dg.MetadataValue.float(round(report.seconds, 4)),
         "revalidation_seconds": dg.MetadataValue.float(round(report.revalidation_seconds, 4)),
         "delete_seconds": dg.MetadataValue.float(round(report.delete_seconds, 4)),
+        "revalidated_again": dg.MetadataValue.int(report.revalidated_again),
         "manifest_uri": dg.MetadataValue.text(report.manifest_uri),
         "completed_at": dg.MetadataValue.text(isoformat_utc(utc_now())),
         **extra,
@@ -122,6 +128,7 @@ def record_deletions(
 def deletion_context(
     context: dg.OpExecutionContext, s3: S3Resource, reference_db: ReferenceDatabaseResource,
     manifests: ManifestStoreResource, audit_db: AuditDatabaseResource, dry_run: bool,
+    workers: int = DELETE_WORKERS,
 ) -> DeletionContext:
     """What every deleting op needs; a dry run gets no audit log, so it cannot record deletions."""
     return DeletionContext(
@@ -132,6 +139,7 @@ def deletion_context(
         run_id=context.run.run_id,
         job=context.job_name,
         log=context.log.info,
+        workers=workers,
     )
 
 
@@ -146,7 +154,8 @@ def delete_orphans(
     audit_db: AuditDatabaseResource,
 ) -> None:
     buckets = _selected_buckets(policy.load(), config)
-    ctx = deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run)
+    ctx = deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run,
+                           workers=config.delete_concurrency)
     refusals: dict[str, str] = {}
     for bucket in buckets:
         try:
