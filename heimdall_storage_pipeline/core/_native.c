@@ -206,11 +206,78 @@ static PyObject *object_values(PyObject *self, PyObject *args) {
     return Py_BuildValue("nn", values, length);
 }
 
+/* plain_keys(block, end, prefix, extra, offsets_out, data_out, hashes_out) -> rows, or -1
+ * The usual block of a reference read in one pass: when every newline-ended row of block[:end]
+ * is `prefix` followed by a key that needs_work passes (no backslash, so no COPY escape or
+ * NULL, and no byte of `extra`), the keys without the prefix go to data_out with their Arrow
+ * offsets and their hash64 to hashes_out, and the row count is returned. -1 as soon as a row
+ * is not such a value: the caller then takes the general path for the whole block. */
+static PyObject *plain_keys(PyObject *self, PyObject *args) {
+    Py_buffer block, prefix, extra, offsets, data, hashes_out;
+    Py_ssize_t end;
+    if (!PyArg_ParseTuple(args, "y*ny*y*w*w*w*", &block, &end, &prefix, &extra, &offsets, &data, &hashes_out))
+        return NULL;
+    Py_ssize_t rows = 0;
+    Py_ssize_t capacity = offsets.len / (Py_ssize_t)sizeof(int32_t);
+    int fits = end <= block.len && data.len >= end && capacity >= 1
+               && hashes_out.len / (Py_ssize_t)sizeof(uint64_t) >= capacity - 1;
+    if (fits) {
+        unsigned char special[256] = {0};
+        for (int c = 0; c < 0x20; c++) special[c] = 1;
+        special[0x7f] = 1;
+        special['\\'] = 1;
+        for (Py_ssize_t i = 0; i < extra.len; i++) special[((unsigned char *)extra.buf)[i]] = 1;
+        const unsigned char *src = block.buf, *pre = prefix.buf;
+        unsigned char *dst = data.buf;
+        int32_t *out = offsets.buf;
+        uint64_t *hashes = hashes_out.buf;
+        Py_ssize_t skip = prefix.len, length = 0, start = 0;
+        Py_BEGIN_ALLOW_THREADS
+        out[0] = 0;
+        while (start < end) {
+            const unsigned char *newline = memchr(src + start, '\n', (size_t)(end - start));
+            Py_ssize_t stop = newline ? newline - src : end;
+            const unsigned char *key = src + start + skip;
+            Py_ssize_t size = stop - start - skip;
+            if (rows + 2 > capacity || size <= 0 || memcmp(src + start, pre, (size_t)skip) != 0
+                || key[0] == '/' || key[0] == '.') { rows = -1; break; }
+            uint64_t h = 0, power = powers[POWERS - 1] * PRIME;
+            Py_ssize_t i = 0;
+            for (; i < size; i++) {
+                unsigned char c = key[i];
+                if (special[c] || (c == '/' && i + 1 < size && (key[i + 1] == '/' || key[i + 1] == '.'))) break;
+                if (i < POWERS) h += (uint64_t)c * powers[i];
+                else { h += (uint64_t)c * power; power *= PRIME; }
+            }
+            if (i < size) { rows = -1; break; }
+            h += (uint64_t)size * GOLDEN;
+            hashes[rows] = fmix64(h);
+            memcpy(dst + length, key, (size_t)size);
+            length += size;
+            out[++rows] = (int32_t)length;
+            start = stop + 1;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&block);
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&extra);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&hashes_out);
+    if (!fits) {
+        PyErr_SetString(PyExc_ValueError, "plain_keys: output buffers too small");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(rows);
+}
+
 static PyMethodDef methods[] = {
     {"split_rows", split_rows, METH_VARARGS, "Split newline-ended rows into Arrow offsets and data."},
     {"needs_work", needs_work, METH_VARARGS, "Index of the first value that may need normalisation, or -1."},
     {"hash64", hash64, METH_VARARGS, "64-bit hashes of Arrow string values."},
     {"object_values", object_values, METH_VARARGS, "Member values of plain jsonb objects, row by row."},
+    {"plain_keys", plain_keys, METH_VARARGS, "Keys and hashes of a block of prefixed plain values, or -1."},
     {NULL, NULL, 0, NULL},
 };
 

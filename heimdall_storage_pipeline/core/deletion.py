@@ -153,13 +153,15 @@ class DeletionContext:
     # its uncommitted transaction).
     references: Callable[[Engine], AbstractContextManager[Connection]] = read_only_snapshot
     workers: int = DELETE_WORKERS  # DeleteObjects requests in flight
-    # Batches re-validated while ``workers`` others delete, so that a request slot never waits
-    # for a re-validation (at most REVALIDATION_MAX_AGE old when used). None: as many as workers.
+    # Batches re-validated while ``workers`` others delete, so that a request slot rarely waits
+    # for a re-validation (at most REVALIDATION_MAX_AGE old when used). None: half as many as
+    # workers, at least one: a check takes a fraction of a delete, and each is a listing request.
     revalidate_ahead: int | None = None
 
     @property
     def threads(self) -> int:
-        return self.workers + (self.workers if self.revalidate_ahead is None else self.revalidate_ahead)
+        ahead = max(1, self.workers // 2) if self.revalidate_ahead is None else self.revalidate_ahead
+        return self.workers + ahead
 
 
 @dataclass
@@ -259,15 +261,10 @@ def delete_candidates(
             while in_flight:
                 settle_oldest()
         except BaseException:
-            # Start no more batches; those already running finish and record themselves in the
-            # audit log, and those that finished cleanly also go into the manifest.
+            # Let the batches already running finish and record themselves; start no more.
             for future in in_flight:
                 future.cancel()
             wait(in_flight)
-            for future in in_flight:
-                if not future.cancelled() and future.exception() is None:
-                    _merge(report, future.result())
-                    writer.write_batch(_deletions_batch(future.result().rows))
             raise
     report.manifest_uri = uri
     report.seconds = time.perf_counter() - began

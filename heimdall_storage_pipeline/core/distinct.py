@@ -19,8 +19,9 @@ class DistinctCounter:
         self._pending: list[np.ndarray] = []
         self._pending_count = 0
 
-    def add(self, keys: pa.Array) -> None:
-        hashes = hash_strings64(keys)
+    def add(self, keys: pa.Array, hashes: np.ndarray | None = None) -> None:
+        """Count ``keys``; ``hashes``, when given, must be their ``hash_strings64``."""
+        hashes = hash_strings64(keys) if hashes is None else hashes
         self._pending.append(hashes)
         self._pending_count += len(hashes)
         if self._pending_count >= _COMPACT_EVERY:

@@ -40,6 +40,11 @@ class ReferenceFormat(StrEnum):
     BUCKET_KEY = "bucket_key"
 
 
+def canonical_prefix(bucket: str, fmt: ReferenceFormat) -> str:
+    """What precedes the key in a value's canonical spelling (one that normalisation leaves as is)."""
+    return {ReferenceFormat.URI: f"s3://{bucket}/", ReferenceFormat.BUCKET_KEY: f"{bucket}/"}.get(fmt, "")
+
+
 class InvalidKeyError(ValueError):
     """A value that cannot be turned into an object key."""
 

@@ -7,6 +7,8 @@ under their final name once complete: a failed step leaves no manifest behind.
 
 from __future__ import annotations
 
+import queue
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -27,7 +29,8 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 INVENTORY_SCHEMA = pa.schema(
     [("key", pa.string()), ("size", pa.int64()), ("last_modified", TIMESTAMP), ("etag", pa.string())]
 )
-REFERENCES_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string())])
+# source is dictionary-encoded: one name repeated per key would cost as much to write as the keys.
+REFERENCES_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.dictionary(pa.int32(), pa.string()))])
 ORPHANS_SCHEMA = INVENTORY_SCHEMA.append(pa.field("eligible", pa.bool_()))
 # outcome: deleted, would_delete, skipped_referenced, skipped_missing, skipped_changed,
 # skipped_young or failed (core.safety.Outcome)
@@ -158,3 +161,51 @@ def _written_at(file_name: str) -> datetime | None:
         return datetime.strptime(file_name.split("-", 1)[0], _STAMP).replace(tzinfo=UTC)
     except ValueError:
         return None
+
+
+class BackgroundWriter:
+    """``write_batch`` on a thread of its own, a few batches behind the caller.
+
+    Parquet encoding releases the GIL, so a batch is encoded while the caller prepares the
+    next. A failure of the writer is raised at the caller's next ``write_batch`` or at ``close``.
+    """
+
+    def __init__(self, writer: pq.ParquetWriter, depth: int = 4) -> None:
+        self._writer = writer
+        self._batches: queue.Queue[pa.RecordBatch | None] = queue.Queue(maxsize=depth)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="heimdall-manifest-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (batch := self._batches.get()) is not None:
+            if self._failure is None:  # after a failure, only drain, so the caller never blocks
+                try:
+                    self._writer.write_batch(batch)
+                except BaseException as exc:  # handed to the caller
+                    self._failure = exc
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        if self._failure is not None:
+            raise self._failure
+        self._batches.put(batch)
+
+    def close(self) -> None:
+        """Wait until every batch is written; raise the writer's failure, if any."""
+        self._batches.put(None)
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+
+@contextmanager
+def in_background(writer: pq.ParquetWriter, depth: int = 4) -> Iterator[BackgroundWriter]:
+    """``writer`` behind a ``BackgroundWriter``; every batch is written when the block ends."""
+    background = BackgroundWriter(writer, depth)
+    try:
+        yield background
+    except BaseException:
+        with suppress(BaseException):  # the caller's error is the one to report
+            background.close()
+        raise
+    background.close()

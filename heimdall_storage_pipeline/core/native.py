@@ -51,6 +51,26 @@ def all_plain(values: pa.Array, skip: int = 0, extra: str = "") -> bool:
     return _native.needs_work(offsets, data, len(values), skip, extra.encode()) < 0
 
 
+def plain_keys(block: bytearray, rows_end: int, prefix: str, extra: str = "") -> tuple[pa.Array, np.ndarray] | None:
+    """The usual block of a reference read in one compiled pass: when every newline-ended row of
+    ``block[:rows_end]`` is ``prefix`` followed by a value ``all_plain`` passes (and holds no
+    backslash, so no COPY escape or NULL), the keys without the prefix and their
+    ``hash_strings64``; otherwise, or without the extension, None (take the general path).
+    """
+    if _native is None:
+        return None
+    capacity = rows_end + 1
+    offsets = np.empty(capacity, dtype=np.int32)
+    data = np.empty(rows_end, dtype=np.uint8)
+    hashes = np.empty(capacity - 1, dtype=np.uint64)
+    rows = _native.plain_keys(block, rows_end, prefix.encode(), extra.encode(), offsets, data, hashes)
+    if rows < 0:
+        return None
+    keys = pa.StringArray.from_buffers(rows, pa.py_buffer(offsets[: rows + 1]),
+                                       pa.py_buffer(data[: offsets[rows]]))
+    return keys, hashes[:rows]
+
+
 # jsonb's canonical output of an object whose members are all plain strings (no escapes):
 # {"k": "v", "k2": "v2"}. Such values expand without JSON decoding.
 _SIMPLE_JSONB_OBJECT = r'^\{"[^"\\]*": "[^"\\]*"(, "[^"\\]*": "[^"\\]*")*\}$'

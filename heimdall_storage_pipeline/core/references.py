@@ -40,11 +40,12 @@ from heimdall_storage_pipeline.core.keys import (
     NEEDS_NORMALISATION_PATTERN,
     ParsedKind,
     ReferenceFormat,
+    canonical_prefix,
     expand_container,
     parse_reference,
 )
-from heimdall_storage_pipeline.core.manifests import REFERENCES_SCHEMA, ManifestStore
-from heimdall_storage_pipeline.core.native import all_plain, object_values, split_rows
+from heimdall_storage_pipeline.core.manifests import REFERENCES_SCHEMA, ManifestStore, in_background
+from heimdall_storage_pipeline.core.native import all_plain, object_values, plain_keys, split_rows
 from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
 
 FETCH_ROWS = 10_000  # rows per server-side cursor fetch
@@ -211,7 +212,7 @@ def normalise_string_array(
         return pa.array([], pa.string())
     counts.reference_rows += len(values)
     fmt = ReferenceFormat(source.format)
-    prefix = {ReferenceFormat.URI: f"s3://{bucket.name}/", ReferenceFormat.BUCKET_KEY: f"{bucket.name}/"}.get(fmt, "")
+    prefix = canonical_prefix(bucket.name, fmt)
     pattern = NEEDS_NORMALISATION_PATTERN + ("|%" if source.percent_decode else "")
     if (not prefix or pc.all(pc.starts_with(values, prefix)).as_py()) and all_plain(
         values, len(prefix), "%" if source.percent_decode else ""
@@ -348,14 +349,20 @@ def _grow_pipe(fd: int) -> None:
 
 
 def copy_column_batches(raw: Any, query: str, columns: int = 1) -> Iterator[pa.Array]:
-    """The first of the ``columns`` columns of ``query`` as Arrow string arrays, read by ``COPY ... TO STDOUT``.
+    """The first of the ``columns`` columns of ``query`` as Arrow string arrays (``copy_row_blocks``)."""
+    return (_text_rows(block, rows_end) for block, rows_end in copy_row_blocks(raw, query, columns))
+
+
+def copy_row_blocks(raw: Any, query: str, columns: int = 1) -> Iterator[tuple[bytearray, int]]:
+    """Blocks of whole rows of the first of the ``columns`` columns of ``query``, read by ``COPY ... TO STDOUT``.
 
     COPY runs on ``raw`` (inside its current transaction, so in the caller's snapshot) in a
     background thread and writes into a pipe; a second thread cuts what arrives into blocks of
     whole rows and queues a few of them, so COPY never waits for the caller's work on a block
     and memory stays at a few blocks. Text format, one column: every newline ends a row
     (newlines in values are escaped), so a block becomes an Arrow array by locating its
-    newlines; only rows holding a backslash (an escape, or ``\\N`` for NULL) are decoded in Python.
+    newlines; only rows holding a backslash (an escape, or ``\\N`` for NULL) need decoding
+    (``_text_rows``). Yields ``(block, rows_end)``: the rows are ``block[:rows_end]``.
     """
     sql = f"COPY ({_wrapped(query, columns)}) TO STDOUT"
     read_fd, write_fd = os.pipe()
@@ -401,7 +408,7 @@ def copy_column_batches(raw: Any, query: str, columns: int = 1) -> Iterator[pa.A
             if block is None:
                 truncated = True
             else:
-                yield _text_rows(block, rows_end)
+                yield block, rows_end
             item = blocks.get()
     finally:
         stopping.set()
@@ -469,17 +476,20 @@ def _decode_copy_text(text: str) -> str | None:
     return _COPY_ESCAPE.sub(lambda match: _COPY_ESCAPES.get(match.group(1), match.group(1)), text)
 
 
+KeyBatch = tuple[pa.Array, np.ndarray | None]  # keys, and their hash_strings64 when already computed
+
+
 def _fast_source_keys(
     connection: Connection, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
-) -> Iterator[pa.Array] | None:
+) -> Iterator[KeyBatch] | None:
     """Key arrays of ``source`` through COPY, or None when only the general path applies."""
     raw = _dbapi_connection(connection)
     if raw is None or _has_bind_parameters(source.query):
         return None
     columns, oid = _describe(raw, source.query)
     if source.container == "none" and oid in _STRING_OIDS:
-        convert = normalise_string_array
-    elif source.container == "json" and oid == _JSONB_OID:
+        return _plain_source_keys(raw, bucket, source, columns, counts)
+    if source.container == "json" and oid == _JSONB_OID:
         convert = normalise_jsonb_array
     elif source.container == "json" and oid in _STRING_OIDS:
         # JSON text: each value is a str, exactly as psycopg2 would return it.
@@ -491,25 +501,42 @@ def _fast_source_keys(
             return pa.array(list(normalise_source_values(b, s, decoded, c)), pa.string())
     else:
         return None
-    return (convert(bucket, source, values, counts) for values in copy_column_batches(raw, source.query, columns))
+    return ((convert(bucket, source, values, counts), None)
+            for values in copy_column_batches(raw, source.query, columns))
+
+
+def _plain_source_keys(
+    raw: Any, bucket: BucketPolicy, source: ReferenceSource, columns: int, counts: ReferenceCounts
+) -> Iterator[KeyBatch]:
+    """Scalar string values: a block of plain values in one compiled pass, any other vectorised."""
+    prefix = canonical_prefix(bucket.name, ReferenceFormat(source.format))
+    extra = "%" if source.percent_decode else ""
+    for block, rows_end in copy_row_blocks(raw, source.query, columns):
+        plain = plain_keys(block, rows_end, prefix, extra)
+        if plain is not None:
+            counts.reference_rows += len(plain[0])
+            yield plain
+        else:
+            yield normalise_string_array(bucket, source, _text_rows(block, rows_end), counts), None
 
 
 def _general_source_keys(
     connection: Connection, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
-) -> Iterator[pa.Array]:
+) -> Iterator[KeyBatch]:
     chunk: list[str] = []
     for key in normalise_source_values(bucket, source, stream_source_values(connection, source), counts):
         chunk.append(key)
         if len(chunk) >= FETCH_ROWS * 5:
-            yield pa.array(chunk, pa.string())
+            yield pa.array(chunk, pa.string()), None
             chunk = []
-    yield pa.array(chunk, pa.string())
+    yield pa.array(chunk, pa.string()), None
 
 
 def source_key_arrays(
     connection: Connection, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
-) -> Iterator[pa.Array]:
-    """The keys ``source`` names, as Arrow arrays: through COPY when it applies, else a cursor."""
+) -> Iterator[KeyBatch]:
+    """The keys ``source`` names, as Arrow arrays (with their hashes when the read computed them):
+    through COPY when it applies, else a cursor."""
     fast = _fast_source_keys(connection, bucket, source, counts)
     return fast if fast is not None else _general_source_keys(connection, bucket, source, counts)
 
@@ -544,12 +571,12 @@ def read_references_to_manifest(
         snapshot_at = clock()
         connection.execute(sa.text("SELECT 1"))
         uri = store.new_uri("references", bucket.name, snapshot_at, run_id)
-        with store.writer(uri, REFERENCES_SCHEMA, **REFERENCES_PARQUET) as writer:
+        with store.writer(uri, REFERENCES_SCHEMA, **REFERENCES_PARQUET) as parquet, in_background(parquet) as writer:
             for source in bucket.references:
-                for keys in source_key_arrays(connection, bucket, source, counts):
+                for keys, hashes in source_key_arrays(connection, bucket, source, counts):
                     if len(keys):
                         writer.write_batch(_references_batch(keys, source.name))
-                        distinct.add(keys)
+                        distinct.add(keys, hashes)
     return ReferencesResult(
         bucket=bucket.name,
         referenced_count=distinct.count,
@@ -565,4 +592,5 @@ def read_references_to_manifest(
 
 def _references_batch(keys: pa.Array | list[str], source: str) -> pa.RecordBatch:
     keys = keys if isinstance(keys, pa.Array) else pa.array(keys, pa.string())
-    return pa.record_batch([keys, pa.repeat(source, len(keys))], schema=REFERENCES_SCHEMA)
+    sources = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(keys), dtype=np.int32)), pa.array([source]))
+    return pa.record_batch([keys, sources], schema=REFERENCES_SCHEMA)

@@ -36,7 +36,7 @@ from minio.error import S3Error
 from sqlalchemy.engine import Connection
 
 from heimdall_storage_pipeline.core.clock import ensure_utc
-from heimdall_storage_pipeline.core.keys import ReferenceFormat
+from heimdall_storage_pipeline.core.keys import ReferenceFormat, canonical_prefix
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2, parse_page
 from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
 from heimdall_storage_pipeline.core.references import (
@@ -58,11 +58,6 @@ BPCHAR_OID = 1042
 JSON_OID = 114
 JSONB_OID = 3802
 _REF = "heimdall_ref"  # the first column's name inside the narrowed query
-
-
-def canonical_prefix(bucket: str, fmt: ReferenceFormat) -> str:
-    """What precedes the key in its canonical spelling."""
-    return {ReferenceFormat.URI: f"s3://{bucket}/", ReferenceFormat.BUCKET_KEY: f"{bucket}/"}.get(fmt, "")
 
 
 def canonical_spellings(bucket: str, fmt: ReferenceFormat, keys: Iterable[str], *, padded: bool = False) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 from pyarrow import fs as pafs
 
 from heimdall_storage_pipeline.core.errors import ManifestError
-from heimdall_storage_pipeline.core.manifests import INVENTORY_SCHEMA, REFERENCES_SCHEMA, ManifestStore
+from heimdall_storage_pipeline.core.manifests import INVENTORY_SCHEMA, REFERENCES_SCHEMA, ManifestStore, in_background
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
 
 NOW = datetime(2026, 3, 1, 3, 0, tzinfo=UTC)
@@ -117,3 +117,22 @@ def test_s3_read_error_hides_the_secret(seaweed: SeaweedFS, make_bucket: Callabl
     assert missing in str(raised.value)
     assert "re-materialize" in str(raised.value)
     assert seaweed.secret_key not in str(raised.value)
+
+
+def test_a_background_writer_writes_every_batch_in_order_and_raises_its_failure(tmp_path) -> None:
+    store = ManifestStore(str(tmp_path))
+    uri = store.new_uri("references", "b", datetime(2026, 1, 1, tzinfo=UTC), "run")
+    batches = [pa.record_batch({"key": [f"k{i}-{j}" for j in range(3)], "source": ["s"] * 3}, schema=REFERENCES_SCHEMA)
+               for i in range(20)]
+    with store.writer(uri, REFERENCES_SCHEMA) as parquet, in_background(parquet, depth=2) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    assert store.read_table(uri).column("key").to_pylist() == [k for b in batches for k in b.column("key").to_pylist()]
+
+    class FailingWriter:
+        def write_batch(self, batch: pa.RecordBatch) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"), in_background(FailingWriter(), depth=1) as writer:  # type: ignore[arg-type]
+        for batch in batches:  # fails at a later write_batch or at the end; never blocks
+            writer.write_batch(batch)

@@ -105,3 +105,38 @@ def test_object_values_compiled_equals_the_arrow_version(texts: list[str]) -> No
     for text, count in zip(texts, members, strict=True):
         if count >= 0:
             assert count == len(json.loads(text))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.text(alphabet=[c for c in _ALPHABET if c != "\n"], max_size=12), max_size=30),
+       prefix=st.sampled_from(["", "s3://b/", "b/"]), prefixed=st.booleans(), extra=st.sampled_from(["", "%"]))
+def test_plain_keys_is_split_strip_and_hash_in_one_pass_or_declines(
+    values: list[str], prefix: str, prefixed: bool, extra: str
+) -> None:
+    rows = [prefix + v if prefixed else v for v in values]
+    text = "".join(f"{row}\n" for row in rows).encode()
+    block = bytearray(text + b"partial row")
+    result = native.plain_keys(block, len(text), prefix, extra)
+    stripped = [row.encode()[len(prefix.encode()):].decode(errors="replace") for row in rows]
+    eligible = all(row.startswith(prefix) for row in rows) and "\\" not in text.decode() and native.all_plain(
+        pa.array(stripped, pa.string()), 0, extra)
+    if not eligible:
+        assert result is None
+        return
+    assert result is not None
+    keys, hashes = result
+    assert keys.to_pylist() == stripped
+    assert hashes.tolist() == native.hash_strings64(pa.array(stripped, pa.string())).tolist()
+
+
+def test_plain_keys_declines_without_the_extension(numpy_only: None) -> None:
+    block = bytearray(b"s3://b/k.npy\n")
+    assert native.plain_keys(block, len(block), "s3://b/") is None
+
+
+def test_plain_keys_hashes_keys_longer_than_the_power_table_as_hash64_does() -> None:
+    keys = ["k" * 1023, "a/" + "x" * 2000, "b" * 1025]
+    block = bytearray("".join(f"s3://b/{key}\n" for key in keys).encode())
+    result = native.plain_keys(block, len(block), "s3://b/")
+    assert result is not None
+    assert result[1].tolist() == native.hash_strings64(pa.array(keys, pa.string())).tolist()

@@ -246,13 +246,13 @@ def test_fast_path_is_used_for_text_and_jsonb(
     db_engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    original = references.copy_column_batches
+    original = references.copy_row_blocks
 
     def counting(raw: Any, query: str, columns: int = 1) -> Any:
         calls.append(query)
         return original(raw, query, columns)
 
-    monkeypatch.setattr(references, "copy_column_batches", counting)
+    monkeypatch.setattr(references, "copy_row_blocks", counting)
     bucket = BucketPolicy(name=BUCKET, enabled=True, min_age=timedelta(days=1), batch_size=1000, description="",
                           references=(ReferenceSource(name="t", query="SELECT 'a.npy'::text"),
                                       ReferenceSource(name="j", query="""SELECT '{"x": "b.npy"}'::jsonb""",

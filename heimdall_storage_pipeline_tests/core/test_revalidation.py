@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from heimdall_storage_pipeline.core.keys import ReferenceFormat
+from heimdall_storage_pipeline.core.keys import ReferenceFormat, canonical_prefix
 from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
 from heimdall_storage_pipeline.core.references import (
     ReferenceCounts,
@@ -22,7 +22,6 @@ from heimdall_storage_pipeline.core.revalidation import (
     BPCHAR_OID,
     JSONB_OID,
     TEXT_OIDS,
-    canonical_prefix,
     describe_query,
     narrowed_query,
     referenced_among,
