@@ -69,8 +69,10 @@ def documents(draw: st.DrawFn, values: list[str | None]) -> list[object]:
     """JSON container values holding ``values``: objects, arrays, bare strings, nested junk."""
     docs: list[object] = []
     for value in values:
-        shape = draw(st.sampled_from(["object", "object", "array", "string", "nested"]))
-        if shape == "object":
+        shape = draw(st.sampled_from(["object", "object", "array", "string", "nested", "double"]))
+        if shape == "double":  # JSON text inside a JSON string: psycopg2 hands it to json.loads again
+            docs.append(json.dumps(draw(st.sampled_from([{"RX_001": value}, [value], value]))))
+        elif shape == "object":
             docs.append({"RX_001": value, "RX_002": "other/x.npy", "n": 1})
         elif shape == "array":
             docs.append([value, "other/y.npy", None])
