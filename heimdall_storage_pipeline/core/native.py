@@ -92,8 +92,13 @@ def object_values(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return values, members
 
 
+# The fallback splits objects at '", "' and '": "', which a string holding ', ' or ': ' would
+# also contain: it takes only objects whose strings hold no ',' or ':' (the rest are decoded).
+_SPLITTABLE_JSONB_OBJECT = _SIMPLE_JSONB_OBJECT.replace(r'[^"\\]', r'[^"\\,:]')
+
+
 def _object_values_arrow(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    simple = pc.match_substring_regex(texts, _SIMPLE_JSONB_OBJECT)
+    simple = pc.match_substring_regex(texts, _SPLITTABLE_JSONB_OBJECT)
     inner = pc.binary_slice(texts.filter(simple).view(pa.binary()), 2, -2).view(pa.string())  # a": "x", "b": "y
     split = pc.split_pattern(inner, '", "')  # keys and values hold no '"'
     values = pc.list_element(pc.split_pattern(pc.list_flatten(split), '": "', max_splits=1), 1)

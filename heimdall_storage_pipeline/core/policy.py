@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import sqlalchemy as sa
 import yaml
 
 from heimdall_storage_pipeline.core.keys import ReferenceFormat
@@ -130,6 +131,20 @@ def check_read_only_query(query: str, where: str) -> str:
     if write:
         raise PolicyError(
             f"{where}: 'query' must be read-only; it contains {write.group(1).upper()!r}"
+        )
+    # Some reads run the query through SQLAlchemy's text() and the COPY read sends it as written:
+    # text() must leave it unchanged, or the re-check before a delete would read other rows.
+    parsed = sa.text(query)
+    binds = sorted(parsed.compile().params)
+    if binds:
+        raise PolicyError(
+            f"{where}: 'query' contains ':{binds[0]}', which is read as a bind parameter (even inside "
+            f"a string literal) and nothing supplies it; write a literal colon as chr(58)"
+        )
+    if str(parsed) != query:
+        raise PolicyError(
+            f"{where}: 'query' contains '\\:', which some reads rewrite to ':' and others send as "
+            f"written; write a backslash and a colon as chr(92) || chr(58), or the colon alone"
         )
     return query.strip().rstrip(";").rstrip()
 

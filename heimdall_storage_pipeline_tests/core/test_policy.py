@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,23 @@ def test_read_only_queries_accepted(tmp_path: Path, query: str) -> None:
     document = valid_document()
     source_of(document)["query"] = query
     assert load_policy(write(tmp_path, document)).bucket(BUCKET).references[0].query.startswith(query[:6])
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("SELECT path FROM app.files WHERE owner = :owner", "contains ':owner', which is read as a bind parameter"),
+        ("SELECT path FROM app.files WHERE tag = 'a :b'", "contains ':b'"),
+        ("SELECT path FROM app.files WHERE tag = 'x\\:y'", "some reads rewrite to ':'"),
+    ],
+)
+def test_queries_the_reads_would_see_differently_are_refused(tmp_path: Path, query: str, message: str) -> None:
+    document = valid_document()
+    source_of(document)["query"] = query
+    with pytest.raises(PolicyError, match=re.escape(message)):
+        load_policy(write(tmp_path, document))
+    source_of(document)["query"] = "SELECT path::text FROM app.files WHERE tag = 'a:b'"  # casts and colons
+    assert load_policy(write(tmp_path, document)).bucket(BUCKET).references
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
