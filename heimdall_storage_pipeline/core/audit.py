@@ -71,8 +71,8 @@ class AuditLog:
         candidates = list(candidates)
         if not candidates:
             return
-        # One statement over arrays: an executemany of 1000 rows cost ~35 ms of client CPU per
-        # batch (the deletion's hottest Python), this ~5 ms, with any driver.
+        # One statement over arrays, with any driver: ~12 ms per 1000 rows where an executemany
+        # took ~36 ms, inside every batch of a live deletion.
         with self.engine.begin() as connection:
             connection.execute(sa.text(_INSERT_PENDING), {
                 "run_id": run_id, "job": job, "bucket": bucket, "at": at,
