@@ -241,12 +241,11 @@ def delete_candidates(
         def settle_finished() -> None:
             while in_flight and in_flight[0].done():
                 settle_oldest()
-            # A failing batch stops the bucket as soon as it finishes, not when its turn comes.
-            for future in in_flight:
-                if future.done() and (future.exception() or too_many_failures(
-                        future.result().count(Outcome.FAILED), len(future.result().rows))):
-                    while in_flight:
-                        settle_oldest()
+            # A failing batch stops the bucket as soon as it finishes, not when its turn comes:
+            # settling up to it raises its error.
+            if any(future.done() and _stops_bucket(future) for future in in_flight):
+                while in_flight:
+                    settle_oldest()
 
         try:
             for batch in batched(candidates, batch_size):
@@ -269,6 +268,13 @@ def delete_candidates(
     report.manifest_uri = uri
     report.seconds = time.perf_counter() - began
     return report
+
+
+def _stops_bucket(finished: Future[BatchResult]) -> bool:
+    if finished.exception() is not None:
+        return True
+    result = finished.result()
+    return too_many_failures(result.count(Outcome.FAILED), len(result.rows))
 
 
 def _merge(report: DeletionReport, result: BatchResult) -> None:
