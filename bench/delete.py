@@ -8,7 +8,7 @@ embedded one), fills one bucket per raw baseline and one for the job with the sa
 shaped like Heimdall's raw IQ (``sessions/<uuid>/websdr_<1..7>.npy``), deletes each baseline's
 with raw ``remove_objects`` in 1000-key batches over that many parallel streams, and the job's
 with delete_orphans_job (re-validation and audit included) at ``--concurrency``, and prints
-keys/s, CPU seconds of this process and of SeaweedFS, and the ratios (the target compares the
+keys/s, CPU seconds of this process, SeaweedFS and PostgreSQL, and the ratios (the target compares the
 job with raw at the same concurrency). Timings are printed, never asserted.
 
 The reference table is Heimdall's ``measurements.iq_data_location`` (``varchar(512)``, format
@@ -24,6 +24,7 @@ re-check (see ``core/revalidation.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import os
@@ -120,21 +121,32 @@ def _cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-class CpuMeter:
-    """CPU seconds of this process, of the S3 server and of the whole machine over a block.
+def _postgres_seconds() -> float:
+    """CPU seconds of the PostgreSQL processes alive now (a backend that exits takes its time along)."""
+    total = 0.0
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] == "postgres":
+            with contextlib.suppress(psutil.Error):
+                total += _cpu_seconds(process)
+    return total
 
-    The machine's figure (every core's non-idle time) includes PostgreSQL: the three share the
-    cores, so a step that costs the server CPU slows the requests of the others.
+
+class CpuMeter:
+    """CPU seconds of this process, of the S3 server, of PostgreSQL and of the whole machine over a block.
+
+    The four share the cores, so a step that costs PostgreSQL or this process CPU slows the
+    server's requests too.
     """
 
     def __init__(self, server_pid: int) -> None:
         self.server = psutil.Process(server_pid)
 
-    def _now(self) -> tuple[float, float, float]:
+    def _now(self) -> tuple[float, float, float, float]:
         own = os.times()
         machine = psutil.cpu_times()
         server = [self.server, *self.server.children(recursive=True)]
-        return own.user + own.system, sum(map(_cpu_seconds, server)), sum(machine) - machine.idle - machine.iowait
+        return (own.user + own.system, sum(map(_cpu_seconds, server)), _postgres_seconds(),
+                sum(machine) - machine.idle - machine.iowait)
 
     def __enter__(self) -> CpuMeter:
         self.began = self._now()
@@ -142,7 +154,8 @@ class CpuMeter:
 
     def __exit__(self, *exc: object) -> None:
         ended = self._now()
-        self.client, self.server_seconds, self.machine = (e - b for e, b in zip(ended, self.began, strict=True))
+        self.client, self.server_seconds, self.postgres, self.machine = (
+            e - b for e, b in zip(ended, self.began, strict=True))
 
 
 def fill(client: Minio, bucket: str, count: int) -> float:
@@ -246,12 +259,12 @@ def main() -> int:
         rows += [("delete_orphans_job (whole run)", n / job_seconds, meta.get("failed_count"), job_cpu, job_seconds),
                  ("delete_orphans_job (op work)", job_rate, meta.get("failed_count"), None, meta["seconds"])]
         print(f"\n{n} objects; deleted by the job: {meta.get('deleted_count')}; left in its bucket: {left}")
-        # CPU seconds: this process, SeaweedFS, and all of the machine (PostgreSQL included).
+        # CPU seconds: this process, SeaweedFS, PostgreSQL and all of the machine.
         print(f"{'measurement':34} {'keys/s':>10} {'errors':>7} {'CPU: client':>12} {'SeaweedFS':>10} "
-              f"{'machine':>10} {'wall s':>7}")
+              f"{'PostgreSQL':>10} {'machine':>10} {'wall s':>7}")
         for label, rate, errors, cpu, seconds in rows:
-            used = (f"{cpu.client:12.2f} {cpu.server_seconds:10.2f} {cpu.machine:10.2f}" if cpu
-                    else f"{'':12} {'':10} {'':10}")
+            used = (f"{cpu.client:12.2f} {cpu.server_seconds:10.2f} {cpu.postgres:10.2f} {cpu.machine:10.2f}"
+                    if cpu else f"{'':12} {'':10} {'':10} {'':10}")
             print(f"{label:34} {rate:10.0f} {errors!s:>7} {used} {seconds:7.2f}")
         print(f"\nthe job kept {args.concurrency} DeleteObjects requests in flight; "
               f"keys re-validated a second time after a wait: {meta.get('revalidated_again')}")

@@ -31,7 +31,7 @@ from minio.error import S3Error
 from sqlalchemy.engine import Connection, Engine
 
 from heimdall_storage_pipeline.core.audit import AuditLog
-from heimdall_storage_pipeline.core.clock import Clock, utc_now
+from heimdall_storage_pipeline.core.clock import Clock, utc_datetimes, utc_now
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
@@ -216,6 +216,9 @@ def delete_candidates(
     uri = ctx.store.new_uri("deletions", bucket.name, ctx.clock(), ctx.run_id)
     with ctx.store.writer(uri, DELETIONS_SCHEMA) as writer, ThreadPoolExecutor(ctx.threads) as pool:
         slots = threading.BoundedSemaphore(ctx.workers)
+        # At most as many first checks at once as batches re-validate ahead: at the start all
+        # threads would otherwise list at once and the first request would go out last.
+        checks = threading.BoundedSemaphore(max(1, ctx.threads - ctx.workers))
         in_flight: deque[Future[BatchResult]] = deque()  # in batch order, running or finished
 
         def settle_oldest() -> None:
@@ -256,7 +259,7 @@ def delete_candidates(
                     wait([f for f in in_flight if not f.done()] or in_flight, return_when=FIRST_COMPLETED)
                     settle_finished()
                 in_flight.append(pool.submit(_process_batch, ctx, bucket, batch, client, lister, slots,
-                                             dry_run=dry_run, age_exempt=age_exempt))
+                                             checks, dry_run=dry_run, age_exempt=age_exempt))
             while in_flight:
                 settle_oldest()
         except BaseException:
@@ -295,12 +298,14 @@ def _process_batch(
     client: Minio,
     lister: ListObjectsV2,
     slots: threading.Semaphore,
+    checks: threading.Semaphore,
     *,
     dry_run: bool,
     age_exempt: bool,
 ) -> BatchResult:
     began = time.perf_counter()
-    rows, deletable = _revalidate(ctx, bucket, batch, client, lister, age_exempt)
+    with checks:
+        rows, deletable = _revalidate(ctx, bucket, batch, client, lister, age_exempt)
     checked = time.perf_counter()
     result = BatchResult(rows=rows, seconds=0.0, revalidation_seconds=checked - began)
     if dry_run:
@@ -308,8 +313,8 @@ def _process_batch(
     elif deletable:
         assert ctx.audit is not None
         # The intent is written before the wait for a slot, so that the slot holds only the request.
-        ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket.name, candidates=deletable,
-                                at=ctx.clock())
+        audit_ids = ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket.name,
+                                            candidates=deletable, at=ctx.clock())
         errors: dict[str, str] = {}
         with slots:  # one of ctx.workers DeleteObjects requests in flight
             if time.perf_counter() - checked > REVALIDATION_MAX_AGE:
@@ -320,12 +325,12 @@ def _process_batch(
                 result.revalidated_again = len(skipped) + len(deletable)
                 result.revalidation_seconds += time.perf_counter() - again
                 for outcome, keys in _keys_by_outcome(skipped).items():
-                    ctx.audit.mark(run_id=ctx.run_id, bucket=bucket.name, keys=keys, status="not_deleted",
-                                   at=None, error=f"{outcome} when checked again")
+                    ctx.audit.mark(ids=[audit_ids[key] for key in keys], status="not_deleted", at=None,
+                                   error=f"{outcome} when checked again")
             if deletable:
                 errors = _delete(ctx, bucket.name, deletable, client, result)
         if deletable:
-            rows += _mark(ctx, bucket.name, deletable, errors)
+            rows += _mark(ctx, deletable, audit_ids, errors)
     result.seconds = time.perf_counter() - began
     return result
 
@@ -388,14 +393,15 @@ def _delete(
 
 
 def _mark(
-    ctx: DeletionContext, bucket: str, deletable: list[Candidate], errors: dict[str, str]
+    ctx: DeletionContext, deletable: list[Candidate], audit_ids: dict[str, int], errors: dict[str, str]
 ) -> list[tuple[Candidate, str]]:
     """Mark the audit rows deleted or failed; outside the slot, so the next request goes out first."""
     assert ctx.audit is not None
-    ctx.audit.mark(run_id=ctx.run_id, bucket=bucket, keys=[c.key for c in deletable if c.key not in errors],
-                   status="deleted", at=ctx.clock())
+    ctx.audit.mark(ids=[audit_ids[c.key] for c in deletable if c.key not in errors], status="deleted",
+                   at=ctx.clock())
     for key, error in errors.items():
-        ctx.audit.mark(run_id=ctx.run_id, bucket=bucket, keys=[key], status="failed", at=None, error=error)
+        if key in audit_ids:  # a server could name a key it was not sent; that row stays as it was
+            ctx.audit.mark(ids=[audit_ids[key]], status="failed", at=None, error=error)
     return [(c, Outcome.FAILED.value if c.key in errors else Outcome.DELETED.value) for c in deletable]
 
 
@@ -403,10 +409,13 @@ def candidates_from_orphans(store: ManifestStore, uri: str, max_objects: int | N
     """Eligible orphans of an orphan manifest, streamed."""
     produced = 0
     for batch in store.iter_batches(uri, columns=["key", "size", "last_modified", "etag", "eligible"]):
-        for row in batch.filter(batch.column("eligible")).to_pylist():
+        eligible = batch.filter(batch.column("eligible"))
+        for key, size, last_modified, etag in zip(
+            eligible.column("key").to_pylist(), eligible.column("size").to_pylist(),
+            utc_datetimes(eligible.column("last_modified")), eligible.column("etag").to_pylist(), strict=True,
+        ):
             if max_objects is not None and produced >= max_objects:
                 return
             produced += 1
-            yield Candidate(key=row["key"], size=row["size"], last_modified=row["last_modified"],
-                            etag=row["etag"])
+            yield Candidate(key=key, size=size, last_modified=last_modified, etag=etag)
 

@@ -35,7 +35,7 @@ from minio import Minio
 from minio.error import S3Error
 from sqlalchemy.engine import Connection
 
-from heimdall_storage_pipeline.core.clock import ensure_utc
+from heimdall_storage_pipeline.core.clock import ensure_utc, utc_datetimes
 from heimdall_storage_pipeline.core.keys import ReferenceFormat, canonical_prefix
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2, parse_page
 from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
@@ -226,12 +226,14 @@ def _listed_stats(lister: ListObjectsV2, keys: list[str], budget: int) -> dict[s
     # A string prefix, not a path: 'data/orphan-1' and 'data/orphan-2' share 'data/orphan-'.
     prefix = os.path.commonprefix(keys)  # noqa: RUF071
     for body in lister.pages(prefix=prefix, start_after=_just_before(first)):
-        page = parse_page(body)[0].to_pydict()
-        for key, size, modified, etag in zip(page["key"], page["size"], page["last_modified"], page["etag"],
-                                             strict=True):
+        page = parse_page(body)[0]
+        page_keys = page.column("key").to_pylist()
+        for key, size, modified, etag in zip(page_keys, page.column("size").to_pylist(),
+                                             utc_datetimes(page.column("last_modified")),
+                                             page.column("etag").to_pylist(), strict=True):
             if key in wanted:
                 found[key] = _fresh(size, modified, etag, key)
-        seen += len(page["key"])
+        seen += len(page_keys)
         if len(found) == len(wanted) or seen >= budget:
             break
     return found

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from heimdall_storage_pipeline.core.audit import AuditLog, deletion_audit
+from heimdall_storage_pipeline.core.audit import _MARK, AuditLog, deletion_audit
 from heimdall_storage_pipeline.core.safety import Candidate
 
 # Characters an array literal or a bind must escape, and the widest values.
@@ -39,16 +39,20 @@ def test_intent_rows_hold_every_field_exactly(db_engine):
         assert row.last_modified.utcoffset() == timedelta(0)
 
 
-def test_mark_touches_only_the_named_keys_of_that_run_and_bucket(db_engine):
+def test_mark_touches_only_the_rows_it_names(db_engine):
     audit = AuditLog(db_engine)
     bucket = f"b-{secrets.token_hex(3)}"
     at = datetime(2026, 11, 25, tzinfo=UTC)
     candidates = [Candidate(key, 1, at, "e") for key in AWKWARD_KEYS]
+    ids = {}
     for run_id, in_bucket in (("r1", bucket), ("r2", bucket), ("r1", bucket + "x")):
-        audit.record_intent(run_id=run_id, job="j", bucket=in_bucket, candidates=candidates, at=at)
-    audit.mark(run_id="r1", bucket=bucket, keys=AWKWARD_KEYS[:6], status="deleted", at=at)
-    audit.mark(run_id="r1", bucket=bucket, keys=[AWKWARD_KEYS[6]], status="failed", at=None, error="AccessDenied")
-    audit.mark(run_id="r1", bucket=bucket, keys=[], status="deleted", at=at)
+        ids[run_id, in_bucket] = audit.record_intent(run_id=run_id, job="j", bucket=in_bucket,
+                                                     candidates=candidates, at=at)
+    assert all(sorted(recorded) == sorted(AWKWARD_KEYS) for recorded in ids.values())
+    first = ids["r1", bucket]
+    audit.mark(ids=[first[key] for key in AWKWARD_KEYS[:6]], status="deleted", at=at)
+    audit.mark(ids=[first[AWKWARD_KEYS[6]]], status="failed", at=None, error="AccessDenied")
+    audit.mark(ids=[], status="deleted", at=at)
 
     with db_engine.connect() as connection:
         rows = connection.execute(
@@ -60,3 +64,21 @@ def test_mark_touches_only_the_named_keys_of_that_run_and_bucket(db_engine):
         ("r1", bucket, AWKWARD_KEYS[6]): ("failed", "AccessDenied", None),
     }
     assert len(rows) == 3 * len(AWKWARD_KEYS)
+
+
+def test_marking_a_batch_finds_its_rows_through_the_primary_key_however_large_the_run(db_engine):
+    """A run's rows are new to the planner's statistics: by (run_id, bucket, key = ANY) the update
+    was planned as a scan of every row of the run, filtered, so each batch of a large deletion cost
+    more than the one before. By id, the index answers whatever the run's size."""
+    audit = AuditLog(db_engine)
+    bucket = f"b-{secrets.token_hex(3)}"
+    at = datetime(2026, 11, 25, tzinfo=UTC)
+    for batch in range(5):
+        ids = audit.record_intent(run_id="big", job="j", bucket=bucket, at=at, candidates=[
+            Candidate(f"sessions/{batch:03d}-{index:05d}/websdr_1.npy", 1, at, "e") for index in range(1000)])
+    with db_engine.begin() as connection:
+        # A table this small is rightly read whole; forbid that to see what serves a large one.
+        connection.execute(sa.text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(connection.execute(sa.text("EXPLAIN " + _MARK), {
+            "ids": list(ids.values()), "status": "deleted", "at": at, "error": None}).scalars())
+    assert "Index Cond: (id = ANY" in plan, plan

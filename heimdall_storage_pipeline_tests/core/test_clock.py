@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+import pyarrow as pa
 import pytest
 
-from heimdall_storage_pipeline.core.clock import ensure_utc, isoformat_utc, parse_utc, utc_now
+from heimdall_storage_pipeline.core.clock import ensure_utc, isoformat_utc, parse_utc, utc_datetimes, utc_now
 
 
 def test_ensure_utc_refuses_naive_datetimes() -> None:
@@ -51,3 +52,27 @@ def test_isoformat_round_trip_keeps_microseconds() -> None:
 
 def test_utc_now_is_aware() -> None:
     assert utc_now().utcoffset() == timedelta(0)
+
+
+def test_utc_datetimes_equal_arrows_own_conversion_and_are_utc() -> None:
+    moments = [datetime(1970, 1, 1, tzinfo=UTC), datetime(2026, 11, 26, 3, 4, 5, 678901, tzinfo=UTC),
+               datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC)]
+    for tz in ("UTC", "+00:00"):
+        column = pa.array(moments, pa.timestamp("us", tz=tz))
+        converted = utc_datetimes(column)
+        assert converted == column.to_pylist() == moments
+        assert all(moment.tzinfo is UTC for moment in converted)
+    chunked = pa.chunked_array([pa.array(moments[:2], pa.timestamp("us", tz="UTC")),
+                                pa.array(moments[2:], pa.timestamp("us", tz="UTC"))])
+    assert utc_datetimes(chunked) == moments
+
+
+def test_utc_datetimes_leave_other_columns_to_arrow_and_naive_ones_to_ensure_utc() -> None:
+    moment = datetime(2026, 11, 26, tzinfo=UTC)
+    with_null = pa.array([moment, None], pa.timestamp("us", tz="UTC"))
+    assert utc_datetimes(with_null) == [moment, None]
+    nanoseconds = pa.array([moment], pa.timestamp("ns", tz="UTC"))
+    assert utc_datetimes(nanoseconds) == [moment]
+    naive = utc_datetimes(pa.array([moment.replace(tzinfo=None)], pa.timestamp("us")))
+    with pytest.raises(ValueError, match="has no timezone"):
+        ensure_utc(naive[0])
