@@ -14,9 +14,10 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from minio.deleteobjects import DeleteObject
 
 from heimdall_storage_pipeline.core import deletion
-from heimdall_storage_pipeline.core.deletion import delete_batch, too_many_failures
+from heimdall_storage_pipeline.core.deletion import DeleteError, DeleteIfUnchanged, delete_batch, too_many_failures
 from heimdall_storage_pipeline.core.errors import (
     ReferenceDatabaseError,
     StorageAccessDeniedError,
@@ -129,6 +130,48 @@ def test_a_batch_that_waited_past_the_age_bound_is_checked_again_before_its_dele
     rows = {r.key: r for r in rig.audit_rows(bucket)}
     assert (rows[dead[0]].status, rows[dead[0]].error) == ("not_deleted", "skipped_referenced when checked again")
     assert {rows[key].status for key in dead[1:]} == {"deleted"}
+
+
+def test_with_conditional_deletes_an_object_rewritten_between_its_check_and_its_delete_is_kept(
+    rig, seaweed, make_bucket, monkeypatch
+):
+    """The DeleteObjects request carries each object's ETag as a condition; SeaweedFS refuses
+    to delete an object whose content changed after the fresh stat."""
+    bucket, table, _, dead = _world(rig, seaweed, make_bucket, referenced=1, orphans=4)
+    policy = bucket_policy(bucket, table)
+    rig.offset = OLD
+    orphans_uri = rig.scan(policy)
+    client = seaweed.client()
+    real_delete_batch = deletion.delete_batch
+
+    def rewrite_then_delete(*args: object, **kwargs: object) -> dict[str, DeleteError]:
+        put(client, bucket, dead[0], b"new content, uploaded after the check")
+        return real_delete_batch(*args, **kwargs)
+
+    monkeypatch.setattr(deletion, "delete_batch", rewrite_then_delete)
+    report = rig.delete(policy, orphans_uri, conditional_deletes=True)
+
+    assert report.outcomes["skipped_changed"] == 1 and report.outcomes["deleted"] == 3
+    assert report.count(deletion.Outcome.FAILED) == 0 and report.failures == []
+    assert client.get_object(bucket, dead[0]).data == b"new content, uploaded after the check"
+    assert not set(dead[1:]) & listed_keys(client, bucket)
+    rows = {r.key: r for r in rig.audit_rows(bucket)}
+    assert rows[dead[0]].status == "not_deleted" and rows[dead[0]].deleted_at is None
+    assert rows[dead[0]].error.startswith("skipped_changed when deleted (PreconditionFailed:")
+    assert {rows[key].status for key in dead[1:]} == {"deleted"}
+
+
+def test_conditional_delete_entries_name_the_etag_only_when_there_is_one(seaweed, make_bucket):
+    bucket = make_bucket("cond")
+    client = seaweed.client()
+    for key in ("same", "other", "unconditional"):
+        put(client, bucket, key)
+    etag = client.stat_object(bucket, "same").etag.strip('"')
+    errors = delete_batch(client, bucket, [DeleteIfUnchanged("same", etag=etag),
+                                           DeleteIfUnchanged("other", etag="0" * 32),
+                                           DeleteIfUnchanged("unconditional")], log=lambda _: None)
+    assert set(errors) == {"other"} and errors["other"].code == "PreconditionFailed"
+    assert listed_keys(client, bucket) == {"other"}
 
 
 def test_request_slots_bound_the_deletes_in_flight_while_later_batches_revalidate(rig, seaweed, make_bucket,
@@ -281,8 +324,10 @@ class _FlakyClient:
 def test_delete_batch_retries_transient_errors_and_returns_per_key_errors():
     client = _FlakyClient()
     waits: list[float] = []
-    errors = delete_batch(client, "b", ["k1", "k2"], log=lambda _: None, sleep=waits.append)
-    assert client.calls == 3 and errors == {"k1": "AccessDenied: denied"}
+    errors = delete_batch(client, "b", [DeleteObject("k1"), DeleteObject("k2")], log=lambda _: None,
+                          sleep=waits.append)
+    assert client.calls == 3 and errors == {"k1": DeleteError("AccessDenied", "denied")}
+    assert str(errors["k1"]) == "AccessDenied: denied"
     assert len(waits) == 2 and all(w > 0 for w in waits)
 
 

@@ -59,6 +59,11 @@ class DeleteOrphansConfig(dg.Config):
         default=DELETE_WORKERS, ge=1, le=32,
         description="DeleteObjects requests in flight per bucket (the load put on the S3 server)",
     )
+    conditional_deletes: bool = Field(
+        default=False,
+        description="name each object's ETag as a DeleteObjects condition, so a server that implements "
+        "conditional deletes keeps an object rewritten after its check (SeaweedFS: ~40 % more CPU per key)",
+    )
     max_diff_age_minutes: int = Field(default=24 * 60, ge=1, description="refuse older diffs")
     max_delete_fraction: float = Field(
         default=0.5, gt=0, le=1, description="refuse when eligible orphans exceed this share"
@@ -128,7 +133,7 @@ def record_deletions(
 def deletion_context(
     context: dg.OpExecutionContext, s3: S3Resource, reference_db: ReferenceDatabaseResource,
     manifests: ManifestStoreResource, audit_db: AuditDatabaseResource, dry_run: bool,
-    workers: int = DELETE_WORKERS,
+    workers: int = DELETE_WORKERS, conditional_deletes: bool = False,
 ) -> DeletionContext:
     """What every deleting op needs; a dry run gets no audit log, so it cannot record deletions."""
     return DeletionContext(
@@ -140,6 +145,7 @@ def deletion_context(
         job=context.job_name,
         log=context.log.info,
         workers=workers,
+        conditional_deletes=conditional_deletes,
     )
 
 
@@ -155,7 +161,7 @@ def delete_orphans(
 ) -> None:
     buckets = _selected_buckets(policy.load(), config)
     ctx = deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run,
-                           workers=config.delete_concurrency)
+                           workers=config.delete_concurrency, conditional_deletes=config.conditional_deletes)
     refusals: dict[str, str] = {}
     for bucket in buckets:
         try:

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pytest
 import sqlalchemy as sa
 
+from heimdall_storage_pipeline.core import deletion
 from heimdall_storage_pipeline.core.audit import AuditLog
 from heimdall_storage_pipeline.core.clock import utc_now
 from heimdall_storage_pipeline.core.manifests import ManifestStore
@@ -95,6 +96,21 @@ def test_max_objects_caps_the_candidates(world):
     meta = harness.metadata("orphan_deletions", bucket)
     assert meta["candidates"] == 1 and meta["deleted_count"] == 1
     assert len(listed_keys(client, bucket)) == 9
+
+
+def test_conditional_deletes_keep_an_object_rewritten_after_its_check(world, monkeypatch):
+    harness, bucket, client, orphans = world
+    real_delete_batch = deletion.delete_batch
+
+    def rewrite_then_delete(*args: object, **kwargs: object) -> dict[str, deletion.DeleteError]:
+        put(client, bucket, orphans[0], b"rewritten after the check")
+        return real_delete_batch(*args, **kwargs)
+
+    monkeypatch.setattr(deletion, "delete_batch", rewrite_then_delete)
+    harness.delete(dry_run=False, conditional_deletes=True)
+    meta = harness.metadata("orphan_deletions", bucket)
+    assert meta["skipped_changed"] == 1 and meta["deleted_count"] == 3 and meta["failed_count"] == 0
+    assert orphans[0] in listed_keys(client, bucket)
 
 
 def test_missing_diff_is_refused_for_that_bucket(harness_factory, make_bucket):
