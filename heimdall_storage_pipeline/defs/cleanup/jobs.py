@@ -62,7 +62,7 @@ class DeleteOrphansConfig(dg.Config):
     conditional_deletes: bool = Field(
         default=False,
         description="name each object's ETag as a DeleteObjects condition, so a server that implements "
-        "conditional deletes keeps an object rewritten after its check (SeaweedFS: ~40 % more CPU per key)",
+        "conditional deletes keeps an object rewritten after its check (SeaweedFS: up to ~40 % more CPU per key)",
     )
     max_diff_age_minutes: int = Field(default=24 * 60, ge=1, description="refuse older diffs")
     max_delete_fraction: float = Field(
