@@ -424,7 +424,8 @@ def _delete(
     """Send DeleteObjects for ``deletable`` (their intent is recorded); returns ``{key: error}``."""
     delete_began = time.perf_counter()
     with s3_errors(ctx.s3, bucket):
-        objects = [DeleteIfUnchanged(c.key, etag=c.etag if ctx.conditional_deletes else "") for c in deletable]
+        objects = [DeleteIfUnchanged(c.key, etag=c.etag) if ctx.conditional_deletes else DeleteObject(c.key)
+                   for c in deletable]
         errors = delete_batch(client, bucket, objects, ctx.log, ctx.sleep)
     result.delete_seconds = time.perf_counter() - delete_began
     result.failures = {key: str(error) for key, error in errors.items() if error.code not in _REFUSED_AS}
