@@ -6,6 +6,10 @@ results, only slower; ``NATIVE`` says which one runs (the benchmark prints it).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -69,6 +73,54 @@ def plain_keys(block: bytearray, rows_end: int, prefix: str, extra: str = "") ->
     keys = pa.StringArray.from_buffers(rows, pa.py_buffer(offsets[: rows + 1]),
                                        pa.py_buffer(data[: offsets[rows]]))
     return keys, hashes[:rows]
+
+
+def _psycopg2_library() -> bytes:
+    import psycopg2._psycopg
+
+    return os.fsencode(psycopg2._psycopg.__file__)
+
+
+def copy_applies(connection: Any) -> bool:
+    """Whether ``copy_blocks`` can run on the psycopg2 ``connection``: the extension is built,
+    the connection is a plain blocking one (not asynchronous, no green wait callback) with a
+    transaction psycopg2 has already begun (or autocommit), and its libpq is reachable."""
+    import psycopg2.extensions
+
+    if (_native is None or connection.closed or connection.async_
+            or psycopg2.extensions.get_wait_callback() is not None):
+        return False
+    in_transaction = connection.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+    if not (connection.autocommit or in_transaction):
+        return False  # psycopg2 would send BEGIN first
+    return bool(_native.copy_applies(_psycopg2_library(), connection.pgconn_ptr))
+
+
+def copy_blocks(connection: Any, sql: str, block_bytes: int, deliver: Callable[[bytearray, int], bool]) -> None:
+    """Run ``sql`` (a ``COPY ... TO STDOUT``) on the psycopg2 ``connection`` in compiled code
+    and call ``deliver(block, used)`` for each block of about ``block_bytes`` holding whole
+    rows in ``block[:used]``; once ``deliver`` returns False the rest is read and dropped.
+
+    psycopg2's ``copy_expert`` does the same with one Python call per row, which at short rows
+    costs more than PostgreSQL's side. Only where ``copy_applies``. A failing statement raises
+    the psycopg2 error class of its SQLSTATE, as ``copy_expert`` would.
+    """
+    status, sqlstate, message = _native.copy_blocks(
+        _psycopg2_library(), connection.pgconn_ptr, sql.encode(), block_bytes, deliver)
+    if status:
+        raise _error_class(sqlstate.decode())(message.decode("utf-8", "replace"))
+
+
+def _error_class(sqlstate: str) -> type[Exception]:
+    import psycopg2
+    import psycopg2.errors
+
+    if not sqlstate:  # no server answer: the connection failed
+        return psycopg2.OperationalError
+    try:
+        return psycopg2.errors.lookup(sqlstate)
+    except KeyError:  # a code newer than this psycopg2
+        return psycopg2.DatabaseError
 
 
 # jsonb's canonical output of an object whose members are all plain strings (no escapes):

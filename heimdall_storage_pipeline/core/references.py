@@ -45,7 +45,14 @@ from heimdall_storage_pipeline.core.keys import (
     parse_reference,
 )
 from heimdall_storage_pipeline.core.manifests import REFERENCES_SCHEMA, ManifestStore, in_background
-from heimdall_storage_pipeline.core.native import all_plain, object_values, plain_keys, split_rows
+from heimdall_storage_pipeline.core.native import (
+    all_plain,
+    copy_applies,
+    copy_blocks,
+    object_values,
+    plain_keys,
+    split_rows,
+)
 from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
 
 FETCH_ROWS = 10_000  # rows per server-side cursor fetch
@@ -357,20 +364,70 @@ def copy_row_blocks(raw: Any, query: str, columns: int = 1) -> Iterator[tuple[by
     """Blocks of whole rows of the first of the ``columns`` columns of ``query``, read by ``COPY ... TO STDOUT``.
 
     COPY runs on ``raw`` (inside its current transaction, so in the caller's snapshot) in a
-    background thread and writes into a pipe; a second thread cuts what arrives into blocks of
-    whole rows and queues a few of them, so COPY never waits for the caller's work on a block
-    and memory stays at a few blocks. Text format, one column: every newline ends a row
-    (newlines in values are escaped), so a block becomes an Arrow array by locating its
-    newlines; only rows holding a backslash (an escape, or ``\\N`` for NULL) need decoding
-    (``_text_rows``). Yields ``(block, rows_end)``: the rows are ``block[:rows_end]``.
+    background thread that queues a few blocks ahead, so COPY never waits for the caller's
+    work on a block and memory stays at a few blocks. Where it can (``native.copy_applies``)
+    compiled code fills the blocks row by row; otherwise psycopg2's ``copy_expert`` writes
+    into a pipe and a second thread cuts what arrives into blocks. Text format, one column:
+    every newline ends a row (newlines in values are escaped), so a block becomes an Arrow
+    array by locating its newlines; only rows holding a backslash (an escape, or ``\\N`` for
+    NULL) need decoding (``_text_rows``). Yields ``(block, rows_end)``: the rows are
+    ``block[:rows_end]``.
     """
     sql = f"COPY ({_wrapped(query, columns)}) TO STDOUT"
-    read_fd, write_fd = os.pipe()
-    _grow_pipe(write_fd)
     copy_failures: list[BaseException] = []
     read_failures: list[BaseException] = []
     blocks: queue.Queue[tuple[bytearray | None, int] | None] = queue.Queue(maxsize=_QUEUED_BLOCKS)
     stopping = threading.Event()
+
+    def deliver(block: bytearray, rows_end: int) -> bool:
+        blocks.put((block, rows_end))
+        return not stopping.is_set()
+
+    def copy_natively() -> None:
+        try:
+            copy_blocks(raw, sql, _COPY_BLOCK_BYTES, deliver)
+        except BaseException as exc:  # handed to the calling thread
+            copy_failures.append(exc)
+        finally:
+            blocks.put(None)
+
+    if copy_applies(raw):
+        threads = [threading.Thread(target=copy_natively, name="heimdall-references-copy", daemon=True)]
+    else:
+        threads = _piped_copy_threads(raw, sql, blocks, stopping, copy_failures, read_failures)
+    for thread in threads:
+        thread.start()
+    truncated = False
+    item = blocks.get()
+    try:
+        while item is not None:
+            block, rows_end = item
+            if block is None:
+                truncated = True
+            else:
+                yield block, rows_end
+            item = blocks.get()
+    finally:
+        stopping.set()
+        while item is not None:  # unblock the producer until it has finished
+            item = blocks.get()
+        for thread in threads:
+            thread.join()
+    if copy_failures:  # a COPY that failed half-way truncates the stream: its error is the one to report
+        _raise_as_sqlalchemy(sql, copy_failures[0])
+    if read_failures:
+        raise read_failures[0]
+    if truncated:
+        raise ReferenceDatabaseError(f"the COPY output of {query!r} ended inside a row")
+
+
+def _piped_copy_threads(
+    raw: Any, sql: str, blocks: queue.Queue[tuple[bytearray | None, int] | None], stopping: threading.Event,
+    copy_failures: list[BaseException], read_failures: list[BaseException],
+) -> list[threading.Thread]:
+    """psycopg2's ``copy_expert`` writing into a pipe, and a thread cutting the pipe into blocks."""
+    read_fd, write_fd = os.pipe()
+    _grow_pipe(write_fd)
 
     def produce() -> None:
         try:
@@ -391,37 +448,8 @@ def copy_row_blocks(raw: Any, query: str, columns: int = 1) -> Iterator[tuple[by
         finally:
             blocks.put(None)
 
-    producer = threading.Thread(target=produce, name="heimdall-references-copy", daemon=True)
-    cutter = threading.Thread(target=cut, name="heimdall-references-rows", daemon=True)
-    try:
-        producer.start()
-    except BaseException:
-        os.close(write_fd)
-        os.close(read_fd)
-        raise
-    cutter.start()
-    truncated = False
-    item = blocks.get()
-    try:
-        while item is not None:
-            block, rows_end = item
-            if block is None:
-                truncated = True
-            else:
-                yield block, rows_end
-            item = blocks.get()
-    finally:
-        stopping.set()
-        while item is not None:  # unblock the cutter until it has finished
-            item = blocks.get()
-        cutter.join()
-        producer.join()
-    if copy_failures:  # a COPY that failed half-way truncates the stream: its error is the one to report
-        _raise_as_sqlalchemy(sql, copy_failures[0])
-    if read_failures:
-        raise read_failures[0]
-    if truncated:
-        raise ReferenceDatabaseError(f"the COPY output of {query!r} ended inside a row")
+    return [threading.Thread(target=produce, name="heimdall-references-copy", daemon=True),
+            threading.Thread(target=cut, name="heimdall-references-rows", daemon=True)]
 
 
 def _row_blocks(source: Any) -> Iterator[tuple[bytearray | None, int]]:
@@ -577,9 +605,10 @@ def read_references_to_manifest(
                     if len(keys):
                         writer.write_batch(_references_batch(keys, source.name))
                         distinct.add(keys, hashes)
+            referenced_count = distinct.count  # sorts while the writer thread finishes the manifest
     return ReferencesResult(
         bucket=bucket.name,
-        referenced_count=distinct.count,
+        referenced_count=referenced_count,
         reference_rows=counts.reference_rows,
         other_bucket_reference_count=counts.other_bucket,
         unparseable_reference_count=counts.unparseable,

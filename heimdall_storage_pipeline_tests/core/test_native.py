@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -148,3 +152,101 @@ def test_plain_keys_hashes_keys_longer_than_the_power_table_as_hash64_does() -> 
     result = native.plain_keys(block, len(block), "s3://b/")
     assert result is not None
     assert result[1].tolist() == native.hash_strings64(pa.array(keys, pa.string())).tolist()
+
+
+# --- COPY without a Python call per row (copy_applies / copy_blocks) ---------------------------
+
+_ROWS_SQL = ("COPY (SELECT CASE WHEN g = 7 THEN repeat('x', 3000) ELSE 'row-' || g || E'\\ttab' END "
+             "FROM generate_series(1, 2000) AS g) TO STDOUT")
+
+
+@pytest.fixture
+def pg_connection(database_url: str) -> Iterator[Any]:
+    import psycopg2
+
+    url = sa.make_url(database_url)
+    connection = psycopg2.connect(host=url.host, port=url.port, user=url.username, dbname=url.database)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")  # psycopg2 begins the transaction the COPY runs in
+        yield connection
+    finally:
+        connection.close()
+
+
+def _copy_expert(connection: Any, sql: str) -> bytes:
+    sink = io.BytesIO()
+    with connection.cursor() as cursor:
+        cursor.copy_expert(sql, sink)
+    return sink.getvalue()
+
+
+def _collecting(blocks: list[tuple[int, bytes]], go_on: bool = True) -> Callable[[bytearray, int], bool]:
+    def deliver(block: bytearray, used: int) -> bool:
+        blocks.append((len(block), bytes(block[:used])))
+        return go_on
+
+    return deliver
+
+
+def test_copy_blocks_hands_over_whole_rows_exactly_as_copy_expert_writes_them(pg_connection: Any) -> None:
+    assert native.copy_applies(pg_connection)
+    blocks: list[tuple[int, bytes]] = []
+    native.copy_blocks(pg_connection, _ROWS_SQL, 1024, _collecting(blocks))
+    assert b"".join(data for _, data in blocks) == _copy_expert(pg_connection, _ROWS_SQL)
+    assert len(blocks) > 10
+    assert all(data.endswith(b"\n") for _, data in blocks)  # whole rows only
+    # Blocks keep to their size, but for the one row longer than a block, which gets its own.
+    assert [size for size, _ in blocks if size != 1024] == [3001]
+    assert all(len(data) <= size for size, data in blocks)
+
+
+def test_copy_blocks_stopped_early_leaves_the_connection_ready(pg_connection: Any) -> None:
+    delivered: list[tuple[int, bytes]] = []
+    native.copy_blocks(pg_connection, _ROWS_SQL, 1024, _collecting(delivered, go_on=False))
+    assert len(delivered) == 1  # nothing after deliver said stop
+    with pg_connection.cursor() as cursor:
+        cursor.execute("SELECT 42")
+        assert cursor.fetchone() == (42,)
+
+
+def test_copy_blocks_raises_the_callbacks_error_after_draining(pg_connection: Any) -> None:
+    def deliver(block: bytearray, used: int) -> bool:
+        raise KeyError("consumer failed")
+
+    with pytest.raises(KeyError, match="consumer failed"):
+        native.copy_blocks(pg_connection, _ROWS_SQL, 1024, deliver)
+    with pg_connection.cursor() as cursor:
+        cursor.execute("SELECT 43")
+        assert cursor.fetchone() == (43,)
+
+
+def test_copy_blocks_raises_psycopg2s_error_class_for_a_failing_statement(pg_connection: Any) -> None:
+    import psycopg2.errors
+
+    sql = "COPY (SELECT 'k' || (1 / (1500 - g)) FROM generate_series(1, 3000) AS g) TO STDOUT"
+    delivered: list[tuple[int, bytes]] = []
+    with pytest.raises(psycopg2.errors.DivisionByZero, match="division by zero"):
+        native.copy_blocks(pg_connection, sql, 1024, _collecting(delivered))
+    assert delivered  # rows before the failure arrived; the caller discards them
+    pg_connection.rollback()
+    with pytest.raises(psycopg2.errors.UndefinedTable):
+        native.copy_blocks(pg_connection, "COPY (SELECT * FROM no_such_table) TO STDOUT", 1024, _collecting([]))
+
+
+def test_copy_applies_only_where_copy_blocks_can_run(pg_connection: Any, database_url: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import psycopg2
+
+    pg_connection.rollback()  # idle: psycopg2 would send BEGIN before the COPY, so copy_expert runs it
+    assert not native.copy_applies(pg_connection)
+    pg_connection.autocommit = True
+    assert native.copy_applies(pg_connection)
+    url = sa.make_url(database_url)
+    asynchronous = psycopg2.connect(host=url.host, port=url.port, user=url.username, dbname=url.database, async_=1)
+    try:
+        assert not native.copy_applies(asynchronous)
+    finally:
+        asynchronous.close()
+    monkeypatch.setattr(native, "_native", None)
+    assert not native.copy_applies(pg_connection)

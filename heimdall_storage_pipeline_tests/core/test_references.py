@@ -157,6 +157,15 @@ def _table(engine: sa.Engine, column_type: str, values: list[Any]) -> str:
     return f"SELECT v FROM public.{name} ORDER BY id"
 
 
+def _table_from_array(engine: sa.Engine, values: list[str | None]) -> str:
+    name = f"refs_{secrets.token_hex(4)}"
+    with engine.begin() as connection:
+        connection.execute(sa.text(f"CREATE TABLE public.{name} (id serial PRIMARY KEY, v text)"))
+        connection.execute(sa.text(f"INSERT INTO public.{name} (v) SELECT unnest(CAST(:values AS text[]))"),
+                           {"values": values})
+    return f"SELECT v FROM public.{name} ORDER BY id"
+
+
 def _both_paths_agree(engine: sa.Engine, sources: list[ReferenceSource], tmp_path: Path,
                       monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
     bucket = BucketPolicy(name=BUCKET, enabled=True, min_age=timedelta(days=1), batch_size=1000,
@@ -282,3 +291,23 @@ def test_a_missing_table_fails_clearly(db_engine: sa.Engine, tmp_path: Path) -> 
     bucket, _ = _policy(ReferenceFormat.KEY, query="SELECT v FROM public.no_such_table")
     with pytest.raises(ReferenceDatabaseError, match=r"a reference query failed on .*no_such_table"):
         read_references_to_manifest(db_engine, bucket, ManifestStore(str(tmp_path)), "run")
+
+
+def test_copy_through_psycopg2_reads_what_the_compiled_copy_reads(
+    db_engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where the compiled COPY does not apply (copy_applies false), copy_expert writes into a
+    # pipe that a thread cuts into blocks: the same rows, escapes and NULLs included.
+    values = [*_DB_VALUES, *(f"s3://{BUCKET}/plain/{i}.npy" for i in range(30_000))]
+    source = ReferenceSource(name="s", query=_table_from_array(db_engine, values), format=ReferenceFormat.URI)
+    bucket = BucketPolicy(name=BUCKET, enabled=True, min_age=timedelta(days=1), batch_size=1000, description="",
+                          references=(source,))
+    used: list[bool] = []
+    real = references.copy_applies
+    monkeypatch.setattr(references, "copy_applies", lambda raw: used.append(real(raw)) or used[-1])
+    compiled = _read(db_engine, bucket, tmp_path / "compiled", True, monkeypatch)
+    monkeypatch.setattr(references, "copy_applies", lambda raw: False)
+    piped = _read(db_engine, bucket, tmp_path / "piped", True, monkeypatch)
+    assert used == [True]
+    assert compiled == piped
+    assert len(compiled[0]) > 30_000
