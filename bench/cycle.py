@@ -17,6 +17,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -178,6 +179,8 @@ def main() -> int:
     finally:
         seaweed.stop()
         drop_database(admin_url, database_url)
+        if admin_url == LOCAL_SERVER_URL:  # an embedded server's data lives in work/ until exit
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import hashlib
 import io
 import os
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -287,6 +288,8 @@ def main() -> int:
         engine.dispose()
         seaweed.stop()
         drop_database(admin_url, database_url)
+        if admin_url == LOCAL_SERVER_URL:  # an embedded server's data lives in work/ until exit
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from heimdall_storage_pipeline.core.clock import ensure_utc
 from heimdall_storage_pipeline.core.errors import database_error
 from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
 
@@ -63,8 +64,8 @@ _ID_GAP = 10_000  # ids further apart than this are marked by separate ranges
 
 
 def _nearby(ids: list[int]) -> list[list[int]]:
-    """``ids`` sorted and cut where two neighbours lie far apart: a batch's ids are one group,
-    the pending rows of runs long apart (``reconcile``) are several, so no range spans the years."""
+    """``ids`` sorted and cut where two neighbours lie far apart: a batch's ids are one group, the
+    pending rows of runs long apart (``reconcile``) several, so no range reads the rows between."""
     groups: list[list[int]] = []
     for id_ in sorted(ids):
         if groups and id_ - groups[-1][-1] <= _ID_GAP:
@@ -118,7 +119,7 @@ class AuditLog:
                 "keys": array_literal(c.key for c in candidates),
                 "sizes": array_literal(str(c.size) for c in candidates),
                 "etags": array_literal(c.etag for c in candidates),
-                "modified": array_literal(c.last_modified.isoformat() for c in candidates),
+                "modified": array_literal(ensure_utc(c.last_modified).isoformat() for c in candidates),
             }).all())
 
     def mark(self, *, ids: Iterable[int], status: str, at: datetime | None, error: str | None = None) -> None:

@@ -393,10 +393,9 @@ def copy_row_blocks(raw: Any, query: str, columns: int = 1) -> Iterator[tuple[by
 
     if copy_applies(raw):
         threads = [threading.Thread(target=copy_natively, name="heimdall-references-copy", daemon=True)]
+        threads[0].start()
     else:
-        threads = _piped_copy_threads(raw, sql, blocks, stopping, copy_failures, read_failures)
-    for thread in threads:
-        thread.start()
+        threads = _start_piped_copy(raw, sql, blocks, stopping, copy_failures, read_failures)
     truncated = False
     item = blocks.get()
     try:
@@ -421,11 +420,11 @@ def copy_row_blocks(raw: Any, query: str, columns: int = 1) -> Iterator[tuple[by
         raise ReferenceDatabaseError(f"the COPY output of {query!r} ended inside a row")
 
 
-def _piped_copy_threads(
+def _start_piped_copy(
     raw: Any, sql: str, blocks: queue.Queue[tuple[bytearray | None, int] | None], stopping: threading.Event,
     copy_failures: list[BaseException], read_failures: list[BaseException],
 ) -> list[threading.Thread]:
-    """psycopg2's ``copy_expert`` writing into a pipe, and a thread cutting the pipe into blocks."""
+    """Start psycopg2's ``copy_expert`` writing into a pipe, and a thread cutting the pipe into blocks."""
     read_fd, write_fd = os.pipe()
     _grow_pipe(write_fd)
 
@@ -448,8 +447,16 @@ def _piped_copy_threads(
         finally:
             blocks.put(None)
 
-    return [threading.Thread(target=produce, name="heimdall-references-copy", daemon=True),
-            threading.Thread(target=cut, name="heimdall-references-rows", daemon=True)]
+    producer = threading.Thread(target=produce, name="heimdall-references-copy", daemon=True)
+    cutter = threading.Thread(target=cut, name="heimdall-references-rows", daemon=True)
+    try:
+        producer.start()
+    except BaseException:
+        os.close(write_fd)
+        os.close(read_fd)
+        raise
+    cutter.start()
+    return [producer, cutter]
 
 
 def _row_blocks(source: Any) -> Iterator[tuple[bytearray | None, int]]:

@@ -27,9 +27,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from minio import Minio
 from minio.error import S3Error
@@ -194,11 +196,9 @@ def _stream_all(connection: Connection, sql: str, params: dict[str, object]) -> 
 
 
 def _fresh(size: int | None, last_modified: datetime, etag: str | None, key: str) -> FreshStat:
-    return FreshStat(
-        size=size or 0,
-        last_modified=ensure_utc(last_modified, f"last_modified of {key!r}"),
-        etag=(etag or "").strip('"'),
-    )
+    if last_modified.tzinfo is not UTC:  # the message is built only when it may be needed
+        last_modified = ensure_utc(last_modified, f"last_modified of {key!r}")
+    return FreshStat(size=size or 0, last_modified=last_modified, etag=(etag or "").strip('"'))
 
 
 def _stat_one(client: Minio, bucket: str, key: str) -> FreshStat | None:
@@ -219,21 +219,22 @@ def _just_before(key: str) -> str:
 
 def _listed_stats(lister: ListObjectsV2, keys: list[str], budget: int) -> dict[str, FreshStat]:
     """Stats of those ``keys`` a bounded listing from the smallest of them finds."""
-    wanted = set(keys)
-    first = min(keys)  # S3 lists in byte order (SeaweedFS nearly so): start just before the batch
+    wanted = pa.array(sorted(set(keys)), pa.string())
+    first = wanted[0].as_py()  # S3 lists in byte order (SeaweedFS nearly so): start just before the batch
     found: dict[str, FreshStat] = {}
     seen = 0
     # A string prefix, not a path: 'data/orphan-1' and 'data/orphan-2' share 'data/orphan-'.
     prefix = os.path.commonprefix(keys)  # noqa: RUF071
     for body in lister.pages(prefix=prefix, start_after=_just_before(first)):
         page = parse_page(body)[0]
-        page_keys = page.column("key").to_pylist()
-        for key, size, modified, etag in zip(page_keys, page.column("size").to_pylist(),
+        seen += page.num_rows
+        # Only the batch's keys become Python objects: where most listed objects are referenced,
+        # the listing holds several keys for each one asked for.
+        page = page.filter(pc.is_in(page.column("key"), value_set=wanted))
+        for key, size, modified, etag in zip(page.column("key").to_pylist(), page.column("size").to_pylist(),
                                              utc_datetimes(page.column("last_modified")),
                                              page.column("etag").to_pylist(), strict=True):
-            if key in wanted:
-                found[key] = _fresh(size, modified, etag, key)
-        seen += len(page_keys)
+            found[key] = _fresh(size, modified, etag, key)
         if len(found) == len(wanted) or seen >= budget:
             break
     return found
