@@ -102,7 +102,7 @@ def copy_blocks(connection: Any, sql: str, block_bytes: int, deliver: Callable[[
     rows in ``block[:used]``; once ``deliver`` returns False the rest is read and dropped.
 
     psycopg2's ``copy_expert`` does the same with one Python call per row, which at short rows
-    costs more than PostgreSQL's side. Only where ``copy_applies``. A failing statement raises
+    costs a core of its own next to PostgreSQL's. Only where ``copy_applies``. A failing statement raises
     the psycopg2 error class of its SQLSTATE, as ``copy_expert`` would.
     """
     status, sqlstate, message = _native.copy_blocks(
