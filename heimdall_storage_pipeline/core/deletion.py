@@ -33,7 +33,7 @@ from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 from sqlalchemy.engine import Connection, Engine
 
-from heimdall_storage_pipeline.core.audit import AuditLog
+from heimdall_storage_pipeline.core.audit import AuditLog, Mark
 from heimdall_storage_pipeline.core.clock import Clock, utc_datetimes, utc_now
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
@@ -50,6 +50,9 @@ DELETE_WORKERS = 4  # DeleteObjects requests in flight at once; S3 servers take 
 # again. Batches re-validate while earlier ones delete, so they usually wait for a request slot.
 REVALIDATION_MAX_AGE = 2.0
 SETTLE_BACKLOG = 4  # finished batches waiting for an older one, per worker
+# At most one progress line per bucket this often, besides the first and the last batch's:
+# each line is an event in Dagster's event log, and a large bucket has thousands of batches.
+PROGRESS_SECONDS = 10.0
 MAX_FAILED_SHARE = 0.10  # more failed keys than this in one batch stops the bucket
 DELETE_ATTEMPTS = 5
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
@@ -203,7 +206,6 @@ class BatchResult:
     """One batch's outcome, built by a worker and merged into the report by the caller."""
 
     rows: list[tuple[Candidate, str]]
-    seconds: float
     revalidation_seconds: float = 0.0
     delete_seconds: float = 0.0
     revalidated_again: int = 0  # keys checked a second time after waiting for a request slot
@@ -255,18 +257,27 @@ def delete_candidates(
         checks = threading.BoundedSemaphore(max(1, ctx.threads - ctx.workers))
         in_flight: deque[Future[BatchResult]] = deque()  # in batch order, running or finished
 
+        logged: tuple[float, int] | None = None  # when the last progress line was logged, after which batch
+
+        def log_progress() -> None:
+            nonlocal logged
+            now = time.perf_counter()
+            logged = (now, report.batches)
+            outcome = Outcome.WOULD_DELETE if dry_run else Outcome.DELETED
+            ctx.log(
+                f"{bucket.name}: batch {report.batches} of {batches_total or '?'}: {report.candidates} keys "
+                f"so far, {report.count(outcome)} {'would be deleted' if dry_run else 'deleted'} "
+                f"({report.would_delete_bytes if dry_run else report.deleted_bytes} bytes), "
+                f"{report.candidates / (now - began):.0f} keys/s"
+            )
+
         def settle_oldest() -> None:
             result = in_flight.popleft().result()  # re-raises a worker's failure
             report.batches += 1
             _merge(report, result)
             writer.write_batch(_deletions_batch(result.rows))
-            ctx.log(
-                f"{bucket.name}: batch {report.batches} of {batches_total or '?'}: {len(result.rows)} keys, "
-                f"{result.count(Outcome.DELETED, Outcome.WOULD_DELETE)} "
-                f"{'would be deleted' if dry_run else 'deleted'} "
-                f"({result.bytes(Outcome.WOULD_DELETE if dry_run else Outcome.DELETED)} bytes), "
-                f"{len(result.rows) / result.seconds if result.seconds > 0 else 0:.0f} keys/s"
-            )
+            if logged is None or time.perf_counter() - logged[0] >= PROGRESS_SECONDS:
+                log_progress()
             failed = result.count(Outcome.FAILED)
             if too_many_failures(failed, len(result.rows)):
                 raise DeletionAbortedError(
@@ -296,6 +307,8 @@ def delete_candidates(
                                              checks, dry_run=dry_run, age_exempt=age_exempt))
             while in_flight:
                 settle_oldest()
+            if logged is not None and logged[1] < report.batches:
+                log_progress()  # the last batch
         except BaseException:
             # Let the batches already running finish and record themselves; start no more.
             for future in in_flight:
@@ -341,7 +354,7 @@ def _process_batch(
     with checks:
         rows, deletable = _revalidate(ctx, bucket, batch, client, lister, age_exempt)
     checked = time.perf_counter()
-    result = BatchResult(rows=rows, seconds=0.0, revalidation_seconds=checked - began)
+    result = BatchResult(rows=rows, revalidation_seconds=checked - began)
     if dry_run:
         rows += [(c, Outcome.WOULD_DELETE.value) for c in deletable]
     elif deletable:
@@ -350,6 +363,7 @@ def _process_batch(
         audit_ids = ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket.name,
                                             candidates=deletable, at=ctx.clock())
         errors: dict[str, DeleteError] = {}
+        marks: list[Mark] = []
         with slots:  # one of ctx.workers DeleteObjects requests in flight
             if time.perf_counter() - checked > REVALIDATION_MAX_AGE:
                 # The wait for a slot outlived the check: check these keys again.
@@ -358,14 +372,15 @@ def _process_batch(
                 rows += skipped
                 result.revalidated_again = len(skipped) + len(deletable)
                 result.revalidation_seconds += time.perf_counter() - again
-                for outcome, keys in _keys_by_outcome(skipped).items():
-                    ctx.audit.mark(ids=[audit_ids[key] for key in keys], status="not_deleted", at=None,
-                                   error=f"{outcome} when checked again")
+                marks += [Mark([audit_ids[key] for key in keys], "not_deleted", error=f"{outcome} when checked again")
+                          for outcome, keys in _keys_by_outcome(skipped).items()]
             if deletable:
                 errors = _delete(ctx, bucket.name, deletable, client, result)
-        if deletable:
-            rows += _mark(ctx, deletable, audit_ids, errors)
-    result.seconds = time.perf_counter() - began
+        # After the slot, so that the next request goes out first; every row of the intent gets
+        # its final status in the transaction that closes the intent.
+        outcomes, final = _outcomes(deletable, audit_ids, errors, ctx.clock)
+        rows += outcomes
+        ctx.audit.finish(marks + final, intents=[min(audit_ids.values())])
     return result
 
 
@@ -432,14 +447,13 @@ def _delete(
     return errors
 
 
-def _mark(
-    ctx: DeletionContext, deletable: list[Candidate], audit_ids: dict[str, int], errors: dict[str, DeleteError]
-) -> list[tuple[Candidate, str]]:
-    """Mark the audit rows deleted, not deleted or failed; outside the slot, so the next request goes out first."""
-    assert ctx.audit is not None
+def _outcomes(
+    deletable: list[Candidate], audit_ids: dict[str, int], errors: dict[str, DeleteError], clock: Clock
+) -> tuple[list[tuple[Candidate, str]], list[Mark]]:
+    """Each sent key's outcome, and the audit marks that record them: deleted, not deleted or failed."""
     rows: list[tuple[Candidate, str]] = []
     # (status, error) -> audit row ids: one statement per distinct outcome, not per key.
-    marks: dict[tuple[str, str | None], list[int]] = {}
+    ids_by_mark: dict[tuple[str, str | None], list[int]] = {}
     for candidate in deletable:
         error = errors.get(candidate.key)
         refused = _REFUSED_AS.get(error.code) if error else None
@@ -449,11 +463,11 @@ def _mark(
             outcome, status, reason = refused, "not_deleted", f"{refused} when deleted ({error})"
         else:
             outcome, status, reason = Outcome.FAILED, "failed", str(error)
-        marks.setdefault((status, reason), []).append(audit_ids[candidate.key])
+        ids_by_mark.setdefault((status, reason), []).append(audit_ids[candidate.key])
         rows.append((candidate, outcome.value))
-    for (status, reason), ids in marks.items():
-        ctx.audit.mark(ids=ids, status=status, at=ctx.clock() if status == "deleted" else None, error=reason)
-    return rows
+    marks = [Mark(ids, status, clock() if status == "deleted" else None, reason)
+             for (status, reason), ids in ids_by_mark.items()]
+    return rows, marks
 
 
 def candidates_from_orphans(store: ManifestStore, uri: str, max_objects: int | None = None) -> Iterator[Candidate]:

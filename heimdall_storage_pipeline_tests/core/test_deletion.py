@@ -57,7 +57,8 @@ def _world(rig: CoreRig, seaweed: SeaweedFS, make_bucket: Callable[[str], str], 
     return bucket, table, kept, dead
 
 
-def test_live_run_deletes_old_orphans_only_and_records_each(rig, seaweed, make_bucket):
+def test_live_run_deletes_old_orphans_only_and_records_each(rig, seaweed, make_bucket, monkeypatch):
+    monkeypatch.setattr(deletion, "PROGRESS_SECONDS", 3600.0)
     bucket, table, kept, dead = _world(rig, seaweed, make_bucket, referenced=3, orphans=5)
     policy = bucket_policy(bucket, table)
     rig.offset = OLD
@@ -68,7 +69,10 @@ def test_live_run_deletes_old_orphans_only_and_records_each(rig, seaweed, make_b
     rows = rig.audit_rows(bucket)
     assert {r.key for r in rows if r.status == "deleted"} == set(dead)
     assert all(r.deleted_at is not None and r.deleted_at.tzinfo is not None for r in rows)
-    assert any("batch 3 of" in line and "keys/s" in line for line in rig.logs)
+    # Progress: the first batch, then at most one line per PROGRESS_SECONDS, and the last batch.
+    progress = [line for line in rig.logs if ": batch " in line]
+    assert [line.split(": ")[1] for line in progress] == ["batch 1 of ?", "batch 3 of ?"]
+    assert "5 keys so far, 5 deleted (" in progress[-1] and "keys/s" in progress[-1]
 
 
 def test_young_objects_are_skipped_at_delete_time_even_if_the_diff_called_them_eligible(
