@@ -50,7 +50,6 @@ open_intents = sa.Table(
     sa.Column("first_id", sa.BigInteger, primary_key=True),  # the batch's audit row ids ...
     sa.Column("last_id", sa.BigInteger, nullable=False),  # ... lie in first_id..last_id
     sa.Column("bucket", sa.String(63), nullable=False),
-    sa.Column("run_id", sa.String(64), nullable=False),
 )
 # Room on each page for a new version of every row, which a mark makes ~12 bytes longer (with
 # its line pointer): the mark then stays on the page (HOT). At 50 a few rows of each page missed.
@@ -68,8 +67,8 @@ WITH intent AS (
               CAST(:modified AS timestamptz[])) AS c(key, size, etag, last_modified)
   RETURNING key, id
 ), opened AS (
-  INSERT INTO {open_intents.name} (first_id, last_id, bucket, run_id)
-  SELECT min(id), max(id), :bucket, :run_id FROM intent
+  INSERT INTO {open_intents.name} (first_id, last_id, bucket)
+  SELECT min(id), max(id), :bucket FROM intent
 )
 SELECT key, id FROM intent
 """
@@ -163,8 +162,8 @@ class AuditLog:
             if connection.execute(layout, names).one()[0]:
                 # Pending rows of runs that died under the earlier release: one open intent per run.
                 connection.execute(sa.text(
-                    f"INSERT INTO {open_intents.name} (first_id, last_id, bucket, run_id) "
-                    f"SELECT min(id), max(id), bucket, run_id FROM {deletion_audit.name} "
+                    f"INSERT INTO {open_intents.name} (first_id, last_id, bucket) "
+                    f"SELECT min(id), max(id), bucket FROM {deletion_audit.name} "
                     f"WHERE status = 'pending' GROUP BY bucket, run_id ON CONFLICT DO NOTHING"))
                 connection.execute(sa.text(f"DROP INDEX {_STATUS_INDEX}"))
             connection.execute(sa.text(f"ALTER TABLE {deletion_audit.name} SET (fillfactor = {AUDIT_FILLFACTOR})"))

@@ -101,7 +101,7 @@ def test_ids_far_apart_are_marked_by_separate_ranges() -> None:
     assert _nearby([]) == []
 
 
-def _open_intents(engine: sa.Engine) -> list[tuple[int, int, str, str]]:
+def _open_intents(engine: sa.Engine) -> list[tuple[int, int, str]]:
     with engine.connect() as connection:
         return sorted(tuple(row) for row in connection.execute(sa.select(open_intents)).all())
 
@@ -115,8 +115,7 @@ def test_an_intent_stays_open_until_its_rows_are_final(db_engine):
     other = audit.record_intent(run_id="r1", job="j", bucket=bucket + "x", at=at,
                                 candidates=[Candidate("k", 1, at, "e")])
     first = min(ids.values())
-    assert _open_intents(db_engine) == [(first, max(ids.values()), bucket, "r1"),
-                                        (other["k"], other["k"], bucket + "x", "r1")]
+    assert _open_intents(db_engine) == [(first, max(ids.values()), bucket), (other["k"], other["k"], bucket + "x")]
     audit.finish([Mark([ids[AWKWARD_KEYS[0]]], "deleted", at)])  # no intent named: it stays open
     pending, intents = audit.pending(bucket)
     assert sorted(row.key for row in pending) == sorted(AWKWARD_KEYS[1:]) and intents == [first]
