@@ -24,6 +24,8 @@ from heimdall_storage_pipeline.core.keys import ReferenceFormat
 POLICY_ENV_VAR = "HEIMDALL_STORAGE_POLICY"
 DELETE_OBJECTS_LIMIT = 1000  # S3 DeleteObjects accepts at most 1000 keys per request
 DEFAULT_MANIFEST_RETENTION_DAYS = 14
+# Longest a reference query may run on the server (scan read or re-check) before it is cancelled.
+DEFAULT_STATEMENT_TIMEOUT = timedelta(minutes=10)
 
 # S3 bucket naming rules (3-63 chars, lowercase letters, digits, dots and hyphens).
 _BUCKET_NAME = re.compile(r"^(?!xn--)(?!.*\.\.)(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -53,6 +55,7 @@ class ReferenceSource:
     format: ReferenceFormat = ReferenceFormat.KEY
     container: str = "none"  # "none" or "json"
     percent_decode: bool = False
+    statement_timeout: timedelta = DEFAULT_STATEMENT_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ _ROOT_KEYS = {"buckets", "manifest_retention_days", "allow_short_min_age"}
 _BUCKET_KEYS = {
     "enabled", "min_age_days", "min_age", "batch_size", "description", "references", "companions",
 }
-_SOURCE_KEYS = {"name", "query", "format", "container", "percent_decode"}
+_SOURCE_KEYS = {"name", "query", "format", "container", "percent_decode", "statement_timeout"}
 _COMPANION_KEYS = {"name", "match", "companion"}
 
 
@@ -193,12 +196,16 @@ def _parse_source(raw: Any, where: str) -> ReferenceSource:
     if container not in ("none", "json"):
         raise PolicyError(f"{where}.container: {container!r} is not one of none, json")
     query = _typed(data, "query", str, where, "")
+    timeout = parse_duration(data.get("statement_timeout", "10m"), f"{where}.statement_timeout")
+    if not timedelta(seconds=1) <= timeout <= timedelta(days=1):
+        raise PolicyError(f"{where}.statement_timeout: {timeout} is out of range; use 1s..1d, e.g. '10m'")
     return ReferenceSource(
         name=_typed(data, "name", str, where, where.rsplit(".", 1)[-1]),
         query=check_read_only_query(query, f"{where}.query"),
         format=fmt,
         container=container,
         percent_decode=_typed(data, "percent_decode", bool, where, False),
+        statement_timeout=timeout,
     )
 
 

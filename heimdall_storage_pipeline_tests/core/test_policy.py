@@ -70,7 +70,16 @@ def test_valid_document_loads(tmp_path: Path) -> None:
     assert bucket.batch_size == 500
     assert bucket.references[0].format is ReferenceFormat.KEY
     assert bucket.companions[0].companion == r"\1_metadata.json"
+    assert bucket.references[0].statement_timeout == timedelta(minutes=10)
     assert policy.enabled_buckets() == [bucket]
+
+
+def test_statement_timeout_per_source(tmp_path: Path) -> None:
+    document = valid_document()
+    source_of(document)["statement_timeout"] = "90s"
+    assert load_policy(write(tmp_path, document)).bucket(BUCKET).references[0].statement_timeout == timedelta(
+        seconds=90
+    )
 
 
 def test_shipped_heimdall_policy() -> None:
@@ -144,6 +153,12 @@ BROKEN_CASES = [
      [BUCKET, "references[0].container", "csv"]),
     ("percent_decode not bool", lambda d: source_of(d).update(percent_decode="yes"),
      [BUCKET, "percent_decode"]),
+    ("statement_timeout not a duration", lambda d: source_of(d).update(statement_timeout="soon"),
+     [BUCKET, "references[0].statement_timeout", "'30d'"]),
+    ("statement_timeout too long", lambda d: source_of(d).update(statement_timeout="2d"),
+     [BUCKET, "references[0].statement_timeout", "1s..1d"]),
+    ("statement_timeout zero", lambda d: source_of(d).update(statement_timeout="0s"),
+     [BUCKET, "references[0].statement_timeout", "1s..1d"]),
     ("duplicate source names", lambda d: bucket_of(d)["references"].append(dict(source_of(d))),
      [BUCKET, "unique"]),
     ("bad regex", lambda d: bucket_of(d)["companions"][0].update(match="(["),
