@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,7 +41,6 @@ from heimdall_storage_pipeline.core.keys import (
     normalize_key,
 )
 from heimdall_storage_pipeline.core.manifests import ORPHANS_SCHEMA, ManifestStore
-from heimdall_storage_pipeline.core.native import hash_strings64
 from heimdall_storage_pipeline.core.policy import BucketPolicy, CompanionRule
 from heimdall_storage_pipeline.core.safety import age_cutoff
 
@@ -136,10 +136,16 @@ def companion_keys(referenced: pa.Array, rules: tuple[CompanionRule, ...]) -> pa
 
 # --- partitioning -------------------------------------------------------------------------
 
+_duckdb = threading.local()  # a DuckDB connection is not shared between threads
+
+
 def _hash_strings(keys: pa.Array) -> np.ndarray:
-    """A 32-bit hash of each string, for partitioning: the low half of ``native.hash_strings64``
-    (compiled, or numpy). Equal strings hash equally whatever array or offset they sit at."""
-    return hash_strings64(keys).astype(np.uint32)
+    """A 32-bit hash of each string, for partitioning (DuckDB's ``hash``): equal strings hash equally."""
+    if not hasattr(_duckdb, "connection"):
+        _duckdb.connection = duckdb.connect()
+    strings = pa.table({"key": keys})  # noqa: F841  (read by the query below)
+    hashes = _duckdb.connection.sql("SELECT hash(key) % 4294967296 AS h FROM strings").fetchnumpy()["h"]
+    return hashes.astype(np.uint32)
 
 
 class _Partitions:
