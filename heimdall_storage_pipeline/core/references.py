@@ -51,6 +51,10 @@ CONNECT_TIMEOUT_SECONDS = 10
 REFERENCES_PARQUET = {"compression": "none", "use_dictionary": ["source"], "write_statistics": ["source"]}
 # DuckDB's distinct count spills to disk beyond this, so memory stays flat at any number of keys.
 DISTINCT_MEMORY_LIMIT = "200MB"
+# Bytes per Arrow batch ADBC reads, and batches read or counted ahead of the normalisation: with
+# the writer's queue, they bound the read's memory (ADBC's default, 16 MB, held ~100 MB more).
+BATCH_BYTES = 4 << 20
+AHEAD = 2
 _COLUMN = "heimdall_ref"
 _MAX_SLICE = 1 << 30
 # A batch with more JSON values than this share outside the simple shape goes wholly through
@@ -247,8 +251,9 @@ def normalise_json_array(
     """
     texts = _strings(texts)
     simple = pc.match_substring_regex(texts, _SIMPLE_OBJECT)
-    members = pc.split_pattern(pc.binary_slice(texts.filter(simple).view(pa.binary()), 2, -2).view(pa.string()),
-                               '", "')  # per object: ['k": "v', 'k2": "v2']; keys and values hold no '"'
+    objects = texts if pc.all(simple).as_py() else texts.filter(simple)
+    inner = pc.binary_slice(objects.view(pa.binary()), 2, -2).view(pa.string())  # 'k": "v", "k2": "v2'
+    members = pc.split_pattern(inner, '", "')  # names and values hold no '"'
     pairs = pc.split_pattern(pc.list_flatten(members), '": "', max_splits=1)
     names, values = pc.list_element(pairs, 0), pc.list_element(pairs, 1)
     lengths = np.zeros(len(texts), dtype=np.int64)  # members of each simple object, in ``values``
@@ -278,7 +283,7 @@ def normalise_json_array(
         if row < len(texts):
             parts.append(per_value([row]))
         start = row + 1
-    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+    return parts[0] if len(parts) == 1 else pa.concat_arrays(parts) if parts else pa.array([], pa.string())
 
 
 def _unordered_objects(members: pa.ListArray, names: pa.Array) -> np.ndarray:
@@ -408,10 +413,42 @@ def _source_column(cursor: Any, bucket: BucketPolicy, source: ReferenceSource) -
     names = ", ".join(f"{_COLUMN}_{index}" for index in range(len(columns)))
     # Fresh names select the first column whatever the columns are called (even duplicates);
     # the newlines keep a trailing '--' comment from swallowing the parenthesis.
+    cursor.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(BATCH_BYTES)})
     cursor.execute(f"SELECT {_COLUMN}_0 FROM (\n{source.query}\n) AS heimdall_refs({names})")
     with cursor.fetch_record_batch() as batches:
-        for batch in batches:
-            yield batch.column(0)
+        yield from _read_ahead(batch.column(0) for batch in batches)
+
+
+def _read_ahead(items: Iterator[pa.Array], depth: int = AHEAD) -> Iterator[pa.Array]:
+    """``items``, taken on a thread of their own up to ``depth`` ahead of the caller, so that the
+    database keeps sending while the caller works (ADBC reads only when asked for a batch)."""
+    ahead: queue.Queue[pa.Array | BaseException | None] = queue.Queue(maxsize=depth)  # None: the end
+    stopping = threading.Event()
+
+    def take() -> None:
+        try:
+            for item in items:
+                ahead.put(item)
+                if stopping.is_set():
+                    break
+            ahead.put(None)
+        except BaseException as exc:  # handed to the caller
+            ahead.put(exc)
+
+    thread = threading.Thread(target=take, name="heimdall-references-read", daemon=True)
+    thread.start()
+    item = ahead.get()
+    try:
+        while isinstance(item, pa.Array):
+            yield item
+            item = ahead.get()
+        if item is not None:
+            raise item
+    finally:
+        stopping.set()
+        while isinstance(item, pa.Array):  # the caller stopped early: unblock the reader until it ends
+            item = ahead.get()
+        thread.join()
 
 
 def source_key_arrays(
@@ -437,7 +474,7 @@ class DistinctCount:
     _SCHEMA = pa.schema([("key", pa.string())])
 
     def __init__(self, spill_dir: str) -> None:
-        self._keys: queue.Queue[pa.RecordBatch | None] = queue.Queue(maxsize=4)
+        self._keys: queue.Queue[pa.RecordBatch | None] = queue.Queue(maxsize=AHEAD)
         self._ended = False  # the last batch was taken
         self._count: int | None = None
         self._failure: BaseException | None = None
@@ -456,7 +493,7 @@ class DistinctCount:
         try:
             with duckdb.connect(config=config) as database:
                 database.register("streamed", pa.RecordBatchReader.from_batches(self._SCHEMA, self._batches()))
-                self._count = database.execute("SELECT count(DISTINCT key) FROM streamed").fetchone()[0]
+                self._count = database.execute("SELECT count(DISTINCT hash(key)) FROM streamed").fetchone()[0]
         except BaseException as exc:  # handed to the caller
             self._failure = exc
             while not self._ended and self._keys.get() is not None:  # drain, so the caller never blocks
