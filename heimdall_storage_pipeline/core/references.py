@@ -50,9 +50,9 @@ CONNECT_TIMEOUT_SECONDS = 10
 # small. Keys are unique, so a dictionary for them is wasted work; the source name repeats.
 REFERENCES_PARQUET = {"compression": "none", "use_dictionary": ["source"], "write_statistics": ["source"]}
 # DuckDB's distinct count spills to disk beyond this, so memory stays flat at any number of keys.
-DISTINCT_MEMORY_LIMIT = "200MB"
+DISTINCT_MEMORY_LIMIT = "64MB"
 # Bytes per Arrow batch ADBC reads, and batches read or counted ahead of the normalisation: with
-# the writer's queue, they bound the read's memory (ADBC's default, 16 MB, held ~100 MB more).
+# the writer's queue, they bound the read's memory.
 BATCH_BYTES = 4 << 20
 AHEAD = 2
 _COLUMN = "heimdall_ref"
@@ -300,8 +300,7 @@ def _unordered_objects(members: pa.ListArray, names: pa.Array) -> np.ndarray:
     return np.unique(parents[:-1][same_object & ~(shorter | before)])
 
 
-def _python_keys(bucket: BucketPolicy, source: ReferenceSource, values: list[Any], counts: ReferenceCounts
-                 ) -> pa.Array:
+def _python_keys(bucket: BucketPolicy, source: ReferenceSource, values: list[Any], counts: ReferenceCounts) -> pa.Array:
     return pa.array(list(normalise_source_values(bucket, source, values, counts)), pa.string())
 
 
@@ -410,10 +409,10 @@ def _source_column(cursor: Any, bucket: BucketPolicy, source: ReferenceSource) -
             f"bucket {bucket.name!r}, source {source.name!r}: the first column's type ({first}) is not one the "
             f"reference read takes; select it as text in the query (e.g. {columns.field(0).name}::text)"
         )
+    cursor.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(BATCH_BYTES)})
     names = ", ".join(f"{_COLUMN}_{index}" for index in range(len(columns)))
     # Fresh names select the first column whatever the columns are called (even duplicates);
     # the newlines keep a trailing '--' comment from swallowing the parenthesis.
-    cursor.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(BATCH_BYTES)})
     cursor.execute(f"SELECT {_COLUMN}_0 FROM (\n{source.query}\n) AS heimdall_refs({names})")
     with cursor.fetch_record_batch() as batches:
         yield from _read_ahead(batch.column(0) for batch in batches)
