@@ -173,17 +173,29 @@ def _strip_prefix(values: pa.Array, length: int) -> pa.Array:
     return pc.binary_slice(values.view(pa.binary()), length, _MAX_SLICE).view(pa.string())
 
 
+def _matches(values: pa.Array, pattern: str) -> pa.Array:
+    """``match_substring_regex`` per value, run only when the batch's bytes hold a match at all: a
+    pattern that matches no value usually matches nowhere in their concatenation, one fast pass."""
+    if len(values) == 0:
+        return pa.array([], pa.bool_())
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32, count=len(values) + 1, offset=values.offset * 4)
+    bounds = pa.py_buffer(np.array([offsets[0], offsets[-1]], dtype=np.int32))
+    together = pa.Array.from_buffers(pa.binary(), 1, [None, bounds, values.buffers()[2] or pa.py_buffer(b"")])
+    if not pc.match_substring_regex(together, pattern)[0].as_py():
+        return pa.array(np.zeros(len(values), dtype=bool))
+    return pc.match_substring_regex(values, pattern)
+
+
 def _in_normal_form(keys: pa.Array, percent_decode: bool) -> pa.Array:
     """True where ``normalize_key`` leaves the key as it is (False may also mean only "maybe")."""
     # Printable ASCII holds no control character (the cheap test); other text takes the pattern.
     printable = pc.ascii_is_printable(keys)
     if not pc.all(printable).as_py():
-        printable = pc.invert(pc.match_substring_regex(keys, _CONTROL))
+        printable = pc.invert(_matches(keys, _CONTROL))
     plain = pc.and_(printable, pc.greater(pc.binary_length(keys), 0))
     # No leading '/', no '//' run, no '.' or '..' segment (each starts the key or follows a '/').
-    odd = pc.or_(pc.or_(pc.starts_with(keys, "/"), pc.starts_with(keys, ".")), pc.match_substring_regex(keys, "/[/.]"))
-    if percent_decode:
-        odd = pc.or_(odd, pc.match_substring(keys, "%"))
+    odd = pc.or_(pc.or_(pc.starts_with(keys, "/"), pc.starts_with(keys, ".")),
+                 _matches(keys, "/[/.]|%" if percent_decode else "/[/.]"))
     return pc.and_(plain, pc.invert(odd))
 
 
@@ -250,11 +262,9 @@ def normalise_json_array(
     decoding; any other value takes the per-value path, in order.
     """
     texts = _strings(texts)
-    simple = pc.match_substring_regex(texts, _SIMPLE_OBJECT)
+    simple = _simple_objects(texts)
     objects = texts if pc.all(simple).as_py() else texts.filter(simple)
-    inner = pc.binary_slice(objects.view(pa.binary()), 2, -2).view(pa.string())  # 'k": "v", "k2": "v2'
-    members = pc.split_pattern(inner, '", "')  # names and values hold no '"'
-    pairs = pc.split_pattern(pc.list_flatten(members), '": "', max_splits=1)
+    members, pairs = _split_objects(objects)
     names, values = pc.list_element(pairs, 0), pc.list_element(pairs, 1)
     lengths = np.zeros(len(texts), dtype=np.int64)  # members of each simple object, in ``values``
     simple_rows = np.flatnonzero(simple.to_numpy(zero_copy_only=False))
@@ -284,6 +294,32 @@ def normalise_json_array(
             parts.append(per_value([row]))
         start = row + 1
     return parts[0] if len(parts) == 1 else pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+
+
+def _split_objects(objects: pa.Array) -> tuple[pa.ListArray, pa.ListArray]:
+    """Per object, its members ``['k": "v', ...]``, and per member its name and value."""
+    inner = pc.binary_slice(objects.view(pa.binary()), 2, -2).view(pa.string())  # 'k": "v", "k2": "v2'
+    members = pc.split_pattern(inner, '", "')
+    return members, pc.split_pattern(pc.list_flatten(members), '": "', max_splits=1)
+
+
+def _simple_objects(texts: pa.Array) -> pa.Array:
+    """True for the texts that ``_SIMPLE_OBJECT`` matches.
+
+    The pattern is only run where cheaper tests cannot tell: a printable ASCII text between
+    ``{"`` and ``"}`` without a backslash is such an object when every member splits into a name
+    and a value and no name or value holds a '"'.
+    """
+    shaped = pc.and_(pc.starts_with(texts, '{"'), pc.ends_with(texts, '"}'))
+    candidates = pc.and_(pc.and_(shaped, pc.ascii_is_printable(texts)), pc.invert(_matches(texts, r"\\")))
+    _, pairs = _split_objects(texts.filter(candidates))
+    if pc.all(pc.equal(pc.list_value_length(pairs), 2)).as_py() and not pc.any(
+            _matches(pc.list_flatten(pairs), '"')).as_py():
+        others = pc.and_(shaped, pc.invert(candidates))  # non-ASCII or escaped text: the pattern decides
+        if not pc.any(others).as_py():
+            return candidates
+        return pc.or_(candidates, pc.and_(others, pc.match_substring_regex(texts, _SIMPLE_OBJECT)))
+    return pc.and_(shaped, pc.match_substring_regex(texts, _SIMPLE_OBJECT))
 
 
 def _unordered_objects(members: pa.ListArray, names: pa.Array) -> np.ndarray:
