@@ -582,8 +582,8 @@ def read_references_to_manifest(
 ) -> ReferencesResult:
     """Read every reference source of ``bucket`` in one snapshot into a references manifest."""
     counts = ReferenceCounts()
-    began = time.perf_counter()
     with adbc_snapshot(engine) as cursor:
+        began = time.perf_counter()  # the read, not the connection (as psycopg2's pool had it ready)
         # The snapshot is taken by the first query; the clock is read just before it, so
         # snapshot_at never claims a later moment than the snapshot really has.
         snapshot_at = clock()
