@@ -49,8 +49,9 @@ CONNECT_TIMEOUT_SECONDS = 10
 # The references manifest is read once, by the diff, and pruned later: fast to write beats
 # small. Keys are unique, so a dictionary for them is wasted work; the source name repeats.
 REFERENCES_PARQUET = {"compression": "none", "use_dictionary": ["source"], "write_statistics": ["source"]}
-# DuckDB's distinct count spills to disk beyond this, so memory stays flat at any number of keys.
-DISTINCT_MEMORY_LIMIT = "64MB"
+# DuckDB's distinct count spills to disk beyond this, so memory stays flat at any number of keys
+# (much less and its hash table cannot grow to tens of millions of keys).
+DISTINCT_MEMORY_LIMIT = "128MB"
 # Bytes per Arrow batch ADBC reads, and batches read or counted ahead of the normalisation: with
 # the writer's queue, they bound the read's memory.
 BATCH_BYTES = 4 << 20
