@@ -54,7 +54,7 @@ REFERENCES_PARQUET = {"compression": "none", "use_dictionary": ["source"], "writ
 DISTINCT_MEMORY_LIMIT = "128MB"
 # Bytes per Arrow batch ADBC reads, and batches read or counted ahead of the normalisation: with
 # the writer's queue, they bound the read's memory.
-BATCH_BYTES = 4 << 20
+BATCH_BYTES = 2 << 20
 AHEAD = 2
 _COLUMN = "heimdall_ref"
 _MAX_SLICE = 1 << 30
