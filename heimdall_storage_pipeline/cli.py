@@ -37,19 +37,28 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    """Apply the outbox migration the event-driven cleanup needs; idempotent."""
+    """Apply the project's migrations: the outbox in Heimdall's database, and the audit tables."""
     from heimdall_storage_pipeline.core.errors import StorageCleanupError
-    from heimdall_storage_pipeline.migrations import apply_migration
+    from heimdall_storage_pipeline.core.migrations import apply_migrations
+    from heimdall_storage_pipeline.core.references import make_engine
 
     if not args.database_url:
         print("no database: pass --database-url or set HEIMDALL_DATABASE_URL", file=sys.stderr)
         return 2
-    try:
-        apply_migration(args.database_url)
-    except StorageCleanupError as exc:
-        print(f"FAILED {exc}", file=sys.stderr)
-        return 1
-    print("OK migrations applied (heimdall.storage_cleanup_events and its triggers)")
+    targets = [("heimdall", args.database_url)]
+    if args.audit_database_url:
+        targets.append(("audit", args.audit_database_url))
+    for target, url in targets:
+        try:
+            engine = make_engine(url)
+            try:
+                applied = apply_migrations(engine, target)
+            finally:
+                engine.dispose()
+        except StorageCleanupError as exc:
+            print(f"FAILED {exc}", file=sys.stderr)
+            return 1
+        print(f"OK {target} database: {', '.join(applied) if applied else 'already current'}")
     return 0
 
 
@@ -64,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=".demo", help="where the demo servers keep their data")
     demo.add_argument("--ui", action="store_true", help="then serve the Dagster UI on 127.0.0.1:3000")
     demo.set_defaults(handler=_demo)
-    migrate = commands.add_parser("migrate", help="install the outbox table and triggers in the Heimdall database")
+    migrate = commands.add_parser("migrate", help="apply the project's migrations: the outbox table and triggers "
+                                                  "in Heimdall's database, and the deletion audit tables")
     migrate.add_argument("--database-url", default=os.environ.get("HEIMDALL_DATABASE_URL"),
-                         help="SQLAlchemy URL (default: $HEIMDALL_DATABASE_URL)")
+                         help="Heimdall's database, SQLAlchemy URL (default: $HEIMDALL_DATABASE_URL)")
+    migrate.add_argument("--audit-database-url",
+                         default=os.environ.get("HEIMDALL_AUDIT_DB_URL") or os.environ.get("DAGSTER_PG_URL"),
+                         help="the audit database (default: $HEIMDALL_AUDIT_DB_URL, else $DAGSTER_PG_URL; "
+                              "cleanup runs also apply these when they open it)")
     migrate.set_defaults(handler=_migrate)
     from heimdall_storage_pipeline.exporter.cli import add_exporter_command, run_from_args
 

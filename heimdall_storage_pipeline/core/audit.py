@@ -18,17 +18,19 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from heimdall_storage_pipeline.core.clock import ensure_utc
-from heimdall_storage_pipeline.core.errors import database_error
+from heimdall_storage_pipeline.core.migrations import apply_migrations
 from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
 
+# The tables' layout is in migrations/audit/*.sql; these describe them for queries.
 metadata = sa.MetaData()
 deletion_audit = sa.Table(
     "heimdall_storage_deletion_audit",
     metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("id", sa.BigInteger, primary_key=True),
     sa.Column("run_id", sa.String(64), nullable=False),
     sa.Column("job", sa.String(64), nullable=False),
     sa.Column("bucket", sa.String(63), nullable=False),
@@ -40,7 +42,7 @@ deletion_audit = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("deleted_at", sa.DateTime(timezone=True)),
-    sa.UniqueConstraint("run_id", "bucket", "key", name="heimdall_storage_deletion_audit_run_key"),
+    sa.Column("plan_id", sa.Text),  # the plan a live run applied, if any
 )
 # Batches whose rows may still be pending: written in the intent's transaction, removed in the
 # one that gives the last of its rows a final status. At most a few rows per running deletion.
@@ -51,18 +53,22 @@ open_intents = sa.Table(
     sa.Column("last_id", sa.BigInteger, nullable=False),  # ... lie in first_id..last_id
     sa.Column("bucket", sa.String(63), nullable=False),
 )
-# Room on each page for a new version of every row, which a mark makes ~12 bytes longer (with
-# its line pointer): the mark then stays on the page (HOT). At 50 a few rows of each page missed.
-AUDIT_FILLFACTOR = 45
-# Before open intents, pending rows were found through this index; it made every mark a
-# non-HOT update that wrote three index entries (``_migrate`` drops it).
-_STATUS_INDEX = "heimdall_storage_deletion_audit_bucket_status"
+# Each plan is applied at most once: the first live run that names it claims it here.
+plan_applications = sa.Table(
+    "heimdall_storage_plan_applications",
+    metadata,
+    sa.Column("plan_id", sa.Text, primary_key=True),
+    sa.Column("bucket", sa.String(63), nullable=False),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
 
 
 _INSERT_PENDING = f"""
 WITH intent AS (
-  INSERT INTO {deletion_audit.name} (run_id, job, bucket, key, size, etag, last_modified, status, intent_at)
-  SELECT :run_id, :job, :bucket, c.key, c.size, c.etag, c.last_modified, 'pending', :at
+  INSERT INTO {deletion_audit.name} (run_id, job, bucket, key, size, etag, last_modified, status, intent_at,
+                                     plan_id)
+  SELECT :run_id, :job, :bucket, c.key, c.size, c.etag, c.last_modified, 'pending', :at, :plan_id
   FROM unnest(CAST(:keys AS text[]), CAST(:sizes AS bigint[]), CAST(:etags AS text[]),
               CAST(:modified AS timestamptz[])) AS c(key, size, etag, last_modified)
   RETURNING key, id
@@ -140,36 +146,10 @@ class AuditLog:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        try:
-            metadata.create_all(engine, checkfirst=True)
-            self._migrate()
-        except sa.exc.OperationalError as exc:
-            raise database_error(
-                engine, "open the audit database", exc, "check HEIMDALL_AUDIT_DB_URL (or DAGSTER_PG_URL)"
-            ) from None
-
-    def _migrate(self) -> None:
-        """Bring an audit table of an earlier release to this layout; one query when it is current."""
-        layout = sa.text("SELECT to_regclass(:index) IS NOT NULL, "
-                         "(SELECT reloptions FROM pg_class WHERE oid = CAST(:table AS regclass))")
-        names = {"index": _STATUS_INDEX, "table": deletion_audit.name}
-        with self.engine.begin() as connection:
-            legacy, options = connection.execute(layout, names).one()
-            if not legacy and f"fillfactor={AUDIT_FILLFACTOR}" in (options or []):
-                return
-            # Self-exclusive: concurrent openers migrate one after the other, the later ones find it done.
-            connection.execute(sa.text(f"LOCK TABLE {deletion_audit.name} IN SHARE ROW EXCLUSIVE MODE"))
-            if connection.execute(layout, names).one()[0]:
-                # Pending rows of runs that died under the earlier release: one open intent per run.
-                connection.execute(sa.text(
-                    f"INSERT INTO {open_intents.name} (first_id, last_id, bucket) "
-                    f"SELECT min(id), max(id), bucket FROM {deletion_audit.name} "
-                    f"WHERE status = 'pending' GROUP BY bucket, run_id ON CONFLICT DO NOTHING"))
-                connection.execute(sa.text(f"DROP INDEX {_STATUS_INDEX}"))
-            connection.execute(sa.text(f"ALTER TABLE {deletion_audit.name} SET (fillfactor = {AUDIT_FILLFACTOR})"))
+        apply_migrations(engine, "audit")
 
     def record_intent(self, *, run_id: str, job: str, bucket: str, candidates: Iterable[Candidate],
-                      at: datetime) -> dict[str, int]:
+                      at: datetime, plan_id: str | None = None) -> dict[str, int]:
         """Record ``candidates`` as pending, as one open intent; returns each key's audit row id."""
         candidates = list(candidates)
         if not candidates:
@@ -178,7 +158,7 @@ class AuditLog:
         # took ~36 ms, inside every batch of a live deletion.
         with self.engine.begin() as connection:
             return dict(connection.execute(sa.text(_INSERT_PENDING), {
-                "run_id": run_id, "job": job, "bucket": bucket, "at": at,
+                "run_id": run_id, "job": job, "bucket": bucket, "at": at, "plan_id": plan_id,
                 "keys": array_literal(c.key for c in candidates),
                 "sizes": array_literal(str(c.size) for c in candidates),
                 "etags": array_literal(c.etag for c in candidates),
@@ -229,3 +209,28 @@ class AuditLog:
                 sa.select(deletion_audit.c.key)
                 .where(deletion_audit.c.bucket == bucket, deletion_audit.c.status == "deleted")
             ).scalars())
+
+    def claim_plan(self, plan_id: str, *, bucket: str, run_id: str, at: datetime) -> tuple[str, datetime] | None:
+        """Record that ``run_id`` applies ``plan_id``; if another run did first, return its run id and time."""
+        with self.engine.begin() as connection:
+            claimed = connection.execute(
+                pg_insert(plan_applications)
+                .values(plan_id=plan_id, bucket=bucket, run_id=run_id, applied_at=ensure_utc(at))
+                .on_conflict_do_nothing()
+            ).rowcount
+            if claimed:
+                return None
+            earlier = connection.execute(
+                sa.select(plan_applications.c.run_id, plan_applications.c.applied_at)
+                .where(plan_applications.c.plan_id == plan_id)
+            ).one()
+        return earlier.run_id, earlier.applied_at
+
+    def plan_application(self, plan_id: str) -> tuple[str, datetime] | None:
+        """The run that applied ``plan_id`` and when, or None."""
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                sa.select(plan_applications.c.run_id, plan_applications.c.applied_at)
+                .where(plan_applications.c.plan_id == plan_id)
+            ).first()
+        return (row.run_id, row.applied_at) if row else None
