@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from heimdall_storage_pipeline.core.audit import AuditLog, Mark
 from heimdall_storage_pipeline.core.clock import Clock, utc_datetimes, utc_now
+from heimdall_storage_pipeline.core.companions import owners_under
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
@@ -389,13 +390,16 @@ def _revalidate(
     age_exempt: bool,
 ) -> tuple[list[tuple[Candidate, str]], list[Candidate]]:
     """The skipped candidates with their outcome, and those that may be deleted now."""
-    # 1. references, fresh, for exactly these keys (a key we cannot normalise is never deleted),
-    # read while 2. the objects are stat'ed, fresh: both finish before 3. the one decision.
+    # 1. references, fresh, for exactly these keys and the keys whose companions they are (a key
+    # we cannot normalise is never deleted), read while 2. the objects are stat'ed, fresh: both
+    # finish before 3. the one decision.
     normalised = {c.key: _normalised(c) for c in batch}
+    owners = {key: owners_under(bucket.companions, key) for key in normalised.values() if key}
+    asked = set(owners).union(*(found for found in owners.values() if found))
 
     def fresh_references() -> set[str]:
         with ctx.references(ctx.engine) as connection:
-            return referenced_among(connection, bucket, {k for k in normalised.values() if k})
+            return referenced_among(connection, bucket, asked)
 
     with ThreadPoolExecutor(1) as side:
         references = side.submit(fresh_references)
@@ -409,7 +413,9 @@ def _revalidate(
         key = normalised[candidate.key]
         verdict = deletion_verdict(
             candidate,
-            referenced_now=key is None or key in referenced,
+            # A companion of a referenced key is as referenced as its owner; too many owners to tell: kept.
+            referenced_now=key is None or key in referenced or owners[key] is None
+            or not owners[key].isdisjoint(referenced),
             stat=stats[candidate.key],
             min_age=bucket.min_age,
             now=now,

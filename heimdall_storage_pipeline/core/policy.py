@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 import yaml
 
+from heimdall_storage_pipeline.core.companions import NotInvertibleError, check_invertible
 from heimdall_storage_pipeline.core.keys import ReferenceFormat
 
 POLICY_ENV_VAR = "HEIMDALL_STORAGE_POLICY"
@@ -230,6 +231,13 @@ def _parse_companion(raw: Any, where: str) -> CompanionRule:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise PolicyError(
             f"{where}.match: not a valid RE2 regular expression (as the diff uses): {exc}"
+        ) from None
+    try:
+        check_invertible(match, companion)
+    except NotInvertibleError as exc:
+        raise PolicyError(
+            f"{where}: the rule must tell a companion's owner, so that a deletion can re-check it: {exc} "
+            f"(write it as '^literal(group)literal$', e.g. '^(.+)\\.npy$' with companion '\\1_metadata.json')"
         ) from None
     return CompanionRule(name=_typed(data, "name", str, where, match), match=match, companion=companion)
 
