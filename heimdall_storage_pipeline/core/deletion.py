@@ -195,6 +195,7 @@ class DeletionContext:
     # SeaweedFS 4.48 spends up to ~40 % more CPU per conditionally deleted key, and the stat just
     # before the request already bounds the window it closes to REVALIDATION_MAX_AGE.
     conditional_deletes: bool = False
+    plan_id: str | None = None  # the plan a live run applies, recorded with each audit row
 
     @property
     def threads(self) -> int:
@@ -362,7 +363,7 @@ def _process_batch(
         assert ctx.audit is not None
         # The intent is written before the wait for a slot, so that the slot holds only the request.
         audit_ids = ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket.name,
-                                            candidates=deletable, at=ctx.clock())
+                                            candidates=deletable, at=ctx.clock(), plan_id=ctx.plan_id)
         errors: dict[str, DeleteError] = {}
         marks: list[Mark] = []
         with slots:  # one of ctx.workers DeleteObjects requests in flight
@@ -476,17 +477,24 @@ def _outcomes(
     return rows, marks
 
 
-def candidates_from_orphans(store: ManifestStore, uri: str, max_objects: int | None = None) -> Iterator[Candidate]:
-    """Eligible orphans of an orphan manifest, streamed."""
+def manifest_candidates(
+    store: ManifestStore, uri: str, column: str, selected: Callable[[pa.Array], pa.Array],
+    max_objects: int | None = None,
+) -> Iterator[Candidate]:
+    """The rows of a manifest whose ``column`` is ``selected``, as candidates, streamed."""
     produced = 0
-    for batch in store.iter_batches(uri, columns=["key", "size", "last_modified", "etag", "eligible"]):
-        eligible = batch.filter(batch.column("eligible"))
+    for batch in store.iter_batches(uri, columns=["key", "size", "last_modified", "etag", column]):
+        rows = batch.filter(selected(batch.column(column)))
         for key, size, last_modified, etag in zip(
-            eligible.column("key").to_pylist(), eligible.column("size").to_pylist(),
-            utc_datetimes(eligible.column("last_modified")), eligible.column("etag").to_pylist(), strict=True,
+            rows.column("key").to_pylist(), rows.column("size").to_pylist(),
+            utc_datetimes(rows.column("last_modified")), rows.column("etag").to_pylist(), strict=True,
         ):
             if max_objects is not None and produced >= max_objects:
                 return
             produced += 1
             yield Candidate(key=key, size=size, last_modified=last_modified, etag=etag)
 
+
+def candidates_from_orphans(store: ManifestStore, uri: str, max_objects: int | None = None) -> Iterator[Candidate]:
+    """Eligible orphans of an orphan manifest, streamed."""
+    return manifest_candidates(store, uri, "eligible", lambda eligible: eligible, max_objects)
