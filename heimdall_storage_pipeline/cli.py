@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from heimdall_storage_pipeline.core.policy import PolicyError, load_policy, policy_path_from_env
 
@@ -62,6 +63,49 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_show(args: argparse.Namespace) -> int:
+    """Print a plan for review; optionally write its keys as CSV and the run config that applies it."""
+    import dagster as dg
+    import yaml
+
+    from heimdall_storage_pipeline.core.audit import plan_application
+    from heimdall_storage_pipeline.core.clock import utc_now
+    from heimdall_storage_pipeline.core.errors import StorageCleanupError
+    from heimdall_storage_pipeline.core.plans import write_plan_csv
+    from heimdall_storage_pipeline.core.references import make_engine
+    from heimdall_storage_pipeline.defs.cleanup.plans import apply_config, describe_plan, find_plan
+    from heimdall_storage_pipeline.defs.resources import manifest_store_from_env
+
+    if not os.environ.get("DAGSTER_HOME"):
+        print("DAGSTER_HOME is not set; point it at the pipeline's instance directory", file=sys.stderr)
+        return 2
+    audit_url = os.environ.get("HEIMDALL_AUDIT_DB_URL") or os.environ.get("DAGSTER_PG_URL")
+    try:
+        with dg.DagsterInstance.get() as instance:
+            plan, metadata = find_plan(instance, args.plan_id)
+        store = manifest_store_from_env()
+        applied = None
+        if audit_url:
+            engine = make_engine(audit_url)
+            try:
+                applied = plan_application(engine, plan.plan_id)
+            finally:
+                engine.dispose()
+        report = describe_plan(plan, metadata, store, utc_now(), applied)
+        if args.csv:
+            with (sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")) as out:
+                rows = write_plan_csv(store, plan, out)
+            report += f"\n\n{rows} keys written to {'stdout' if args.csv == '-' else args.csv}"
+    except StorageCleanupError as exc:
+        print(f"FAILED {exc}", file=sys.stderr)
+        return 1
+    if args.apply_config:
+        Path(args.apply_config).write_text(yaml.safe_dump(apply_config(plan.plan_id), sort_keys=False))
+        report += f"\nrun config that applies it written to {args.apply_config}"
+    print(report, file=sys.stderr if args.csv == "-" else sys.stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heimdall-storage", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the audit database (default: $HEIMDALL_AUDIT_DB_URL, else $DAGSTER_PG_URL; "
                               "cleanup runs also apply these when they open it)")
     migrate.set_defaults(handler=_migrate)
+    plan = commands.add_parser("plan", help="review a dry run's plan before a live run applies it")
+    plan_commands = plan.add_subparsers(dest="plan_command", required=True)
+    show = plan_commands.add_parser("show", help="print a plan: figures, guard verdict, largest keys, ages "
+                                                 "(reads $DAGSTER_HOME's instance and the manifest store)")
+    show.add_argument("plan_id", help="the plan_id of a dry run's orphan_deletions, e.g. heimdall-raw-iq:1a2b3c4d")
+    show.add_argument("--csv", metavar="FILE", help="also write the plan's keys (key, size, etag, last_modified) "
+                                                    "as CSV; '-' for stdout")
+    show.add_argument("--apply-config", metavar="FILE",
+                      help="also write the run config of a live run that applies this plan")
+    show.set_defaults(handler=_plan_show)
     from heimdall_storage_pipeline.exporter.cli import add_exporter_command, run_from_args
 
     add_exporter_command(commands).set_defaults(handler=run_from_args)

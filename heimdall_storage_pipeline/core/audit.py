@@ -226,11 +226,15 @@ class AuditLog:
             ).one()
         return earlier.run_id, earlier.applied_at
 
-    def plan_application(self, plan_id: str) -> tuple[str, datetime] | None:
-        """The run that applied ``plan_id`` and when, or None."""
-        with self.engine.connect() as connection:
-            row = connection.execute(
-                sa.select(plan_applications.c.run_id, plan_applications.c.applied_at)
-                .where(plan_applications.c.plan_id == plan_id)
-            ).first()
-        return (row.run_id, row.applied_at) if row else None
+
+
+def plan_application(engine: Engine, plan_id: str) -> tuple[str, datetime] | None:
+    """The run that applied ``plan_id`` and when; None when no run did (or no cleanup ever ran here)."""
+    with engine.connect() as connection:
+        if connection.execute(sa.text("SELECT to_regclass(:t)"), {"t": plan_applications.name}).scalar() is None:
+            return None
+        row = connection.execute(
+            sa.select(plan_applications.c.run_id, plan_applications.c.applied_at)
+            .where(plan_applications.c.plan_id == plan_id)
+        ).first()
+    return (row.run_id, row.applied_at) if row else None

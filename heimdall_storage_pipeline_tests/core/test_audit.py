@@ -15,6 +15,7 @@ from heimdall_storage_pipeline.core.audit import (
     array_literal,
     deletion_audit,
     open_intents,
+    plan_application,
 )
 from heimdall_storage_pipeline.core.migrations import LEDGERS
 from heimdall_storage_pipeline.core.safety import Candidate
@@ -193,7 +194,7 @@ def test_migrations_are_applied_once_and_recorded(db_engine):
 def test_a_plan_is_claimed_by_one_run_only(db_engine):
     audit = AuditLog(db_engine)
     at = datetime(2026, 11, 25, tzinfo=UTC)
-    assert audit.plan_application("b:1234abcd") is None
+    assert plan_application(db_engine, "b:1234abcd") is None
     assert audit.claim_plan("b:1234abcd", bucket="b", run_id="first", at=at) is None
     assert audit.claim_plan("b:1234abcd", bucket="b", run_id="second", at=at + timedelta(hours=1)) == ("first", at)
-    assert audit.plan_application("b:1234abcd") == ("first", at)
+    assert plan_application(db_engine, "b:1234abcd") == ("first", at)

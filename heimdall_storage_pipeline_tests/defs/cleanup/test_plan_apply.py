@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,9 +16,11 @@ import pytest
 import sqlalchemy as sa
 from minio import Minio
 
-from heimdall_storage_pipeline.core.audit import deletion_audit
+from heimdall_storage_pipeline.core.audit import deletion_audit, plan_application
 from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
 from heimdall_storage_pipeline.core.manifests import ManifestStore
+from heimdall_storage_pipeline.core.plans import write_plan_csv
+from heimdall_storage_pipeline.defs.cleanup.plans import describe_plan, find_plan
 from heimdall_storage_pipeline_tests.cleanup_support import listed_keys, put
 from heimdall_storage_pipeline_tests.conftest import ScanHarness, key_source
 from heimdall_storage_pipeline_tests.defs.cleanup.test_delete_orphans_job import (
@@ -81,6 +85,20 @@ def _warnings(harness: ScanHarness, result: dg.ExecuteInProcessResult) -> list[s
             if entry.level == logging.WARNING]
 
 
+def _exported(world: World) -> tuple[float, float, bool, str]:
+    """What the exporter says of the latest cleanup: refused, would refuse, and the JSON's refusal."""
+    from heimdall_storage_pipeline.exporter.collector import render_metrics
+    from heimdall_storage_pipeline.exporter.state import collect_storage_snapshot
+    from heimdall_storage_pipeline_tests.exporter.support import parse_metrics, sample
+
+    snapshot = collect_storage_snapshot(world.harness.instance, buckets=[world.bucket])
+    metrics = parse_metrics(render_metrics(snapshot).decode())
+    bucket = snapshot.to_json()["buckets"][world.bucket]
+    return (metrics[sample("heimdall_storage_last_cleanup_refused", bucket=world.bucket)],
+            metrics[sample("heimdall_storage_last_cleanup_would_refuse", bucket=world.bucket)],
+            bucket["last_cleanup_refused"], bucket["last_cleanup_refusal_reason"] or "")
+
+
 def test_a_dry_run_tells_what_each_guard_would_do_and_succeeds(world: World) -> None:
     result = world.harness.delete()
     assert result.success
@@ -90,6 +108,7 @@ def test_a_dry_run_tells_what_each_guard_would_do_and_succeeds(world: World) -> 
     assert any("a live run would refuse: max_delete_fraction" in w for w in _warnings(world.harness, result))
     assert sorted(world.store().read_table(dry["manifest_uri"]).column("key").to_pylist()) == sorted(ORPHANS)
     assert dry["plan_id"] == f"{world.bucket}:{result.run_id[:8]}" and len(dry["plan_digest"]) == 64
+    assert _exported(world)[:3] == (0.0, 1.0, False)
     assert len(dry["plan_largest"].records) == 6 and len(dry["plan_age_histogram"].records) == 6
     assert dry["plan_age_histogram"].records[0].data == {"age": "0-1 d", "objects": 6, "bytes": 42}
 
@@ -99,6 +118,8 @@ def test_a_dry_run_tells_what_each_guard_would_do_and_succeeds(world: World) -> 
     assert refused["refused"] is True and refused["dry_run"] is False and refused["deleted_count"] == 0
     assert "max_delete_fraction" in refused["refusal_reason"]
     assert len(listed_keys(world.client, world.bucket)) == 9
+    exported = _exported(world)
+    assert exported[:3] == (1.0, 0.0, True) and "max_delete_fraction" in exported[3]
 
     # The reference source "breaks": an empty reference set, a drop, the blocking check.
     world.refs("DELETE FROM refs")
@@ -122,8 +143,21 @@ def test_a_dry_run_tells_what_each_guard_would_do_and_succeeds(world: World) -> 
     assert len(listed_keys(world.client, world.bucket)) == 9
 
 
+def _review(world: World, plan_id: str) -> tuple[str, list[dict[str, str]]]:
+    """What ``heimdall-storage plan show`` prints, and its CSV."""
+    plan, metadata = find_plan(world.harness.instance, plan_id)
+    out = io.StringIO()
+    write_plan_csv(world.store(), plan, out)
+    text = describe_plan(plan, metadata, world.store(), utc_now(), plan_application(world.engine, plan_id))
+    return text, list(csv.DictReader(io.StringIO(out.getvalue())))
+
+
 def test_applying_a_plan_deletes_exactly_its_keys_once(world: World) -> None:
     plan = world.dry_run()
+    text, rows = _review(world, plan["plan_id"])
+    assert f"plan {plan['plan_id']}" in text and "keys            6 (42 bytes)" in text and "applied         no" in text
+    assert "guard verdict   would refuse: max_delete_fraction" in text and "--apply-config" in text
+    assert sorted(row["key"] for row in rows) == sorted(ORPHANS) and {row["size"] for row in rows} == {"7"}
     put(world.client, world.bucket, "b/9.npy")  # a new orphan after the plan: not in it
     applied = world.apply(plan["plan_id"])
     assert applied.success, _failure_text(applied)
@@ -134,6 +168,7 @@ def test_applying_a_plan_deletes_exactly_its_keys_once(world: World) -> None:
     assert sorted(row.key for row in rows) == sorted(ORPHANS)
     assert {(row.plan_id, row.status) for row in rows} == {(plan["plan_id"], "deleted")}
 
+    assert f"applied         by run {applied.run_id}" in _review(world, plan["plan_id"])[0]
     again = world.apply(plan["plan_id"])
     assert not again.success and "already applied by run " + applied.run_id in _failure_text(again)
     refused = world.harness.metadata("orphan_deletions", world.bucket)
