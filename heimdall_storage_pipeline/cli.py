@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from heimdall_storage_pipeline.core.policy import PolicyError, load_policy, policy_path_from_env
+from heimdall_storage_pipeline.core.policy import PolicyError, format_duration, load_policy, policy_path_from_env
 
 
 def _validate_policy(args: argparse.Namespace) -> int:
@@ -19,21 +19,37 @@ def _validate_policy(args: argparse.Namespace) -> int:
         try:
             policy = load_policy(path)
         except PolicyError as exc:
-            print(f"INVALID {exc}", file=sys.stderr)
+            for problem in str(exc).splitlines():
+                print(f"INVALID {problem}", file=sys.stderr)
             failed += 1
             continue
         print(f"OK {path}")
         for bucket in policy.buckets:
             state = "enabled" if bucket.enabled else "disabled"
-            sources = ", ".join(source.name for source in bucket.references)
-            print(f"  {bucket.name}: {state}, min age {bucket.min_age}, batch {bucket.batch_size}, "
-                  f"sources: {sources}")
+            sources = ", ".join(
+                f"{source.name} (timeout {format_duration(source.statement_timeout)})" for source in bucket.references
+            )
+            print(f"  {bucket.name}: {state}, min age {format_duration(bucket.min_age)}, "
+                  f"batch {bucket.batch_size}, sources: {sources}")
     return 1 if failed else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from heimdall_storage_pipeline.local.demo import run_demo
+    from heimdall_storage_pipeline.local import DEMO_EXTRA_HINT, DEMO_PACKAGES
 
+    try:
+        from heimdall_storage_pipeline.local.demo import run_demo
+        from heimdall_storage_pipeline.local.seaweedfs import weed_binary
+
+        weed_binary()
+    except ModuleNotFoundError as exc:
+        if exc.name not in DEMO_PACKAGES:
+            raise
+        print(f"the demo needs the {exc.name!r} package; {DEMO_EXTRA_HINT}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:  # no 'weed' binary
+        print(exc, file=sys.stderr)
+        return 2
     return run_demo(workdir=args.workdir, serve_ui=args.ui)
 
 

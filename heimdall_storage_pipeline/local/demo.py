@@ -22,7 +22,7 @@ import sqlalchemy as sa
 import yaml
 
 from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
-from heimdall_storage_pipeline.core.policy import default_policy_path, load_policy
+from heimdall_storage_pipeline.core.policy import default_policy_path, format_duration, load_policy
 from heimdall_storage_pipeline.local.heimdall_db import (
     SeededWorld,
     create_schema,
@@ -127,7 +127,7 @@ def run_demo(workdir: str = ".demo", serve_ui: bool = False) -> int:
         os.environ.update(env)
         rows = _scan_every_bucket(as_of)
         print("\nOrphan report (demo policy: minimum age "
-              f"{timedelta(seconds=DEMO_MIN_AGE_SECONDS)}; Heimdall's is 30/60 days)\n")
+              f"{format_duration(timedelta(seconds=DEMO_MIN_AGE_SECONDS))}; Heimdall's is 30d/60d)\n")
         print(render_report(rows))
         print(f"\nDry-run cleanup with {DRY_RUN_CONFIG.relative_to(REPO_ROOT)}: every bucket gets a plan\n")
         print(render_table(PLAN_COLUMNS, _plan_every_bucket()))
