@@ -15,6 +15,7 @@ from heimdall_storage_pipeline.core.diff import (
 )
 from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
 from heimdall_storage_pipeline.core.manifests import ManifestStore
+from heimdall_storage_pipeline.core.policy import format_duration
 from heimdall_storage_pipeline.core.references import describe_engine, read_references_to_manifest
 from heimdall_storage_pipeline.defs.materializations import latest_metadata, require_metadata
 from heimdall_storage_pipeline.defs.resources import (
@@ -110,6 +111,11 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         bucket_policy = policy.load().bucket(bucket)
         inventory = require_metadata(context.instance, "bucket_inventory", bucket, "referenced_keys")
         engine = reference_db.engine()
+        context.log.info(
+            f"reading the references of {bucket} from {describe_engine(engine)}: "
+            + ", ".join(f"{source.name} (time limit {format_duration(source.statement_timeout)})"
+                        for source in bucket_policy.references)
+        )
         try:
             result = read_references_to_manifest(engine, bucket_policy, manifests.store(), context.run.run_id)
         finally:
