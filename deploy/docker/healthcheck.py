@@ -68,6 +68,11 @@ def check(role: str) -> str | None:
     return f"{ROLE_ENV}={role!r} is not a role; use one of {', '.join(ROLES)}"
 
 
+def masked(text: str) -> str:
+    """``text`` with the password of any URL in it replaced: docker keeps what a health check prints."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
 def main() -> int:
     role = os.environ.get(ROLE_ENV, "").strip()
     if not role:
@@ -76,8 +81,7 @@ def main() -> int:
     if problem is None:
         print(f"{role}: healthy")
         return 0
-    masked = _URL_PASSWORD.sub(r"\1***@", problem)  # a broker URL's password never reaches docker's log
-    print(f"{role}: unhealthy: {masked}")
+    print(f"{role}: unhealthy: {masked(problem)}")
     return 1
 
 

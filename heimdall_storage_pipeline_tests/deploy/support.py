@@ -152,16 +152,21 @@ class LocalService:
         return wait_for(f"{self.name} to pass its health check", deadline_seconds, probe,
                         lambda: f"last check: {self.health().stdout.strip()}\n{self.name} log:\n{self.log_tail()}")
 
-    def stop(self) -> None:
-        """SIGTERM to the process group, SIGKILL past the deadline."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
+
+
+def stop_all(services: Iterable[LocalService]) -> None:
+    """SIGTERM to every service's process group at once, SIGKILL to those still running past the deadline."""
+    started = [service.process for service in services if service.process is not None]
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_SECONDS
+    for process in started:
         try:
-            self.process.wait(timeout=STOP_SECONDS)
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=STOP_SECONDS)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=STOP_SECONDS)
 
 
 def local_workspace(target: Path, ports: Mapping[str, int], services: Iterable[str]) -> Path:
