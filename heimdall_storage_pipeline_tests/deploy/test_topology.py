@@ -7,8 +7,8 @@ dagster.yaml), a SeaweedFS of their own and a Heimdall-shaped database seeded as
 Through the UI's GraphQL the test turns the nightly schedule and the chain sensor on and triggers the
 schedule's 03:00 tick; the daemon launches the scan through the code server, the chain sensor launches
 a dry-run cleanup, GraphQL shows the runs and the exporter serves the figures. One bucket is enabled
-(the synthetic IQ one: JSON references, a deleted dataset's objects, a dangling row): every run is a few
-processes, each importing Dagster, and the per-bucket fan-out is the schedule's own test.
+(the synthetic IQ one: JSON references, a deleted dataset's objects, a dangling row): every run is a
+process that imports Dagster, and the per-bucket fan-out is the schedules' own tests' subject.
 """
 
 from __future__ import annotations
