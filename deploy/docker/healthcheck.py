@@ -10,12 +10,13 @@ else 1 with one line saying what failed. HEIMDALL_HEALTHCHECK_PORT overrides a r
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+
+from heimdall_storage_pipeline.core.errors import redact
 
 ROLE_ENV = "HEIMDALL_ROLE"
 PORT_ENV = "HEIMDALL_HEALTHCHECK_PORT"
@@ -25,7 +26,6 @@ HTTP_PATHS = {"webserver": "/server_info", "exporter": "/healthz"}
 ROLES = ("code-server", "webserver", "daemon", "exporter", "celery-worker")
 TIMEOUT_SECONDS = 20
 CELERY_APP = "heimdall_storage_pipeline.defs.celery_worker"
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
 
 
 def _port(role: str) -> int:
@@ -68,11 +68,6 @@ def check(role: str) -> str | None:
     return f"{ROLE_ENV}={role!r} is not a role; use one of {', '.join(ROLES)}"
 
 
-def masked(text: str) -> str:
-    """``text`` with the password of any URL in it replaced: docker keeps what a health check prints."""
-    return _URL_PASSWORD.sub(r"\1***@", text)
-
-
 def main() -> int:
     role = os.environ.get(ROLE_ENV, "").strip()
     if not role:
@@ -81,7 +76,8 @@ def main() -> int:
     if problem is None:
         print(f"{role}: healthy")
         return 0
-    print(f"{role}: unhealthy: {masked(problem)}")
+    # Docker keeps what a health check prints: no URL password or secret of the environment in it.
+    print(f"{role}: unhealthy: {redact(problem)}")
     return 1
 
 

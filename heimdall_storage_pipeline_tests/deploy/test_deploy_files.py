@@ -160,11 +160,6 @@ def test_health_check_answers_in_one_line(env: dict[str, str], code: int, says: 
     assert result.stdout.startswith(says.format(port=port)) and result.stdout.count("\n") == (1 if says else 0)
 
 
-def test_health_check_output_hides_url_passwords() -> None:
-    masked = _healthcheck_module().masked("Cannot connect to amqp://heimdall:s3cr3t@rabbitmq:5672//: refused")
-    assert "s3cr3t" not in masked and "amqp://heimdall:***@rabbitmq:5672//" in masked
-
-
 def test_dockerfile_path_is_where_compose_builds_from() -> None:
     build = _example_services()["code-server"]["build"]
     assert Path(build["context"]) / build["dockerfile"] == DOCKERFILE
