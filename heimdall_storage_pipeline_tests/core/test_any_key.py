@@ -42,7 +42,7 @@ SEGMENT = st.text(
     ),
     min_size=1, max_size=12,
 ).filter(lambda segment: not {"/", "\\"} & set(segment) and segment not in (".", ".."))  # SeaweedFS reads "\\" as "/"
-KEY = st.lists(SEGMENT, min_size=1, max_size=3).map("/".join)
+KEY = st.lists(SEGMENT, min_size=1, max_size=3).map("/".join).filter(str.strip)  # minio refuses blank names
 # SeaweedFS stores keys as a file tree: "a" and "a/b" cannot both be objects there.
 KEYS = st.lists(KEY, min_size=2, max_size=25, unique=True).filter(
     lambda keys: not any(other.startswith(key + "/") for key in keys for other in keys))
