@@ -13,12 +13,7 @@ import pytest
 from minio.error import S3Error
 
 from heimdall_storage_pipeline.core.errors import BucketNotFoundError, StorageAccessDeniedError
-from heimdall_storage_pipeline.core.list_objects_v2 import (
-    ListObjectsV2,
-    common_prefixes,
-    listing_bodies,
-    parse_page,
-)
+from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2, listing_batches, parse_page
 from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
 from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.core.s3 import S3Settings
@@ -112,10 +107,10 @@ def test_single_prefix_bucket_is_split_deeper(seaweed: SeaweedFS, make_bucket: C
     bucket = make_bucket("fastone")
     put_all(seaweed, bucket, ONE_PREFIX_KEYS)
     lister = ListObjectsV2(seaweed.settings(), bucket)
-    bodies = list(listing_bodies(lister, max_keys=1000, workers=4))
+    pages = list(listing_batches(lister, max_keys=1000, workers=4))
     # root (delimiter) -> data/ (delimiter) -> one recursive listing per section
-    assert len(bodies) == 5
-    keys = [key for body in bodies for key in parse_page(body)[0].column("key").to_pylist()]
+    assert len(pages) == 5
+    keys = [key for page in pages for key in page.column("key").to_pylist()]
     assert sorted(keys) == sorted(ONE_PREFIX_KEYS)
 
 
@@ -149,12 +144,28 @@ def test_errors_during_listing_reach_the_caller(seaweed: SeaweedFS, odd_bucket: 
     # which s3_errors turns into the operator errors; from worker threads too.
     wrong = ListObjectsV2(seaweed.settings(secret_key="not-the-secret"), odd_bucket)
     with pytest.raises(S3Error) as denied:
-        list(listing_bodies(wrong, workers=workers))
+        list(listing_batches(wrong, workers=workers))
     assert denied.value.code == "SignatureDoesNotMatch"
     missing = ListObjectsV2(seaweed.settings(), f"t-missing-{secrets.token_hex(4)}")
     with pytest.raises(S3Error) as not_found:
-        list(listing_bodies(missing, workers=workers))
+        list(listing_batches(missing, workers=workers))
     assert not_found.value.code == "NoSuchBucket"
+
+
+def test_control_characters_and_rewritten_slashes_list_as_minio_does(
+    seaweed: SeaweedFS, make_bucket: Callable[[str], str], tmp_path: Path
+) -> None:
+    # Keys object_store refuses (control characters) or rewrites ('//', trailing '/'), in both shard modes.
+    bucket = make_bucket("ctl")
+    keys = ["ctl\x01a", "new\nline", "cr\rhere", "del\x7fx", "x//y", "/lead", "%2F", "trail/", "trail"]
+    put_all(seaweed, bucket, keys)
+    store = ManifestStore(str(tmp_path))
+    expected = minio_rows(seaweed, bucket)
+    assert {"ctl\x01a", "new\nline", "cr\rhere", "del\x7fx", "trail"} <= {row[0] for row in expected}
+    for workers in (1, 4):
+        result = list_bucket_to_manifest(seaweed.settings(), bucket, store, run_id=f"ctl{workers}", workers=workers)
+        rows = manifest_rows(store, result.manifest_uri)
+        assert len(rows) == len(set(rows)) and set(rows) == expected
 
 
 def test_unreachable_server(tmp_path: Path) -> None:
@@ -183,16 +194,16 @@ AWS_PAGE = """<?xml version="1.0" encoding="UTF-8"?>
 
 
 def test_parse_aws_shaped_page() -> None:
-    batch, truncated, token, last_raw = parse_page(AWS_PAGE)
-    assert truncated and token == "1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM=&x"
-    assert last_raw == "%E6%97%A5%26%3C"
+    page = parse_page(AWS_PAGE.encode())
+    batch = page.objects
+    assert page.next_token == "1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM=&x"
     assert batch.column("key").to_pylist() == ["a b+c", "日&<"]  # "dir/" is a directory marker
     assert batch.column("size").to_pylist() == [42, 7]
     assert batch.column("etag").to_pylist() == ["0123abcd-2", "f"]
     assert batch.column("last_modified").to_pylist() == [
         datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=UTC), datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC),
     ]
-    assert common_prefixes(AWS_PAGE) == ["sp ace/"]
+    assert page.prefixes == ["sp ace/"]
 
 
 def test_parse_page_without_url_encoding_and_missing_etag() -> None:
@@ -202,9 +213,16 @@ def test_parse_page_without_url_encoding_and_missing_etag() -> None:
         "<Size>1</Size></Contents></ListBucketResult>"
     )
     with pytest.raises(ValueError):  # seven fractional digits: minio's parser refuses them too
-        parse_page(page)
-    page = page.replace(".1234567Z", "Z")
-    batch, truncated, token, _ = parse_page(page)
-    assert (truncated, token) == (False, None)
-    assert batch.column("key").to_pylist() == ["a+b & %41"]  # not URL-encoded: taken literally
-    assert batch.column("etag").to_pylist() == [""]
+        parse_page(page.encode())
+    parsed = parse_page(page.replace(".1234567Z", "Z").encode())
+    assert parsed.next_token is None
+    assert parsed.objects.column("key").to_pylist() == ["a+b & %41"]  # not URL-encoded: taken literally
+    assert parsed.objects.column("etag").to_pylist() == [""]
+
+
+def test_truncated_page_without_token_continues_after_its_last_key() -> None:
+    page = ("<ListBucketResult><IsTruncated>true</IsTruncated><EncodingType>url</EncodingType><Contents>"
+            "<Key>a%2Fb+c</Key><LastModified>2024-01-02T03:04:05Z</LastModified></Contents></ListBucketResult>")
+    assert parse_page(page.encode()).next_token == "a/b c"
+    with pytest.raises(ValueError, match="no <Key>"):
+        parse_page(page.replace("<Key>a%2Fb+c</Key>", "").encode())
