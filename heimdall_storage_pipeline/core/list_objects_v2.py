@@ -25,6 +25,7 @@ from botocore.credentials import Credentials
 from lxml import etree
 from minio.error import S3Error
 
+from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.manifests import INVENTORY_SCHEMA
 from heimdall_storage_pipeline.core.s3 import S3Settings, http_pool
 
@@ -135,7 +136,15 @@ class ListObjectsV2:
         if start_after:
             query["start-after"] = start_after
         while True:
-            page = parse_page(self.get(query))
+            body = self.get(query)
+            try:
+                page = parse_page(body)
+            except (etree.XMLSyntaxError, ValueError) as exc:
+                raise StorageCleanupError(
+                    f"{self.settings.endpoint_url} answered a listing of bucket {self.bucket!r} with a page that "
+                    f"is not a readable ListObjectsV2 response ({str(exc).splitlines()[0]}); check that "
+                    f"MINIO_ENDPOINT is the S3 API"
+                ) from None
             yield page
             if page.next_token is None:
                 return

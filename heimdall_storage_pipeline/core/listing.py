@@ -17,12 +17,7 @@ from heimdall_storage_pipeline.core.list_objects_v2 import (
     listing_batches,
 )
 from heimdall_storage_pipeline.core.manifests import INVENTORY_SCHEMA, ManifestStore
-from heimdall_storage_pipeline.core.s3 import (
-    S3Settings,
-    make_client,
-    missing_bucket_error,
-    s3_errors,
-)
+from heimdall_storage_pipeline.core.s3 import S3Settings, s3_errors
 
 LISTING_CHUNK = 50_000  # rows buffered before a Parquet row group is written
 
@@ -65,10 +60,9 @@ def list_bucket_to_manifest(
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     with s3_errors(settings, bucket):
-        # Fail on a missing bucket before a manifest is opened.
-        if not make_client(settings).bucket_exists(bucket):
-            raise missing_bucket_error(settings, bucket)
         lister = ListObjectsV2(settings, bucket)
+        # A missing bucket, refused credentials or a server that is not S3 fail before a manifest is opened.
+        next(lister.pages(max_keys=1))
         with store.writer(uri, INVENTORY_SCHEMA) as writer:
             for batch in listing_batches(lister, max_keys=max_keys, workers=workers):
                 object_count += batch.num_rows

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import io
 import secrets
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from minio.error import S3Error
 
-from heimdall_storage_pipeline.core.errors import BucketNotFoundError, StorageAccessDeniedError
+from heimdall_storage_pipeline.core.errors import BucketNotFoundError, StorageAccessDeniedError, StorageCleanupError
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2, listing_batches, parse_page
 from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
 from heimdall_storage_pipeline.core.manifests import ManifestStore
@@ -166,6 +168,37 @@ def test_control_characters_and_rewritten_slashes_list_as_minio_does(
         result = list_bucket_to_manifest(seaweed.settings(), bucket, store, run_id=f"ctl{workers}", workers=workers)
         rows = manifest_rows(store, result.manifest_uri)
         assert len(rows) == len(set(rows)) and set(rows) == expected
+
+
+def test_a_server_that_is_not_s3_gets_a_clear_error(tmp_path: Path) -> None:
+    # A web server (say, the console's port) answers every request with 200 and HTML.
+    class Html(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            page = b"<html><body>console</body></html"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Html)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = S3Settings(endpoint=f"127.0.0.1:{server.server_address[1]}", access_key="a", secret_key="s3cr3t")
+        with pytest.raises(StorageCleanupError, match="not a readable ListObjectsV2 response") as raised:
+            list_bucket_to_manifest(settings, "bucket", ManifestStore(str(tmp_path)), "h")
+        assert "s3cr3t" not in str(raised.value)
+        assert not list(tmp_path.rglob("*.parquet*"))
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_unreachable_server(tmp_path: Path) -> None:
