@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from heimdall_storage_pipeline.core.clock import Clock, utc_now
-from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, redact
+from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, database_url, redact, source_fix
 from heimdall_storage_pipeline.core.keys import (
     ParsedKind,
     ReferenceFormat,
@@ -40,7 +40,7 @@ from heimdall_storage_pipeline.core.keys import (
     parse_reference,
 )
 from heimdall_storage_pipeline.core.manifests import REFERENCES_SCHEMA, ManifestStore, in_background
-from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
+from heimdall_storage_pipeline.core.policy import DEFAULT_STATEMENT_TIMEOUT, BucketPolicy, ReferenceSource
 
 FETCH_ROWS = 10_000  # rows per server-side cursor fetch (the re-check's reads)
 SAMPLE_SIZE = 10
@@ -67,25 +67,35 @@ _STRING = r'"[^"\\\x00-\x1f]*"'
 _SIMPLE_OBJECT = rf"^\{{{_STRING}: {_STRING}(, {_STRING}: {_STRING})*\}}$"
 _CONTROL = r"[\x00-\x1f\x7f]"
 _QUERY_CANCELED = "57014"
-_FIXES = {  # what to do about a failed source, by SQLSTATE (or its class)
-    "42501": "grant the reference database user SELECT on what the query reads",
-    "25006": "a reference query may only read: fix the query in the storage policy",
-    "08": "check HEIMDALL_DATABASE_URL and that the server is running",
-}
+_SERVER_ERROR = "XX000"  # a query error the server reported, of unknown kind
 _ADBC_ERRORS = (adbc_driver_manager.Error, pa.ArrowException, OSError)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for the reference database; ``postgresql://`` means psycopg2 here."""
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
-        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
+def make_engine(url: str, statement_timeout: timedelta = DEFAULT_STATEMENT_TIMEOUT) -> Engine:
+    """An engine whose every statement has a time limit; ``postgresql://`` means psycopg2 here."""
     try:
-        return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS})
+        parsed = database_url(url)
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+        engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args={
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            "options": f"-c statement_timeout={int(statement_timeout.total_seconds() * 1000)}"})
     except (sa.exc.ArgumentError, ValueError) as exc:
         raise ReferenceDatabaseError(
             redact(f"HEIMDALL_DATABASE_URL is not a valid SQLAlchemy URL ({exc}); use "
                    f"postgresql+psycopg2://user:password@host:5432/heimdall")
         ) from None
+    sa.event.listen(engine, "connect", _cancel_when_the_client_is_gone)
+    return engine
+
+
+def _cancel_when_the_client_is_gone(dbapi_connection: Any, _: object) -> None:
+    """PostgreSQL 14+ cancels a query whose client died (a killed run) instead of running it to its timeout."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('server_version_num')::int >= 140000")
+        if cursor.fetchone()[0]:
+            cursor.execute("SET client_connection_check_interval = '2s'")
+    dbapi_connection.commit()
 
 
 def describe_engine(engine: Engine) -> str:
@@ -405,6 +415,10 @@ def adbc_snapshot(engine: Engine) -> Iterator[Any]:
         ) from None
     with connection, connection.cursor() as cursor:
         try:
+            # As the engine's connections (make_engine): PostgreSQL 14+ cancels a query whose client died.
+            cursor.execute("SELECT set_config('client_connection_check_interval', '2s', false) "
+                           "WHERE current_setting('server_version_num')::int >= 140000")
+            cursor.fetchall()
             cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         except _ADBC_ERRORS as exc:
             raise ReferenceDatabaseError(
@@ -421,17 +435,13 @@ def adbc_snapshot(engine: Engine) -> Iterator[Any]:
 def _source_error(engine: Engine, bucket: BucketPolicy, source: ReferenceSource, exc: BaseException,
                   seconds: float) -> ReferenceDatabaseError:
     """One line naming the bucket, the source, the server's message and what to do."""
-    timeout = source.statement_timeout.total_seconds()
-    state = str(getattr(exc, "sqlstate", None) or "")
-    if state == _QUERY_CANCELED or seconds >= timeout:  # errors in mid-stream carry no SQLSTATE
-        fix = (f"it ran longer than its statement_timeout ({timeout:g} s): raise statement_timeout of this "
-               f"source in the storage policy, or make the query faster (an index, a narrower query)")
-    else:
-        fix = _FIXES.get(state) or _FIXES.get(state[:2]) or (
-            "fix the query in the storage policy (a renamed table or column?)")
+    code = getattr(exc, "sqlstate", None) or ""
+    if not code:  # ADBC's errors in mid-stream carry no SQLSTATE: the time taken, or the server's word, tells
+        timed_out = seconds >= source.statement_timeout.total_seconds()
+        code = _QUERY_CANCELED if timed_out else _SERVER_ERROR if "ERROR:" in str(exc) else ""
     return ReferenceDatabaseError(
         f"a reference query failed on {describe_engine(engine)}: bucket {bucket.name!r}, source {source.name!r}: "
-        f"{_cause(exc, _secrets(engine))}; {fix}"
+        f"{_cause(exc, _secrets(engine))}; {source_fix(code)}"
     )
 
 

