@@ -110,20 +110,55 @@ class ManifestStore:
         if temporary != final:
             filesystem.move(temporary, final)
 
+    def put_file(self, local_path: str, uri: str) -> None:
+        """Store a finished local Parquet file as the manifest ``uri``; like ``writer``, all or nothing."""
+        filesystem, _ = self._filesystem()
+        final = self._to_path(uri)
+        if not self.is_s3:
+            Path(final).parent.mkdir(parents=True, exist_ok=True)
+        temporary = final if self.is_s3 else f"{final}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            pafs.copy_files(local_path, temporary, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=filesystem)
+        except BaseException:
+            with suppress(OSError):
+                filesystem.delete_file(temporary)
+            raise
+        if temporary != final:
+            filesystem.move(temporary, final)
+
     def write_table(self, uri: str, table: pa.Table) -> None:
         with self.writer(uri, table.schema) as parquet_writer:
             parquet_writer.write_table(table)
+
+    def _unreadable(self, uri: str, exc: Exception) -> ManifestError:
+        secrets = (self.s3.secret_key, self.s3.access_key) if self.s3 else ()
+        return ManifestError(
+            redact(f"cannot read manifest {uri}: {exc}; it may have been pruned or the manifest "
+                   f"store moved: re-materialize the asset that wrote it", secrets)
+        )
 
     def open(self, uri: str) -> pq.ParquetFile:
         filesystem, _ = self._filesystem()
         try:
             return pq.ParquetFile(filesystem.open_input_file(self._to_path(uri)))
         except (OSError, pa.ArrowInvalid) as exc:
-            secrets = (self.s3.secret_key, self.s3.access_key) if self.s3 else ()
-            raise ManifestError(
-                redact(f"cannot read manifest {uri}: {exc}; it may have been pruned or the manifest "
-                       f"store moved: re-materialize the asset that wrote it", secrets)
-            ) from None
+            raise self._unreadable(uri, exc) from None
+
+    def local_file(self, uri: str, directory: str) -> str:
+        """A local path of the manifest at ``uri``: the file itself, or a copy made in ``directory`` (S3)."""
+        filesystem, _ = self._filesystem()
+        path = self._to_path(uri)
+        try:
+            if not self.is_s3:
+                if filesystem.get_file_info(path).type != pafs.FileType.File:
+                    raise FileNotFoundError(f"no such file: {path}")
+                return path
+            copy = str(Path(directory) / Path(path).name)
+            pafs.copy_files(path, copy, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+            return copy
+        except OSError as exc:
+            raise self._unreadable(uri, exc) from None
 
     def read_table(self, uri: str, columns: list[str] | None = None) -> pa.Table:
         return self.open(uri).read(columns=columns)
