@@ -27,9 +27,9 @@ SAMPLE_SIZE = 10
 LARGEST_SHOWN = 10
 # Orphan age histogram edges, in days; the last bin is open-ended.
 AGE_BINS_DAYS = (1, 7, 30, 60, 90)
-# DuckDB's own budget; the process peaks above it (docs/performance.md, "Diff memory").
-MEMORY_LIMIT = "128MB"
-# DuckDB needs ~125 MB per thread to join out of core; more threads overran MEMORY_LIMIT.
+# DuckDB's own budget, past which it spills; the process peaks ~210 MB above it (docs/performance.md).
+MEMORY_LIMIT = "90MB"
+# A second thread needs more than this budget to join out of core (it overran it at 128 MB).
 THREADS = 1
 _DAY_US = timedelta(days=1) // timedelta(microseconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -163,14 +163,14 @@ def compute_orphan_diff(
         references = store.local_file(references_uri, temporary)
         with _connect(temporary) as connection:
             _create_views(connection, inventory, references, bucket.companions)
-            referenced_count = _row(connection, "SELECT count(DISTINCT key) AS count FROM referenced")["count"]
+            connection.execute("""
+                CREATE TABLE unique_references AS SELECT key, min(position) AS first FROM referenced GROUP BY key
+            """)
             # One join finds both sides' unmatched rows: listed rows no reference names, dangling references.
             connection.execute("""
                 CREATE TABLE unmatched AS
                 SELECT listed.*, unique_references.key AS dangling, unique_references.first
-                FROM listed FULL JOIN (
-                    SELECT key, min(position) AS first FROM referenced GROUP BY key
-                ) AS unique_references ON listed.normalised = unique_references.key
+                FROM listed FULL JOIN unique_references ON listed.normalised = unique_references.key
                 WHERE unique_references.key IS NULL OR listed.row IS NULL
             """)
             dangling = _row(connection, f"""
@@ -186,7 +186,8 @@ def compute_orphan_diff(
                 FROM unmatched ANTI JOIN companions ON unmatched.normalised = companions.key
                 WHERE row IS NOT NULL
             """, {"cutoff": age_cutoff(as_of, bucket.min_age)})
-            connection.execute("DROP TABLE unmatched")
+            referenced_count = _row(connection, "SELECT count(*) AS count FROM unique_references")["count"]
+            connection.execute("DROP TABLE unmatched; DROP TABLE unique_references")
             listed = _row(connection, "SELECT count(*) AS count, coalesce(sum(size), 0) AS bytes FROM listed")
             orphans = _row(connection, """
                 SELECT count(*) AS count, coalesce(sum(size), 0) AS bytes,
