@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from tempfile import TemporaryDirectory
@@ -27,8 +28,10 @@ SAMPLE_SIZE = 10
 LARGEST_SHOWN = 10
 # Orphan age histogram edges, in days; the last bin is open-ended.
 AGE_BINS_DAYS = (1, 7, 30, 60, 90)
-# DuckDB's own budget, past which it spills; the process peaks ~210 MB above it (docs/performance.md).
-MEMORY_LIMIT = "90MB"
+# DuckDB's budget, past which it spills (the process peaks ~210 MB above it, docs/performance.md).
+# DuckDB sometimes fails with an out-of-memory error instead of spilling; the diff then runs again
+# with the next budget.
+MEMORY_LIMITS = ("90MB", "180MB", "360MB")
 # A second thread needs more than this budget to join out of core (it overran it at 128 MB).
 THREADS = 1
 _DAY_US = timedelta(days=1) // timedelta(microseconds=1)
@@ -92,9 +95,9 @@ def _normalised_or_null(key: str) -> str | None:
         return None
 
 
-def _connect(spill_directory: str) -> duckdb.DuckDBPyConnection:
+def _connect(spill_directory: str, memory_limit: str) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect(config={
-        "memory_limit": MEMORY_LIMIT,
+        "memory_limit": memory_limit,
         "temp_directory": spill_directory,
         "preserve_insertion_order": False,  # every result whose order matters says ORDER BY
         "threads": THREADS,
@@ -158,10 +161,20 @@ def compute_orphan_diff(
     (default: the system temporary directory).
     """
     as_of = ensure_utc(as_of, "as_of")
+    *smaller, largest = MEMORY_LIMITS
+    for memory_limit in smaller:
+        with suppress(duckdb.OutOfMemoryException):
+            return _compute_orphan_diff(bucket, store, inventory_uri, references_uri, as_of, run_id, work_dir,
+                                        memory_limit)
+    return _compute_orphan_diff(bucket, store, inventory_uri, references_uri, as_of, run_id, work_dir, largest)
+
+
+def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_uri: str, references_uri: str,
+                         as_of: datetime, run_id: str, work_dir: str | None, memory_limit: str) -> OrphanDiffResult:
     with TemporaryDirectory(prefix="heimdall-diff-", dir=work_dir) as temporary:
         inventory = store.local_file(inventory_uri, temporary)
         references = store.local_file(references_uri, temporary)
-        with _connect(temporary) as connection:
+        with _connect(temporary, memory_limit) as connection:
             _create_views(connection, inventory, references, bucket.companions)
             connection.execute("""
                 CREATE TABLE unique_references AS SELECT key, min(position) AS first FROM referenced GROUP BY key
@@ -214,7 +227,7 @@ def compute_orphan_diff(
             written = f"{temporary}/orphans.parquet"
             connection.execute(f"""
                 COPY (SELECT key, size, last_modified, etag, eligible FROM orphans ORDER BY row)
-                TO {_sql_string(written)} (FORMAT parquet, COMPRESSION zstd)
+                TO {_sql_string(written)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 32768)
             """)
         uri = store.new_uri("orphans", bucket.name, as_of, run_id)
         store.put_file(written, uri)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from unittest import mock
 
+import duckdb
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from heimdall_storage_pipeline.core import diff
 from heimdall_storage_pipeline.core.diff import OrphanDiffResult, compute_orphan_diff
+from heimdall_storage_pipeline.core.errors import ManifestError
 from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
 from heimdall_storage_pipeline.core.manifests import INVENTORY_SCHEMA, REFERENCES_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy, CompanionRule
@@ -60,8 +62,9 @@ def tuned(settings: dict[str, object]) -> Iterator[None]:
 
 
 def run(store: ManifestStore, objects: list[Obj], references: list[str], *, rules: tuple[CompanionRule, ...] = (),
-        work_dir: str | None = None, **settings: object) -> tuple[OrphanDiffResult, pa.Table]:
-    """Write the two manifests (several row groups each), diff them; returns the result and orphans."""
+        work_dir: str | None = None, row_group_size: int = 5, **settings: object) -> tuple[OrphanDiffResult, pa.Table]:
+    """Write the two manifests (several row groups each), diff them with ``settings`` patched into the diff
+    module; returns the result and orphans."""
     inventory = pa.table({
         "key": [o.key for o in objects], "size": [o.size for o in objects],
         "last_modified": [o.last_modified for o in objects], "etag": [o.etag for o in objects],
@@ -71,7 +74,7 @@ def run(store: ManifestStore, objects: list[Obj], references: list[str], *, rule
     references_uri = store.new_uri("references", "bkt", AS_OF, "run00000")
     for uri, table in ((inventory_uri, inventory), (references_uri, refs)):
         with store.writer(uri, table.schema) as writer:
-            writer.write_table(table, row_group_size=5)
+            writer.write_table(table, row_group_size=row_group_size)
     with tuned(settings):
         result = compute_orphan_diff(
             bucket=policy(*rules), store=store, inventory_uri=inventory_uri, references_uri=references_uri,
@@ -236,7 +239,55 @@ def test_largest_eligible_and_histogram(store: ManifestStore, mode: dict[str, ob
     assert_matches_reference(result, orphans, objects, [f"k/{i}" for i in range(0, 120, 2)], ())
 
 
-# SPILL_TEST
+def test_a_bucket_larger_than_the_memory_limit_spills_and_leaves_nothing_behind(
+    store: ManifestStore, tmp_path: Path
+) -> None:
+    """The keys alone outgrow DuckDB's budget, so the joins, tables and sort go through the spill directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    objects = [Obj(f"spill/{i:06d}/{'x' * 300}.npy", size=i % 977, last_modified=OLD - timedelta(hours=i % 2000))
+               for i in range(250_000)]
+    objects += [Obj(f"spill/{i:06d}/{'x' * 300}_metadata.json") for i in range(0, 250_000, 50)]
+    references = [o.key for o in objects[:250_000] if int(o.key[6:12]) % 3]
+    assert sum(len(o.key) for o in objects) > 64 * 1024**2  # the premise: more than the budget below
+    result, orphans = run(store, objects, references, rules=(SIDECAR,), work_dir=str(work), row_group_size=50_000,
+                          MEMORY_LIMITS=("64MB",))
+    assert_matches_reference(result, orphans, objects, references, (SIDECAR,))
+    assert list(work.iterdir()) == []
+
+
+def test_a_diff_that_overruns_its_memory_budget_runs_again_with_the_next(store: ManifestStore) -> None:
+    objects = [Obj(f"k/{i}") for i in range(50)]
+    connect = diff._connect
+    with mock.patch.object(diff, "_connect", wraps=connect) as connected:
+        result, orphans = run(store, objects, [f"k/{i}" for i in range(25)], MEMORY_LIMITS=("1MB", "256MB"))
+    assert [call.args[1] for call in connected.call_args_list] == ["1MB", "256MB"]
+    assert_matches_reference(result, orphans, objects, [f"k/{i}" for i in range(25)], ())
+
+
+def test_a_diff_that_overruns_every_budget_fails(store: ManifestStore) -> None:
+    with pytest.raises(duckdb.OutOfMemoryException):
+        run(store, [Obj("a")], ["a"], MEMORY_LIMITS=("1MB", "1MB"))
+    assert not (Path(store.root) / "orphans").exists()
+
+
+def test_a_failing_diff_leaves_no_spill_files_and_no_manifest(store: ManifestStore, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    objects = [Obj(f"k/{i}") for i in range(50)]
+    with mock.patch.object(ManifestStore, "put_file", side_effect=RuntimeError("boom")), pytest.raises(RuntimeError):
+        run(store, objects, [f"k/{i}" for i in range(25)], work_dir=str(work))
+    assert list(work.iterdir()) == []
+    assert not (Path(store.root) / "orphans").exists()
+
+
+def test_an_unreadable_manifest_is_named_in_a_clear_error(store: ManifestStore, tmp_path: Path) -> None:
+    references_uri = store.new_uri("references", "bkt", AS_OF, "run00000")
+    store.write_table(references_uri, pa.table({"key": ["a"], "source": ["s"]}, schema=REFERENCES_SCHEMA))
+    missing = store.new_uri("inventory", "bkt", AS_OF, "run00000")
+    with pytest.raises(ManifestError, match=r"cannot read manifest .*re-materialize"):
+        compute_orphan_diff(bucket=policy(), store=store, inventory_uri=missing, references_uri=references_uri,
+                            as_of=AS_OF, run_id="run00000")
 
 
 def test_diff_reads_and_writes_an_s3_store(seaweed: SeaweedFS, make_bucket: Callable[[str], str]) -> None:
