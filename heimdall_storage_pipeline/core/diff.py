@@ -1,6 +1,6 @@
 """Orphan diff: inventory minus references minus companions, split by age at one ``as_of``.
 
-DuckDB joins the two Parquet manifests out of core: past ``MEMORY_LIMIT`` it spills to a
+DuckDB joins the two Parquet manifests out of core: past its memory budget it spills to a
 temporary directory, so memory stays flat however large the bucket.
 """
 
@@ -28,11 +28,11 @@ SAMPLE_SIZE = 10
 LARGEST_SHOWN = 10
 # Orphan age histogram edges, in days; the last bin is open-ended.
 AGE_BINS_DAYS = (1, 7, 30, 60, 90)
-# DuckDB's budget, past which it spills (the process peaks ~210 MB above it, docs/performance.md).
-# DuckDB sometimes fails with an out-of-memory error instead of spilling; the diff then runs again
+# DuckDB's budgets, past which it spills; the process peaks well above them (docs/performance.md).
+# DuckDB sometimes fails with an out-of-memory error instead of spilling: the diff then runs again
 # with the next budget.
 MEMORY_LIMITS = ("90MB", "180MB", "360MB")
-# A second thread needs more than this budget to join out of core (it overran it at 128 MB).
+# DuckDB wants ~125 MB per thread to join out of core, more than the first budget.
 THREADS = 1
 _DAY_US = timedelta(days=1) // timedelta(microseconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
