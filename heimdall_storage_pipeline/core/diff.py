@@ -11,6 +11,7 @@ from bisect import bisect_right
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from tempfile import TemporaryDirectory
 from typing import Any
 
@@ -160,13 +161,13 @@ def compute_orphan_diff(
     ``work_dir`` holds DuckDB's spill files and local copies of S3 manifests while the diff runs
     (default: the system temporary directory).
     """
-    as_of = ensure_utc(as_of, "as_of")
+    attempt = partial(_compute_orphan_diff, bucket, store, inventory_uri, references_uri,
+                      ensure_utc(as_of, "as_of"), run_id, work_dir)
     *smaller, largest = MEMORY_LIMITS
     for memory_limit in smaller:
         with suppress(duckdb.OutOfMemoryException):
-            return _compute_orphan_diff(bucket, store, inventory_uri, references_uri, as_of, run_id, work_dir,
-                                        memory_limit)
-    return _compute_orphan_diff(bucket, store, inventory_uri, references_uri, as_of, run_id, work_dir, largest)
+            return attempt(memory_limit)
+    return attempt(largest)
 
 
 def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_uri: str, references_uri: str,
@@ -187,7 +188,8 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
                 WHERE unique_references.key IS NULL OR listed.row IS NULL
             """)
             dangling = _row(connection, f"""
-                SELECT count(*) AS count, coalesce(min_by(dangling, first, {SAMPLE_SIZE}), []) AS sample
+                SELECT count(*) AS dangling_reference_count,
+                       coalesce(min_by(dangling, first, {SAMPLE_SIZE}), []) AS dangling_sample
                 FROM unmatched WHERE row IS NULL
             """)
             # Companions in a join of their own: one building on references and companions together
@@ -199,16 +201,19 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
                 FROM unmatched ANTI JOIN companions ON unmatched.normalised = companions.key
                 WHERE row IS NOT NULL
             """, {"cutoff": age_cutoff(as_of, bucket.min_age)})
-            referenced_count = _row(connection, "SELECT count(*) AS count FROM unique_references")["count"]
+            totals = _row(connection, """
+                SELECT count(*) AS object_count, coalesce(sum(size), 0) AS total_bytes,
+                       (SELECT count(*) FROM unique_references) AS referenced_count
+                FROM listed
+            """)
             connection.execute("DROP TABLE unmatched; DROP TABLE unique_references")
-            listed = _row(connection, "SELECT count(*) AS count, coalesce(sum(size), 0) AS bytes FROM listed")
             orphans = _row(connection, """
-                SELECT count(*) AS count, coalesce(sum(size), 0) AS bytes,
-                       count(*) FILTER (eligible) AS eligible_count,
-                       coalesce(sum(size) FILTER (eligible), 0) AS eligible_bytes,
-                       count(*) FILTER (parseable AND NOT eligible) AS young_count,
-                       coalesce(sum(size) FILTER (parseable AND NOT eligible), 0) AS young_bytes,
-                       count(*) FILTER (NOT parseable) AS unparseable_count
+                SELECT count(*) AS orphan_count, coalesce(sum(size), 0) AS orphan_bytes,
+                       count(*) FILTER (eligible) AS eligible_orphan_count,
+                       coalesce(sum(size) FILTER (eligible), 0) AS eligible_orphan_bytes,
+                       count(*) FILTER (parseable AND NOT eligible) AS young_orphan_count,
+                       coalesce(sum(size) FILTER (parseable AND NOT eligible), 0) AS young_orphan_bytes,
+                       count(*) FILTER (NOT parseable) AS unparseable_object_count
                 FROM orphans
             """)
             unparseable_sample = _rows(connection, f"""
@@ -223,7 +228,7 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
                 SELECT key, size, last_modified FROM orphans WHERE eligible
                 ORDER BY size DESC, row LIMIT {LARGEST_SHOWN}
             """)
-            # DuckDB writes the manifest itself, so the sort and the Parquet encoding stay within MEMORY_LIMIT.
+            # DuckDB writes the manifest itself, so the sort and the Parquet encoding stay within its budget.
             written = f"{temporary}/orphans.parquet"
             connection.execute(f"""
                 COPY (SELECT key, size, last_modified, etag, eligible FROM orphans ORDER BY row)
@@ -235,19 +240,10 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
     return OrphanDiffResult(
         bucket=bucket.name,
         as_of=as_of,
-        object_count=listed["count"],
-        total_bytes=listed["bytes"],
-        referenced_count=referenced_count,
-        orphan_count=orphans["count"],
-        orphan_bytes=orphans["bytes"],
-        eligible_orphan_count=orphans["eligible_count"],
-        eligible_orphan_bytes=orphans["eligible_bytes"],
-        young_orphan_count=orphans["young_count"],
-        young_orphan_bytes=orphans["young_bytes"],
-        unparseable_object_count=orphans["unparseable_count"],
+        **totals,
+        **orphans,
+        **dangling,
         unparseable_object_sample=[row["key"] for row in unparseable_sample],
-        dangling_reference_count=dangling["count"],
-        dangling_sample=dangling["sample"],
         age_histogram=_age_histogram(ages),
         largest_eligible=[
             {"key": row["key"], "size": row["size"], "last_modified": row["last_modified"].astimezone(UTC).isoformat()}
