@@ -86,11 +86,8 @@ class ManifestStore:
         return self._to_uri(f"{base}/{kind}/{bucket}/{name}")
 
     @contextmanager
-    def writer(self, uri: str, schema: pa.Schema, **parquet_options: Any) -> Iterator[pq.ParquetWriter]:
-        """Write a manifest; it appears at ``uri`` only if the block completes.
-
-        ``parquet_options`` override the defaults (zstd, dictionaries) for ``pq.ParquetWriter``.
-        """
+    def _all_or_nothing(self, uri: str) -> Iterator[tuple[pafs.FileSystem, str]]:
+        """A filesystem and path to write ``uri`` at; the file appears at ``uri`` only if the block completes."""
         filesystem, _ = self._filesystem()
         final = self._to_path(uri)
         if not self.is_s3:
@@ -99,10 +96,7 @@ class ManifestStore:
         # there; locally a rename gives the same all-or-nothing behaviour.
         temporary = final if self.is_s3 else f"{final}.partial-{uuid.uuid4().hex[:8]}"
         try:
-            with filesystem.open_output_stream(temporary) as stream, pq.ParquetWriter(
-                stream, schema, **{"compression": "zstd", **parquet_options}
-            ) as parquet_writer:
-                yield parquet_writer
+            yield filesystem, temporary
         except BaseException:
             with suppress(OSError):
                 filesystem.delete_file(temporary)
@@ -110,22 +104,24 @@ class ManifestStore:
         if temporary != final:
             filesystem.move(temporary, final)
 
+    @contextmanager
+    def writer(self, uri: str, schema: pa.Schema, **parquet_options: Any) -> Iterator[pq.ParquetWriter]:
+        """Write a manifest; it appears at ``uri`` only if the block completes.
+
+        ``parquet_options`` override the defaults (zstd, dictionaries) for ``pq.ParquetWriter``.
+        """
+        with (
+            self._all_or_nothing(uri) as (filesystem, temporary),
+            filesystem.open_output_stream(temporary) as stream,
+            pq.ParquetWriter(stream, schema, **{"compression": "zstd", **parquet_options}) as parquet_writer,
+        ):
+            yield parquet_writer
+
     def put_file(self, local_path: str, uri: str) -> None:
         """Store a finished local Parquet file as the manifest ``uri``; like ``writer``, all or nothing."""
-        filesystem, _ = self._filesystem()
-        final = self._to_path(uri)
-        if not self.is_s3:
-            Path(final).parent.mkdir(parents=True, exist_ok=True)
-        temporary = final if self.is_s3 else f"{final}.partial-{uuid.uuid4().hex[:8]}"
-        try:
+        with self._all_or_nothing(uri) as (filesystem, temporary):
             pafs.copy_files(local_path, temporary, source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=filesystem)
-        except BaseException:
-            with suppress(OSError):
-                filesystem.delete_file(temporary)
-            raise
-        if temporary != final:
-            filesystem.move(temporary, final)
 
     def write_table(self, uri: str, table: pa.Table) -> None:
         with self.writer(uri, table.schema) as parquet_writer:
