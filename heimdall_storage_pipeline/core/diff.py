@@ -254,12 +254,12 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
 
 
 def _age_histogram(ages: list[dict[str, Any]]) -> list[dict[str, int | str]]:
-    """Orphan counts and bytes per age bin from counts per whole day of age; future objects fall in none."""
+    """Orphan counts and bytes per age bin from those per whole day of age; future objects fall in none."""
     edges = (0, *AGE_BINS_DAYS)
     labels = [f"{low}-{high} d" for low, high in zip(edges, AGE_BINS_DAYS, strict=False)] + [f">= {edges[-1]} d"]
     bins: list[dict[str, int | str]] = [{"age": label, "count": 0, "bytes": 0} for label in labels]
     for row in ages:
-        if row["days"] >= 0:
+        if row["days"] is not None and row["days"] >= 0:
             slot = bins[bisect_right(AGE_BINS_DAYS, row["days"])]
             slot["count"] = int(slot["count"]) + row["count"]
             slot["bytes"] = int(slot["bytes"]) + row["bytes"]
