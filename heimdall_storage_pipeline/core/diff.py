@@ -192,8 +192,8 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
                        coalesce(min_by(dangling, first, {SAMPLE_SIZE}), []) AS dangling_sample
                 FROM unmatched WHERE row IS NULL
             """)
-            # Companions in a join of their own: one building on references and companions together
-            # overran MEMORY_LIMIT.
+            # Companions in a join of their own: one join building on references and companions
+            # together overran the first budget.
             connection.execute("""
                 CREATE TABLE orphans AS
                 SELECT row, key, size, last_modified, etag, normalised IS NOT NULL AS parseable,
