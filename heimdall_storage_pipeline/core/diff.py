@@ -202,17 +202,17 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
                 WHERE row IS NOT NULL
             """, {"cutoff": age_cutoff(as_of, bucket.min_age)})
             totals = _row(connection, """
-                SELECT count(*) AS object_count, coalesce(sum(size), 0) AS total_bytes,
+                SELECT count(*) AS object_count, coalesce(sum(size), 0)::BIGINT AS total_bytes,
                        (SELECT count(*) FROM unique_references) AS referenced_count
                 FROM listed
             """)
             connection.execute("DROP TABLE unmatched; DROP TABLE unique_references")
             orphans = _row(connection, """
-                SELECT count(*) AS orphan_count, coalesce(sum(size), 0) AS orphan_bytes,
+                SELECT count(*) AS orphan_count, coalesce(sum(size), 0)::BIGINT AS orphan_bytes,
                        count(*) FILTER (eligible) AS eligible_orphan_count,
-                       coalesce(sum(size) FILTER (eligible), 0) AS eligible_orphan_bytes,
+                       coalesce(sum(size) FILTER (eligible), 0)::BIGINT AS eligible_orphan_bytes,
                        count(*) FILTER (parseable AND NOT eligible) AS young_orphan_count,
-                       coalesce(sum(size) FILTER (parseable AND NOT eligible), 0) AS young_orphan_bytes,
+                       coalesce(sum(size) FILTER (parseable AND NOT eligible), 0)::BIGINT AS young_orphan_bytes,
                        count(*) FILTER (NOT parseable) AS unparseable_object_count
                 FROM orphans
             """)
@@ -221,7 +221,7 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
             """)
             ages = _rows(connection, """
                 SELECT floor(($as_of_us - epoch_us(last_modified)) / $day_us) AS days,
-                       count(*) AS count, sum(size) AS bytes
+                       count(*) AS count, sum(size)::BIGINT AS bytes
                 FROM orphans GROUP BY days
             """, {"as_of_us": (as_of - _EPOCH) // timedelta(microseconds=1), "day_us": float(_DAY_US)})
             largest = _rows(connection, f"""

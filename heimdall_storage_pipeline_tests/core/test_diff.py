@@ -141,6 +141,9 @@ def assert_matches_reference(result: OrphanDiffResult, orphans: pa.Table, object
     eligible_keys = {row["key"] for row in orphans.to_pylist() if row["eligible"]}
     assert {row["key"] for row in result.largest_eligible} <= eligible_keys
     assert {name: getattr(result, name) for name in expected} == expected
+    # Plain ints: Dagster's int metadata refuses anything else (a SQL sum is a 128-bit decimal).
+    assert {type(getattr(result, name)) for name in expected if name.endswith(("_count", "_bytes"))} == {int}
+    assert {type(row[key]) for row in result.age_histogram for key in ("count", "bytes")} == {int}
 
 
 # --- edge cases ---------------------------------------------------------------------------
