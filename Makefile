@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo dev test lint validate-policy bench clean
+.PHONY: install demo dev test lint deploy-check validate-policy bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[demo,test]'
 	touch $(INSTALLED)
 
 install: $(INSTALLED)
@@ -21,10 +21,16 @@ demo: install
 dev: install
 	$(BIN)/heimdall-storage demo --ui
 
-lint: install
+lint: install deploy-check
 	$(BIN)/ruff check .
 
-test: install
+# The image and the compose files: hadolint, and Docker Compose's own validation (no container engine).
+deploy-check: install
+	$(BIN)/hadolint deploy/docker/Dockerfile
+	$(BIN)/docker-compose -f deploy/docker/compose.yaml -f deploy/docker/compose.heimdall.yaml \
+		--env-file deploy/docker/heimdall.env.example --profile celery config --quiet
+
+test: install deploy-check
 	@if [ -x scripts/install_prometheus.sh ]; then scripts/install_prometheus.sh; fi
 	$(BIN)/ruff check .
 	$(BIN)/pytest

@@ -6,8 +6,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from heimdall_storage_pipeline.core.policy import PolicyError, load_policy, policy_path_from_env
+from heimdall_storage_pipeline.core.policy import PolicyError, format_duration, load_policy, policy_path_from_env
 
 
 def _validate_policy(args: argparse.Namespace) -> int:
@@ -18,38 +19,106 @@ def _validate_policy(args: argparse.Namespace) -> int:
         try:
             policy = load_policy(path)
         except PolicyError as exc:
-            print(f"INVALID {exc}", file=sys.stderr)
+            for problem in str(exc).splitlines():
+                print(f"INVALID {problem}", file=sys.stderr)
             failed += 1
             continue
         print(f"OK {path}")
         for bucket in policy.buckets:
             state = "enabled" if bucket.enabled else "disabled"
-            sources = ", ".join(source.name for source in bucket.references)
-            print(f"  {bucket.name}: {state}, min age {bucket.min_age}, batch {bucket.batch_size}, "
-                  f"sources: {sources}")
+            sources = ", ".join(
+                f"{source.name} (timeout {format_duration(source.statement_timeout)})" for source in bucket.references
+            )
+            print(f"  {bucket.name}: {state}, min age {format_duration(bucket.min_age)}, "
+                  f"batch {bucket.batch_size}, sources: {sources}")
     return 1 if failed else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from heimdall_storage_pipeline.local.demo import run_demo
+    from heimdall_storage_pipeline.local import DEMO_EXTRA_HINT, DEMO_PACKAGES
 
+    try:
+        from heimdall_storage_pipeline.local.demo import run_demo
+        from heimdall_storage_pipeline.local.seaweedfs import weed_binary
+
+        weed_binary()
+    except ModuleNotFoundError as exc:
+        if exc.name not in DEMO_PACKAGES:
+            raise
+        print(f"the demo needs the {exc.name!r} package; {DEMO_EXTRA_HINT}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:  # no 'weed' binary
+        print(exc, file=sys.stderr)
+        return 2
     return run_demo(workdir=args.workdir, serve_ui=args.ui)
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    """Apply the outbox migration the event-driven cleanup needs; idempotent."""
+    """Apply the project's migrations: the outbox in Heimdall's database, and the audit tables."""
     from heimdall_storage_pipeline.core.errors import StorageCleanupError
-    from heimdall_storage_pipeline.migrations import apply_migration
+    from heimdall_storage_pipeline.core.migrations import apply_migrations
+    from heimdall_storage_pipeline.core.references import make_engine
 
     if not args.database_url:
         print("no database: pass --database-url or set HEIMDALL_DATABASE_URL", file=sys.stderr)
         return 2
+    targets = [("heimdall", args.database_url)]
+    if args.audit_database_url:
+        targets.append(("audit", args.audit_database_url))
+    for target, url in targets:
+        try:
+            engine = make_engine(url)
+            try:
+                applied = apply_migrations(engine, target)
+            finally:
+                engine.dispose()
+        except StorageCleanupError as exc:
+            print(f"FAILED {exc}", file=sys.stderr)
+            return 1
+        print(f"OK {target} database: {', '.join(applied) if applied else 'already current'}")
+    return 0
+
+
+def _plan_show(args: argparse.Namespace) -> int:
+    """Print a plan for review; optionally write its keys as CSV and the run config that applies it."""
+    import dagster as dg
+    import yaml
+
+    from heimdall_storage_pipeline.core.audit import plan_application
+    from heimdall_storage_pipeline.core.clock import utc_now
+    from heimdall_storage_pipeline.core.errors import StorageCleanupError
+    from heimdall_storage_pipeline.core.plans import write_plan_csv
+    from heimdall_storage_pipeline.core.references import make_engine
+    from heimdall_storage_pipeline.defs.cleanup.plans import apply_config, describe_plan, find_plan
+    from heimdall_storage_pipeline.defs.resources import manifest_store_from_env
+
+    if not os.environ.get("DAGSTER_HOME"):
+        print("DAGSTER_HOME is not set; point it at the pipeline's instance directory", file=sys.stderr)
+        return 2
+    audit_url = os.environ.get("HEIMDALL_AUDIT_DB_URL") or os.environ.get("DAGSTER_PG_URL")
     try:
-        apply_migration(args.database_url)
+        with dg.DagsterInstance.get() as instance:
+            plan, metadata = find_plan(instance, args.plan_id)
+        store = manifest_store_from_env()
+        applied = None
+        if audit_url:
+            engine = make_engine(audit_url)
+            try:
+                applied = plan_application(engine, plan.plan_id)
+            finally:
+                engine.dispose()
+        report = describe_plan(plan, metadata, store, utc_now(), applied)
+        if args.csv:
+            with (sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")) as out:
+                rows = write_plan_csv(store, plan, out)
+            report += f"\n\n{rows} keys written to {'stdout' if args.csv == '-' else args.csv}"
     except StorageCleanupError as exc:
         print(f"FAILED {exc}", file=sys.stderr)
         return 1
-    print("OK migrations applied (heimdall.storage_cleanup_events and its triggers)")
+    if args.apply_config:
+        Path(args.apply_config).write_text(yaml.safe_dump(apply_config(plan.plan_id), sort_keys=False))
+        report += f"\nrun config that applies it written to {args.apply_config}"
+    print(report, file=sys.stderr if args.csv == "-" else sys.stdout)
     return 0
 
 
@@ -64,10 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=".demo", help="where the demo servers keep their data")
     demo.add_argument("--ui", action="store_true", help="then serve the Dagster UI on 127.0.0.1:3000")
     demo.set_defaults(handler=_demo)
-    migrate = commands.add_parser("migrate", help="install the outbox table and triggers in the Heimdall database")
+    migrate = commands.add_parser("migrate", help="apply the project's migrations: the outbox table and triggers "
+                                                  "in Heimdall's database, and the deletion audit tables")
     migrate.add_argument("--database-url", default=os.environ.get("HEIMDALL_DATABASE_URL"),
-                         help="SQLAlchemy URL (default: $HEIMDALL_DATABASE_URL)")
+                         help="Heimdall's database, SQLAlchemy URL (default: $HEIMDALL_DATABASE_URL)")
+    migrate.add_argument("--audit-database-url",
+                         default=os.environ.get("HEIMDALL_AUDIT_DB_URL") or os.environ.get("DAGSTER_PG_URL"),
+                         help="the audit database (default: $HEIMDALL_AUDIT_DB_URL, else $DAGSTER_PG_URL; "
+                              "cleanup runs also apply these when they open it)")
     migrate.set_defaults(handler=_migrate)
+    plan = commands.add_parser("plan", help="review a dry run's plan before a live run applies it")
+    plan_commands = plan.add_subparsers(dest="plan_command", required=True)
+    show = plan_commands.add_parser("show", help="print a plan: figures, guard verdict, largest keys, ages "
+                                                 "(reads $DAGSTER_HOME's instance and the manifest store)")
+    show.add_argument("plan_id", help="the plan_id of a dry run's orphan_deletions, e.g. heimdall-raw-iq:1a2b3c4d")
+    show.add_argument("--csv", metavar="FILE", help="also write the plan's keys (key, size, etag, last_modified) "
+                                                    "as CSV; '-' for stdout")
+    show.add_argument("--apply-config", metavar="FILE",
+                      help="also write the run config of a live run that applies this plan")
+    show.set_defaults(handler=_plan_show)
     from heimdall_storage_pipeline.exporter.cli import add_exporter_command, run_from_args
 
     add_exporter_command(commands).set_defaults(handler=run_from_args)

@@ -26,8 +26,43 @@ def test_validate_the_shipped_policy(
     assert main(["validate-policy"]) == 0
     out = capsys.readouterr().out
     assert f"OK {default_policy_path()}" in out
-    assert "heimdall-raw-iq: enabled, min age 60 days, 0:00:00, batch 1000" in out
-    assert "sources: synthetic_iq_samples.iq_storage_paths" in out
+    assert "heimdall-raw-iq: enabled, min age 60d, batch 1000" in out
+    assert "sources: synthetic_iq_samples.iq_storage_paths (timeout 10m)" in out
+
+
+def test_validate_prints_durations_readably(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    document = shipped_document()
+    document["allow_short_min_age"] = True
+    buckets = document["buckets"]
+    buckets["heimdall-synthetic-iq"]["min_age_days"] = 1.25
+    buckets["heimdall-audio-chunks"]["min_age_days"] = 0.5
+    buckets["heimdall-raw-iq"].pop("min_age_days")
+    buckets["heimdall-raw-iq"]["min_age"] = "90s"
+    buckets["heimdall-raw-iq"]["references"][0]["statement_timeout"] = "1.5h"
+    path = tmp_path / "durations.yaml"
+    path.write_text(yaml.safe_dump(document))
+    assert main(["validate-policy", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "heimdall-synthetic-iq: enabled, min age 1d 6h, batch" in out
+    assert "heimdall-audio-chunks: enabled, min age 12h, batch" in out
+    assert "heimdall-raw-iq: enabled, min age 1m 30s, batch" in out
+    assert "measurements.iq_data_location (timeout 1h 30m)" in out
+
+
+def test_validate_lists_every_problem_on_its_own_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    document = shipped_document()
+    document["buckets"]["heimdall-audio-chunks"]["batch_size"] = 0
+    document["buckets"]["heimdall-raw-iq"]["references"][0]["format"] = "url"
+    document["manifest_retention_days"] = "14"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(document, sort_keys=False))
+    assert main(["validate-policy", str(broken)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"INVALID {broken}: buckets.heimdall-audio-chunks.batch_size: 0 is out of range; use 1..1000 "
+        f"(the S3 DeleteObjects limit)",
+        f"INVALID {broken}: buckets.heimdall-raw-iq.references[0].format: 'url' is not one of key, uri, bucket_key",
+        f"INVALID {broken}: manifest_retention_days: expected an integer, got '14'",
+    ]
 
 
 @pytest.mark.parametrize(

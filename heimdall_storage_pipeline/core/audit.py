@@ -13,22 +13,26 @@ touches no index (~4 ms of PostgreSQL's CPU per 1000 rows against ~15 ms).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from heimdall_storage_pipeline.core.clock import ensure_utc
-from heimdall_storage_pipeline.core.errors import database_error
+from heimdall_storage_pipeline.core.errors import StorageCleanupError
+from heimdall_storage_pipeline.core.migrations import apply_migrations
 from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
 
+# The tables' layout is in migrations/audit/*.sql; these describe them for queries.
 metadata = sa.MetaData()
 deletion_audit = sa.Table(
     "heimdall_storage_deletion_audit",
     metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("id", sa.BigInteger, primary_key=True),
     sa.Column("run_id", sa.String(64), nullable=False),
     sa.Column("job", sa.String(64), nullable=False),
     sa.Column("bucket", sa.String(63), nullable=False),
@@ -40,7 +44,7 @@ deletion_audit = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("deleted_at", sa.DateTime(timezone=True)),
-    sa.UniqueConstraint("run_id", "bucket", "key", name="heimdall_storage_deletion_audit_run_key"),
+    sa.Column("plan_id", sa.Text),  # the plan a live run applied, if any
 )
 # Batches whose rows may still be pending: written in the intent's transaction, removed in the
 # one that gives the last of its rows a final status. At most a few rows per running deletion.
@@ -51,18 +55,22 @@ open_intents = sa.Table(
     sa.Column("last_id", sa.BigInteger, nullable=False),  # ... lie in first_id..last_id
     sa.Column("bucket", sa.String(63), nullable=False),
 )
-# Room on each page for a new version of every row, which a mark makes ~12 bytes longer (with
-# its line pointer): the mark then stays on the page (HOT). At 50 a few rows of each page missed.
-AUDIT_FILLFACTOR = 45
-# Before open intents, pending rows were found through this index; it made every mark a
-# non-HOT update that wrote three index entries (``_migrate`` drops it).
-_STATUS_INDEX = "heimdall_storage_deletion_audit_bucket_status"
+# Each plan is applied at most once: the first live run that names it claims it here.
+plan_applications = sa.Table(
+    "heimdall_storage_plan_applications",
+    metadata,
+    sa.Column("plan_id", sa.Text, primary_key=True),
+    sa.Column("bucket", sa.String(63), nullable=False),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
 
 
 _INSERT_PENDING = f"""
 WITH intent AS (
-  INSERT INTO {deletion_audit.name} (run_id, job, bucket, key, size, etag, last_modified, status, intent_at)
-  SELECT :run_id, :job, :bucket, c.key, c.size, c.etag, c.last_modified, 'pending', :at
+  INSERT INTO {deletion_audit.name} (run_id, job, bucket, key, size, etag, last_modified, status, intent_at,
+                                     plan_id)
+  SELECT :run_id, :job, :bucket, c.key, c.size, c.etag, c.last_modified, 'pending', :at, :plan_id
   FROM unnest(CAST(:keys AS text[]), CAST(:sizes AS bigint[]), CAST(:etags AS text[]),
               CAST(:modified AS timestamptz[])) AS c(key, size, etag, last_modified)
   RETURNING key, id
@@ -92,6 +100,13 @@ WHERE id BETWEEN :lowest AND :highest AND id + 0 = ANY(CAST(:ids AS bigint[]))
 """
 
 
+# Who holds a bucket's lock: the application_name its session set.
+_LOCK_HOLDER = """
+SELECT a.application_name FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted
+  AND l.classid = CAST(:space AS oid) AND l.objid = CAST(hashtext(:bucket) AS oid)
+LIMIT 1
+"""
 _ID_GAP = 10_000  # ids further apart than this are marked by separate ranges
 
 
@@ -135,41 +150,63 @@ class Mark:
     error: str | None = None
 
 
+class BucketBusyError(StorageCleanupError):
+    """Another cleanup run holds the bucket."""
+
+
+# The first key of this project's advisory locks (b"HSCP"), so that they never meet anyone else's.
+_LOCK_SPACE = 0x48534350
+
+
 class AuditLog:
     """Append-mostly record of deletions; one row per object and run."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        try:
-            metadata.create_all(engine, checkfirst=True)
-            self._migrate()
-        except sa.exc.OperationalError as exc:
-            raise database_error(
-                engine, "open the audit database", exc, "check HEIMDALL_AUDIT_DB_URL (or DAGSTER_PG_URL)"
-            ) from None
+        apply_migrations(engine, "audit")
 
-    def _migrate(self) -> None:
-        """Bring an audit table of an earlier release to this layout; one query when it is current."""
-        layout = sa.text("SELECT to_regclass(:index) IS NOT NULL, "
-                         "(SELECT reloptions FROM pg_class WHERE oid = CAST(:table AS regclass))")
-        names = {"index": _STATUS_INDEX, "table": deletion_audit.name}
-        with self.engine.begin() as connection:
-            legacy, options = connection.execute(layout, names).one()
-            if not legacy and f"fillfactor={AUDIT_FILLFACTOR}" in (options or []):
-                return
-            # Self-exclusive: concurrent openers migrate one after the other, the later ones find it done.
-            connection.execute(sa.text(f"LOCK TABLE {deletion_audit.name} IN SHARE ROW EXCLUSIVE MODE"))
-            if connection.execute(layout, names).one()[0]:
-                # Pending rows of runs that died under the earlier release: one open intent per run.
-                connection.execute(sa.text(
-                    f"INSERT INTO {open_intents.name} (first_id, last_id, bucket) "
-                    f"SELECT min(id), max(id), bucket FROM {deletion_audit.name} "
-                    f"WHERE status = 'pending' GROUP BY bucket, run_id ON CONFLICT DO NOTHING"))
-                connection.execute(sa.text(f"DROP INDEX {_STATUS_INDEX}"))
-            connection.execute(sa.text(f"ALTER TABLE {deletion_audit.name} SET (fillfactor = {AUDIT_FILLFACTOR})"))
+    @contextmanager
+    def exclusive(self, bucket: str, *, run_id: str, wait: timedelta) -> Iterator[None]:
+        """Hold the bucket's cleanup lock for the block: one cleanup per bucket, whatever launched it.
+
+        A PostgreSQL advisory lock on a session of its own; another holder for longer than ``wait``
+        raises ``BucketBusyError`` naming its run. The session is closed afterwards, which releases
+        the lock even if the unlock could not be sent.
+        """
+        key = {"space": _LOCK_SPACE, "bucket": bucket}
+        with self.engine.connect() as connection:
+            try:
+                connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+                connection.execute(sa.text("SELECT set_config('application_name', :name, false)"),
+                                   {"name": f"heimdall-cleanup {run_id}"[:63]})
+                if not self._lock(connection, key, wait):
+                    holder = connection.execute(sa.text(_LOCK_HOLDER), key).scalar()
+                    raise BucketBusyError(
+                        f"another cleanup of {bucket!r} is running ({holder or 'a session that just ended'}) and "
+                        f"held it for more than {wait}; this run left the bucket alone. Launch again when that "
+                        f"run has finished"
+                    )
+                yield
+            finally:
+                connection.invalidate()
+
+    @staticmethod
+    def _lock(connection: sa.Connection, key: dict[str, object], wait: timedelta) -> bool:
+        if wait <= timedelta(0):
+            return bool(connection.execute(sa.text("SELECT pg_try_advisory_lock(:space, hashtext(:bucket))"), key)
+                        .scalar())
+        connection.execute(sa.text("SELECT set_config('lock_timeout', :ms, false)"),
+                           {"ms": str(int(wait.total_seconds() * 1000))})
+        try:
+            connection.execute(sa.text("SELECT pg_advisory_lock(:space, hashtext(:bucket))"), key)
+        except sa.exc.OperationalError as exc:
+            if getattr(exc.orig, "pgcode", None) == "55P03":  # lock_not_available: lock_timeout passed
+                return False
+            raise
+        return True
 
     def record_intent(self, *, run_id: str, job: str, bucket: str, candidates: Iterable[Candidate],
-                      at: datetime) -> dict[str, int]:
+                      at: datetime, plan_id: str | None = None) -> dict[str, int]:
         """Record ``candidates`` as pending, as one open intent; returns each key's audit row id."""
         candidates = list(candidates)
         if not candidates:
@@ -178,7 +215,7 @@ class AuditLog:
         # took ~36 ms, inside every batch of a live deletion.
         with self.engine.begin() as connection:
             return dict(connection.execute(sa.text(_INSERT_PENDING), {
-                "run_id": run_id, "job": job, "bucket": bucket, "at": at,
+                "run_id": run_id, "job": job, "bucket": bucket, "at": at, "plan_id": plan_id,
                 "keys": array_literal(c.key for c in candidates),
                 "sizes": array_literal(str(c.size) for c in candidates),
                 "etags": array_literal(c.etag for c in candidates),
@@ -229,3 +266,32 @@ class AuditLog:
                 sa.select(deletion_audit.c.key)
                 .where(deletion_audit.c.bucket == bucket, deletion_audit.c.status == "deleted")
             ).scalars())
+
+    def claim_plan(self, plan_id: str, *, bucket: str, run_id: str, at: datetime) -> tuple[str, datetime] | None:
+        """Record that ``run_id`` applies ``plan_id``; if another run did first, return its run id and time."""
+        with self.engine.begin() as connection:
+            claimed = connection.execute(
+                pg_insert(plan_applications)
+                .values(plan_id=plan_id, bucket=bucket, run_id=run_id, applied_at=ensure_utc(at))
+                .on_conflict_do_nothing()
+            ).rowcount
+            if claimed:
+                return None
+            earlier = connection.execute(
+                sa.select(plan_applications.c.run_id, plan_applications.c.applied_at)
+                .where(plan_applications.c.plan_id == plan_id)
+            ).one()
+        return earlier.run_id, earlier.applied_at
+
+
+
+def plan_application(engine: Engine, plan_id: str) -> tuple[str, datetime] | None:
+    """The run that applied ``plan_id`` and when; None when no run did (or no cleanup ever ran here)."""
+    with engine.connect() as connection:
+        if connection.execute(sa.text("SELECT to_regclass(:t)"), {"t": plan_applications.name}).scalar() is None:
+            return None
+        row = connection.execute(
+            sa.select(plan_applications.c.run_id, plan_applications.c.applied_at)
+            .where(plan_applications.c.plan_id == plan_id)
+        ).first()
+    return (row.run_id, row.applied_at) if row else None

@@ -74,9 +74,27 @@ def mass_deletion_trips(
     return trips
 
 
+# The guards a reviewed plan answers: the operator has seen exactly how much goes. The others signal
+# a broken reference source, and a plan made from a broken snapshot is wrong however well it is read.
+PLAN_ANSWERS = frozenset({"max_delete_fraction"})
+
+
+def guard_verdict(trips: list[GuardTrip], allow_mass_delete: bool) -> str:
+    """``pass``, ``pass: allow_mass_delete overrides <guards>`` or ``would refuse: <guard>: <figures>; ...``."""
+    if not trips:
+        return "pass"
+    if allow_mass_delete:
+        return "pass: allow_mass_delete overrides " + ", ".join(trip.name for trip in trips)
+    return "would refuse: " + "; ".join(f"{trip.name}: {trip.reason}" for trip in trips)
+
+
 def refusal_message(bucket: str, trips: list[GuardTrip]) -> str:
     reasons = "; ".join(f"{trip.name}: {trip.reason}" for trip in trips)
-    return (
-        f"refusing to clean {bucket!r}: {reasons}. If this is intended, launch again with "
-        f"allow_mass_delete: true (the run records the override)"
-    )
+    if all(trip.name in PLAN_ANSWERS for trip in trips):
+        fix = ("to delete exactly what a dry run showed, review its plan and launch with plan: <its plan_id> "
+               "and dry_run: false")
+    else:
+        fix = ("a plan does not answer " + ", ".join(t.name for t in trips if t.name not in PLAN_ANSWERS)
+               + ": check the reference source first")
+    return (f"refusing to clean {bucket!r}: {reasons}. {fix[0].upper()}{fix[1:]}; allow_mass_delete: true "
+            f"overrides every guard (the run records the override)")

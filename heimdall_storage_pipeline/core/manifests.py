@@ -7,6 +7,7 @@ under their final name once complete: a failed step leaves no manifest behind.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import uuid
@@ -63,6 +64,7 @@ class ManifestStore:
                 endpoint_override=self.s3.endpoint,
                 scheme="https" if self.s3.secure else "http",
                 region=self.s3.region or "us-east-1",
+                connect_timeout=10, request_timeout=120,  # every request to the store has a time limit
             )
             return filesystem, self.root.removeprefix("s3://").rstrip("/")
         base = self.root.removeprefix("file://")
@@ -155,6 +157,21 @@ class ManifestStore:
             return copy
         except OSError as exc:
             raise self._unreadable(uri, exc) from None
+
+    def digest(self, uri: str) -> str:
+        """SHA-256 of the manifest file's bytes: what a plan's approval refers to."""
+        filesystem, _ = self._filesystem()
+        sha = hashlib.sha256()
+        try:
+            with filesystem.open_input_stream(self._to_path(uri)) as stream:
+                while chunk := stream.read(1 << 20):
+                    sha.update(chunk)
+        except OSError as exc:
+            secrets = (self.s3.secret_key, self.s3.access_key) if self.s3 else ()
+            raise ManifestError(
+                redact(f"cannot read manifest {uri}: {exc}; it may have been pruned", secrets)
+            ) from None
+        return sha.hexdigest()
 
     def read_table(self, uri: str, columns: list[str] | None = None) -> pa.Table:
         return self.open(uri).read(columns=columns)

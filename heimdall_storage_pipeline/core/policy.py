@@ -1,29 +1,47 @@
 """The storage policy: which buckets are cleaned, how old an orphan must be, what references them.
 
-Loaded from YAML and validated up front, so that a typo is an error naming the file, the
-bucket and the field, never a silently different cleanup.
+Loaded from YAML and validated up front by the pydantic dataclasses below, so that a typo is an
+error naming the file, the bucket and the field, never a silently different cleanup. Every problem
+of a file is reported at once, one line each.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 import yaml
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs, ErrorDetails
 
+from heimdall_storage_pipeline.core.companions import NotInvertibleError, check_invertible
 from heimdall_storage_pipeline.core.keys import ReferenceFormat
 
 POLICY_ENV_VAR = "HEIMDALL_STORAGE_POLICY"
 DELETE_OBJECTS_LIMIT = 1000  # S3 DeleteObjects accepts at most 1000 keys per request
 DEFAULT_MANIFEST_RETENTION_DAYS = 14
+# Longest a reference query may run on the server (scan read or re-check) before it is cancelled.
+DEFAULT_STATEMENT_TIMEOUT = timedelta(minutes=10)
 
 # S3 bucket naming rules (3-63 chars, lowercase letters, digits, dots and hyphens).
 _BUCKET_NAME = re.compile(r"^(?!xn--)(?!.*\.\.)(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -36,272 +54,415 @@ _WRITE_KEYWORDS = re.compile(
     r"vacuum|lock|set|reset|refresh|comment|security|into)\b",
     re.IGNORECASE,
 )
+_ROW_LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+update|update|key\s+share|share)\b", re.IGNORECASE)
 _SQL_STRINGS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
 _SQL_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
 
 
 class PolicyError(ValueError):
-    """An invalid policy file; the message names the file, bucket and field."""
+    """An invalid policy file; each line of the message names the file, bucket and field of one problem."""
 
 
-@dataclass(frozen=True)
-class ReferenceSource:
-    """A read-only query whose first column's values reference objects of the bucket."""
-
-    name: str
-    query: str
-    format: ReferenceFormat = ReferenceFormat.KEY
-    container: str = "none"  # "none" or "json"
-    percent_decode: bool = False
+# --- Value checks: each raises ValueError with the problem and its fix; the field is added by the caller.
 
 
-@dataclass(frozen=True)
-class CompanionRule:
-    """Keeps objects derived from a referenced key, e.g. a sidecar next to a ``.npy``.
-
-    ``match`` is a regular expression over the referenced key (RE2 syntax, as used by
-    Arrow); ``companion`` its replacement with ``\\1``-style group references.
-    """
-
-    name: str
-    match: str
-    companion: str
-
-
-@dataclass(frozen=True)
-class BucketPolicy:
-    name: str
-    enabled: bool
-    min_age: timedelta
-    batch_size: int
-    description: str
-    references: tuple[ReferenceSource, ...]
-    companions: tuple[CompanionRule, ...] = ()
-
-
-@dataclass(frozen=True)
-class StoragePolicy:
-    source: str  # where the policy came from, for error messages
-    buckets: tuple[BucketPolicy, ...]
-    manifest_retention_days: int = DEFAULT_MANIFEST_RETENTION_DAYS
-    allow_short_min_age: bool = False
-    _by_name: dict[str, BucketPolicy] = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self._by_name.update({bucket.name: bucket for bucket in self.buckets})
-
-    def enabled_buckets(self) -> list[BucketPolicy]:
-        return [bucket for bucket in self.buckets if bucket.enabled]
-
-    def bucket(self, name: str) -> BucketPolicy:
-        try:
-            return self._by_name[name]
-        except KeyError:
-            known = ", ".join(sorted(self._by_name)) or "none"
-            raise PolicyError(
-                f"{self.source}: bucket {name!r} is not in the policy (known buckets: {known}); "
-                f"add it under 'buckets:' or pick one of those"
-            ) from None
+def _duration(value: Any) -> timedelta:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        amount, unit = value, "d"
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        amount, unit = float(match.group(1)), match.group(2)
+    else:
+        raise ValueError(f"expected a duration like '30d', '12h' or '90s', got {value!r}")
+    if amount < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    try:
+        return timedelta(**{_DURATION_UNITS[unit]: amount})
+    except (OverflowError, ValueError):  # infinite, NaN, or more than timedelta's 999,999,999 days
+        raise ValueError(f"{value!r} is out of range") from None
 
 
 def parse_duration(value: Any, where: str) -> timedelta:
     """Parse ``30d``, ``12h``, ``15m``, ``90s`` or a bare number of days."""
-    if isinstance(value, bool):
-        raise PolicyError(f"{where}: expected a duration like '30d', '12h' or '90s', got {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise PolicyError(f"{where}: must not be negative, got {value!r}")
-        return timedelta(days=value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise PolicyError(f"{where}: expected a duration like '30d', '12h' or '90s', got {value!r}")
-    return timedelta(**{_DURATION_UNITS[match.group(2)]: float(match.group(1))})
+    try:
+        return _duration(value)
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
 
 
-def check_read_only_query(query: str, where: str) -> str:
-    """Refuse anything but a single SELECT (or WITH ... SELECT) statement."""
-    if not isinstance(query, str) or not query.strip():
-        raise PolicyError(f"{where}: 'query' must be a non-empty SQL SELECT statement")
+def format_duration(duration: timedelta) -> str:
+    """``30d``, ``12h``, ``1d 6h``, ``1m 30s``: the units ``parse_duration`` reads, largest first."""
+    days, seconds = duration.days, duration.seconds + duration.microseconds / 1e6
+    parts = [f"{days}d"] if days else []
+    for unit, size in (("h", 3600), ("m", 60)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{int(count)}{unit}")
+    if seconds or not parts:
+        parts.append(f"{seconds:g}s")
+    return " ".join(parts)
+
+
+def _read_only_query(query: str) -> str:
+    if not query.strip():
+        raise ValueError("'query' must be a non-empty SQL SELECT statement")
     bare = _SQL_COMMENTS.sub(" ", _SQL_STRINGS.sub("''", query)).strip().rstrip(";").strip()
     if ";" in bare:
-        raise PolicyError(f"{where}: 'query' must be a single statement; remove the extra ';'")
+        raise ValueError("'query' must be a single statement; remove the extra ';'")
     if not _SELECT_START.match(bare):
-        raise PolicyError(f"{where}: 'query' must be a SELECT statement (read-only), got {query.strip()[:60]!r}")
+        raise ValueError(f"'query' must be a SELECT statement (read-only), got {query.strip()[:60]!r}")
     write = _WRITE_KEYWORDS.search(bare)
     if write:
-        raise PolicyError(
-            f"{where}: 'query' must be read-only; it contains {write.group(1).upper()!r}"
-        )
+        raise ValueError(f"'query' must be read-only; it contains {write.group(1).upper()!r}")
+    locking = _ROW_LOCKS.search(bare)
+    if locking:
+        raise ValueError(f"'query' must not lock rows ({' '.join(locking.group(0).upper().split())}), which a "
+                         f"read-only snapshot refuses; remove the locking clause")
     # Some reads run the query through SQLAlchemy's text() and the COPY read sends it as written:
     # text() must leave it unchanged, or the re-check before a delete would read other rows.
     parsed = sa.text(query)
     binds = sorted(parsed.compile().params)
     if binds:
-        raise PolicyError(
-            f"{where}: 'query' contains ':{binds[0]}', which is read as a bind parameter (even inside "
+        raise ValueError(
+            f"'query' contains ':{binds[0]}', which is read as a bind parameter (even inside "
             f"a string literal) and nothing supplies it; write a literal colon as chr(58)"
         )
     if str(parsed) != query:
-        raise PolicyError(
-            f"{where}: 'query' contains '\\:', which some reads rewrite to ':' and others send as "
-            f"written; write a backslash and a colon as chr(92) || chr(58), or the colon alone"
+        raise ValueError(
+            "'query' contains '\\:', which some reads rewrite to ':' and others send as "
+            "written; write a backslash and a colon as chr(92) || chr(58), or the colon alone"
         )
     return query.strip().rstrip(";").rstrip()
 
 
-_ROOT_KEYS = {"buckets", "manifest_retention_days", "allow_short_min_age"}
-_BUCKET_KEYS = {
-    "enabled", "min_age_days", "min_age", "batch_size", "description", "references", "companions",
-}
-_SOURCE_KEYS = {"name", "query", "format", "container", "percent_decode"}
-_COMPANION_KEYS = {"name", "match", "companion"}
-
-
-def _check_keys(mapping: Any, allowed: set[str], where: str) -> dict[str, Any]:
-    if not isinstance(mapping, dict):
-        raise PolicyError(f"{where}: expected a mapping, got {type(mapping).__name__}")
-    unknown = sorted(set(map(str, mapping)) - allowed)
-    if unknown:
-        raise PolicyError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
-        )
-    return mapping
-
-
-def _typed(mapping: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any) -> Any:
-    value = mapping.get(key, default)
-    # bool is an int subclass; a YAML 'yes' must not pass as a batch size.
-    if isinstance(value, bool) and kind is int:
-        raise PolicyError(f"{where}.{key}: expected an integer, got {value!r}")
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise PolicyError(f"{where}.{key}: expected {names}, got {value!r}")
-    return value
-
-
-def _parse_source(raw: Any, where: str) -> ReferenceSource:
-    data = _check_keys(raw, _SOURCE_KEYS, where)
-    if "query" not in data:
-        raise PolicyError(f"{where}: missing 'query' (a SELECT whose first column holds the references)")
-    fmt_name = _typed(data, "format", str, where, "key")
+def check_read_only_query(query: str, where: str) -> str:
+    """Refuse anything but a single SELECT (or WITH ... SELECT) statement."""
+    if not isinstance(query, str):
+        raise PolicyError(f"{where}: 'query' must be a non-empty SQL SELECT statement")
     try:
-        fmt = ReferenceFormat(fmt_name)
-    except ValueError:
-        allowed = ", ".join(f.value for f in ReferenceFormat)
-        raise PolicyError(f"{where}.format: {fmt_name!r} is not one of {allowed}") from None
-    container = _typed(data, "container", str, where, "none")
-    if container not in ("none", "json"):
-        raise PolicyError(f"{where}.container: {container!r} is not one of none, json")
-    query = _typed(data, "query", str, where, "")
-    return ReferenceSource(
-        name=_typed(data, "name", str, where, where.rsplit(".", 1)[-1]),
-        query=check_read_only_query(query, f"{where}.query"),
-        format=fmt,
-        container=container,
-        percent_decode=_typed(data, "percent_decode", bool, where, False),
-    )
+        return _read_only_query(query)
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
 
 
-def _parse_companion(raw: Any, where: str) -> CompanionRule:
-    data = _check_keys(raw, _COMPANION_KEYS, where)
-    for key in ("match", "companion"):
-        if key not in data:
-            raise PolicyError(f"{where}: missing {key!r}")
-    match = _typed(data, "match", str, where, "")
+def _one_of(*allowed: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _statement_timeout(value: Any) -> timedelta:
+    timeout = value if isinstance(value, timedelta) else _duration(value)
+    if not timedelta(seconds=1) <= timeout <= timedelta(days=1):
+        raise ValueError(f"{format_duration(timeout)} is out of range; use 1s..1d, e.g. '10m'")
+    return timeout
+
+
+def _regex_for_python_and_re2(match: str) -> str:
     try:
-        pattern = re.compile(match)
+        re.compile(match)
     except re.error as exc:
-        raise PolicyError(f"{where}.match: invalid regular expression: {exc}") from None
-    companion = _typed(data, "companion", str, where, "")
-    groups = {int(g) for g in re.findall(r"\\(\d)", companion)}
-    if any(g > pattern.groups for g in groups):
-        raise PolicyError(f"{where}.companion: refers to a group that 'match' does not have")
-    # The diff applies the rule with Arrow's RE2, which lacks some of Python's syntax
+        raise ValueError(f"invalid regular expression: {exc}") from None
+    # The diff applies the rule with RE2 (Arrow), which lacks some of Python's syntax
     # (look-arounds, backreferences): check it there too, not only with ``re``.
+    try:
+        pc.replace_substring_regex(pa.array([""], pa.string()), match, "")
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"not a valid RE2 regular expression (as the diff uses): {exc}") from None
+    return match
+
+
+def _groups_of_match(companion: str, info: ValidationInfo) -> str:
+    match = info.data.get("match")
+    if match is None:  # 'match' is invalid and reported already
+        return companion
+    groups = {int(group) for group in re.findall(r"\\(\d)", companion)}
+    if any(group > re.compile(match).groups for group in groups):
+        raise ValueError("refers to a group that 'match' does not have")
     try:
         pc.replace_substring_regex(pa.array([""], pa.string()), match, companion)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise PolicyError(
-            f"{where}.match: not a valid RE2 regular expression (as the diff uses): {exc}"
+        raise ValueError(f"not a valid RE2 replacement (as the diff uses): {exc}") from None
+    try:
+        check_invertible(match, companion)
+    except NotInvertibleError as exc:
+        raise ValueError(
+            f"the rule must tell a companion's owner, so that a deletion can re-check it: {exc} (write it as "
+            f"'^literal(group)literal$', e.g. '^(.+)\\.npy$' with companion '\\1_metadata.json')"
         ) from None
-    return CompanionRule(name=_typed(data, "name", str, where, match), match=match, companion=companion)
+    return companion
 
 
-def _parse_bucket(name: Any, raw: Any, where: str, allow_short: bool) -> BucketPolicy:
-    if not isinstance(name, str) or not _BUCKET_NAME.match(name):
-        raise PolicyError(
-            f"{where}: {name!r} is not a valid S3 bucket name "
-            f"(3-63 characters: lowercase letters, digits, '.' and '-')"
-        )
-    data = _check_keys(raw, _BUCKET_KEYS, where)
-    if "min_age_days" in data and "min_age" in data:
-        raise PolicyError(f"{where}: give either 'min_age_days' or 'min_age', not both")
-    if "min_age" in data:
-        min_age = parse_duration(data["min_age"], f"{where}.min_age")
-    elif "min_age_days" in data:
-        days = _typed(data, "min_age_days", (int, float), where, 0)
-        min_age = parse_duration(days, f"{where}.min_age_days")
+def _from_document(info: ValidationInfo) -> bool:
+    """S3 names, some sources and a minimum age of a day are rules of a policy file, not of objects built in code."""
+    return info.context is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class _InDays:
+    """A ``min_age_days`` value on its way to ``min_age``; its errors name ``min_age_days``."""
+
+    days: Any
+
+
+_MIN_AGE_TWICE = object()  # both 'min_age_days' and 'min_age' were given
+
+
+def _min_age(value: Any, info: ValidationInfo) -> timedelta:
+    if value is _MIN_AGE_TWICE:
+        raise ValueError("give either 'min_age_days' or 'min_age', not both")
+    if isinstance(value, _InDays):
+        if isinstance(value.days, bool) or not isinstance(value.days, int | float):
+            raise ValueError(f"expected a number of days, got {value.days!r}")
+        min_age = _duration(value.days)
     else:
-        raise PolicyError(f"{where}: missing 'min_age_days' (or 'min_age' as a duration like '30d')")
-    if min_age < timedelta(days=1) and not allow_short:
-        raise PolicyError(
-            f"{where}: a minimum age of {min_age} is below one day, which would make fresh "
+        min_age = value if isinstance(value, timedelta) else _duration(value)
+    if min_age < timedelta(days=1) and _from_document(info) and not info.context.get("allow_short_min_age"):
+        raise ValueError(
+            f"a minimum age of {format_duration(min_age)} is below one day, which would make fresh "
             f"uploads deletable; set 'allow_short_min_age: true' at the top of the policy "
             f"if this is intended (tests, demos)"
         )
-    batch_size = _typed(data, "batch_size", int, where, DELETE_OBJECTS_LIMIT)
-    if not 1 <= batch_size <= DELETE_OBJECTS_LIMIT:
-        raise PolicyError(
-            f"{where}.batch_size: {batch_size} is out of range; use 1..{DELETE_OBJECTS_LIMIT} "
-            f"(the S3 DeleteObjects limit)"
+    return min_age
+
+
+def _batch_size(size: int) -> int:
+    if not 1 <= size <= DELETE_OBJECTS_LIMIT:
+        raise ValueError(f"{size} is out of range; use 1..{DELETE_OBJECTS_LIMIT} (the S3 DeleteObjects limit)")
+    return size
+
+
+def _bucket_name(name: Any, info: ValidationInfo) -> str:
+    if not isinstance(name, str) or (_from_document(info) and not _BUCKET_NAME.match(name)):
+        raise ValueError(
+            f"{name!r} is not a valid S3 bucket name (3-63 characters: lowercase letters, digits, '.' and '-')"
         )
-    raw_sources = data.get("references")
-    if not raw_sources:
-        raise PolicyError(
-            f"{where}.references: no reference sources; every bucket needs at least one "
-            f"query naming the objects that are in use"
+    return name
+
+
+def _named_rules(rules: Any, default_name: Callable[[int, dict[str, Any]], Any]) -> Any:
+    """Sources or companions as the file gives them; one without a 'name' gets ``default_name``."""
+    if not isinstance(rules, list):
+        return rules
+    named = []
+    for index, rule in enumerate(rules):
+        if isinstance(rule, dict):
+            rule = {str(key): value for key, value in rule.items()}
+            rule.setdefault("name", default_name(index, rule))
+        named.append(rule)
+    return named
+
+
+def _sources_by_position(sources: Any) -> Any:
+    return _named_rules(sources, lambda index, _: f"references[{index}]")
+
+
+def _companions_by_match(rules: Any) -> Any:
+    return () if rules is None else _named_rules(rules, lambda _, rule: str(rule.get("match", "")))
+
+
+def _some_unique_sources(sources: tuple[ReferenceSource, ...], info: ValidationInfo) -> tuple[ReferenceSource, ...]:
+    if not sources and _from_document(info):
+        raise ValueError(
+            "no reference sources; every bucket needs at least one query naming the objects that are in use"
         )
-    if not isinstance(raw_sources, list):
-        raise PolicyError(f"{where}.references: expected a list of sources")
-    sources = tuple(_parse_source(s, f"{where}.references[{i}]") for i, s in enumerate(raw_sources))
-    names = [s.name for s in sources]
+    names = [source.name for source in sources]
     if len(set(names)) != len(names):
-        raise PolicyError(f"{where}.references: source names must be unique, got {names}")
-    raw_companions = data.get("companions") or []
-    if not isinstance(raw_companions, list):
-        raise PolicyError(f"{where}.companions: expected a list of rules")
-    return BucketPolicy(
-        name=name,
-        enabled=_typed(data, "enabled", bool, where, True),
-        min_age=min_age,
-        batch_size=batch_size,
-        description=_typed(data, "description", str, where, ""),
-        references=sources,
-        companions=tuple(
-            _parse_companion(c, f"{where}.companions[{i}]") for i, c in enumerate(raw_companions)
-        ),
+        raise ValueError(f"source names must be unique, got {names}")
+    return sources
+
+
+def _at_least_one(days: int) -> int:
+    if days < 1:
+        raise ValueError(f"must be at least 1, got {days}")
+    return days
+
+
+def _bucket_arguments(name: Any, settings: Any) -> Any:
+    """A bucket as the file spells it (settings under its name) as arguments of ``BucketPolicy``."""
+    if not isinstance(settings, dict):
+        return settings
+    kwargs = {str(key): value for key, value in settings.items()}
+    if "min_age_days" in kwargs:
+        days = kwargs.pop("min_age_days")
+        kwargs["min_age"] = _MIN_AGE_TWICE if "min_age" in kwargs else _InDays(days)
+    return ArgsKwargs((name,), kwargs)
+
+
+def _buckets_from_mapping(buckets: Any) -> Any:
+    if isinstance(buckets, tuple):
+        return buckets
+    if not isinstance(buckets, dict) or not buckets:
+        raise ValueError("must be a non-empty mapping of bucket name to settings")
+    return [_bucket_arguments(name, settings) for name, settings in buckets.items()]
+
+
+# --- The policy. New settings are new fields here (with a check above if a type is not enough).
+
+_NO_UNKNOWN_KEYS = ConfigDict(extra="forbid")  # and Strict* scalars: a YAML "yes" is no bool, a bool no int
+
+
+@dataclass(frozen=True, config=_NO_UNKNOWN_KEYS)
+class ReferenceSource:
+    """A read-only query whose first column's values reference objects of the bucket."""
+
+    name: StrictStr
+    query: Annotated[StrictStr, AfterValidator(_read_only_query)]
+    format: Annotated[ReferenceFormat, _one_of(*ReferenceFormat)] = ReferenceFormat.KEY
+    container: Annotated[StrictStr, _one_of("none", "json")] = "none"
+    percent_decode: StrictBool = False
+    statement_timeout: Annotated[timedelta, BeforeValidator(_statement_timeout)] = DEFAULT_STATEMENT_TIMEOUT
+
+
+@dataclass(frozen=True, config=_NO_UNKNOWN_KEYS)
+class CompanionRule:
+    """Keeps objects derived from a referenced key, e.g. a sidecar next to a ``.npy``.
+
+    ``match`` is a regular expression over the referenced key (valid for Python and RE2);
+    ``companion`` its replacement with ``\\1``-style group references.
+    """
+
+    name: StrictStr
+    match: Annotated[StrictStr, AfterValidator(_regex_for_python_and_re2)]
+    companion: Annotated[StrictStr, AfterValidator(_groups_of_match)]
+
+
+@dataclass(frozen=True, config=_NO_UNKNOWN_KEYS)
+class BucketPolicy:
+    """One bucket's settings; in the file, the bucket's name is its key under ``buckets:``."""
+
+    name: Annotated[str, BeforeValidator(_bucket_name)]
+    # The file may give it as 'min_age_days: 30' (a number of days) or 'min_age: 30d'.
+    min_age: Annotated[timedelta, BeforeValidator(_min_age)]
+    references: Annotated[
+        tuple[ReferenceSource, ...], BeforeValidator(_sources_by_position), AfterValidator(_some_unique_sources)
+    ]
+    enabled: StrictBool = True
+    batch_size: Annotated[StrictInt, AfterValidator(_batch_size)] = DELETE_OBJECTS_LIMIT
+    description: StrictStr = ""
+    companions: Annotated[tuple[CompanionRule, ...], BeforeValidator(_companions_by_match)] = ()
+
+
+@dataclass(frozen=True, config=_NO_UNKNOWN_KEYS)
+class StoragePolicy:
+    source: str  # where the policy came from, for error messages
+    buckets: Annotated[tuple[BucketPolicy, ...], BeforeValidator(_buckets_from_mapping)]
+    manifest_retention_days: Annotated[StrictInt, AfterValidator(_at_least_one)] = DEFAULT_MANIFEST_RETENTION_DAYS
+    allow_short_min_age: StrictBool = False
+
+    def enabled_buckets(self) -> list[BucketPolicy]:
+        return [bucket for bucket in self.buckets if bucket.enabled]
+
+    def bucket(self, name: str) -> BucketPolicy:
+        for bucket in self.buckets:
+            if bucket.name == name:
+                return bucket
+        known = ", ".join(sorted(bucket.name for bucket in self.buckets)) or "none"
+        raise PolicyError(
+            f"{self.source}: bucket {name!r} is not in the policy (known buckets: {known}); "
+            f"add it under 'buckets:' or pick one of those"
+        )
+
+
+_POLICY = TypeAdapter(StoragePolicy)
+
+
+# --- Error messages: pydantic's errors as '<file>: buckets.<bucket>.<field>: <problem and fix>'.
+
+_MISSING = {
+    "buckets": "missing 'buckets' (a non-empty mapping of bucket name to settings)",
+    "min_age": "missing 'min_age_days' (or 'min_age' as a duration like '30d')",
+    "references": "missing 'references'; every bucket needs at least one query naming the objects that are in use",
+    "query": "missing 'query' (a SELECT whose first column holds the references)",
+}
+_EXPECTED = {
+    "string_type": "a string",
+    "bool_type": "a bool (true or false)",
+    "int_type": "an integer",
+    "tuple_type": "a list",
+    "dataclass_type": "a mapping",
+}
+_UNKNOWN_KEY = {"unexpected_keyword_argument", "multiple_argument_values", "extra_forbidden"}
+
+
+def _document_keys(parent: tuple[int | str, ...]) -> str:
+    """The keys the file may use where ``parent`` points."""
+    named = [part for part in parent if isinstance(part, str)]
+    model = {"buckets": BucketPolicy, "references": ReferenceSource, "companions": CompanionRule}.get(
+        named[-1] if named else "", StoragePolicy
     )
+    keys = {field.name for field in dataclasses.fields(model)}
+    if model is StoragePolicy:
+        keys.remove("source")
+    if model is BucketPolicy:
+        keys = keys - {"name"} | {"min_age_days"}
+    return ", ".join(sorted(keys))
+
+
+def _where(loc: tuple[int | str, ...], bucket_names: list[Any]) -> str:
+    where = ""
+    for previous, part in zip((None, *loc), loc, strict=False):
+        if isinstance(part, str):
+            where += f".{part}" if where else part
+        elif previous == "buckets" and part < len(bucket_names):
+            where += f".{bucket_names[part]}"
+        elif previous in ("references", "companions", "buckets"):
+            where += f"[{part}]"
+        # any other index is a bucket's name, passed as BucketPolicy's first argument: named already
+    return where
+
+
+def _problem(error: ErrorDetails) -> str:
+    kind, value = error["type"], error["input"]
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    if kind in _EXPECTED:
+        got = type(value).__name__ if kind in ("dataclass_type", "tuple_type") else repr(value)
+        return f"expected {_EXPECTED[kind]}, got {got}"
+    return error["msg"]
+
+
+def _problems(error: ValidationError, document: dict[Any, Any]) -> list[str]:
+    """One line per problem, as '<where>: <problem>'; the unknown keys of one mapping share a line."""
+    buckets = document.get("buckets")
+    names = list(buckets) if isinstance(buckets, dict) else []
+    problems: list[tuple[tuple[int | str, ...], str | list[str]]] = []  # a list: unknown keys of that mapping
+    unknown: dict[tuple[int | str, ...], list[str]] = {}
+    for detail in error.errors(include_url=False):
+        loc, kind = detail["loc"], detail["type"]
+        if kind in _UNKNOWN_KEY:
+            if loc[:-1] not in unknown:
+                unknown[loc[:-1]] = []
+                problems.append((loc[:-1], unknown[loc[:-1]]))
+            unknown[loc[:-1]].append(str(loc[-1]))
+        elif kind == "missing":
+            problems.append((loc[:-1], _MISSING.get(str(loc[-1]), f"missing {loc[-1]!r}")))
+        elif isinstance(detail["input"], _InDays):
+            problems.append(((*loc[:-1], "min_age_days"), _problem(detail)))
+        else:
+            problems.append((loc, _problem(detail)))
+    lines = []
+    for loc, problem in problems:
+        text = problem if isinstance(problem, str) else (
+            f"unknown key(s) {', '.join(sorted(problem))}; allowed: {_document_keys(loc)}"
+        )
+        where = _where(loc, names)
+        lines.append(f"{where}: {text}" if where else text)
+    return lines
 
 
 def parse_policy(document: Any, source: str) -> StoragePolicy:
-    data = _check_keys(document, _ROOT_KEYS, source)
-    allow_short = _typed(data, "allow_short_min_age", bool, source, False)
-    retention = _typed(data, "manifest_retention_days", int, source, DEFAULT_MANIFEST_RETENTION_DAYS)
-    if retention < 1:
-        raise PolicyError(f"{source}.manifest_retention_days: must be at least 1, got {retention}")
-    raw_buckets = data.get("buckets")
-    if not isinstance(raw_buckets, dict) or not raw_buckets:
-        raise PolicyError(f"{source}: 'buckets' must be a non-empty mapping of bucket name to settings")
-    buckets = tuple(
-        _parse_bucket(name, raw, f"{source}: buckets.{name}", allow_short)
-        for name, raw in raw_buckets.items()
-    )
-    return StoragePolicy(
-        source=source,
-        buckets=buckets,
-        manifest_retention_days=retention,
-        allow_short_min_age=allow_short,
-    )
+    """Validate a loaded YAML document; a PolicyError lists every problem, one line each."""
+    if not isinstance(document, dict):
+        raise PolicyError(f"{source}: expected a mapping, got {type(document).__name__}")
+    kwargs = {str(key): value for key, value in document.items()}
+    context = {"allow_short_min_age": kwargs.get("allow_short_min_age") is True}
+    try:
+        return _POLICY.validate_python(ArgsKwargs((source,), kwargs), context=context)
+    except ValidationError as exc:
+        raise PolicyError("\n".join(f"{source}: {line}" for line in _problems(exc, document))) from None
 
 
 def default_policy_path() -> Path:

@@ -38,11 +38,11 @@ class S3Settings:
         return f"S3Settings(endpoint={self.endpoint_url!r})"
 
 
-def make_client(settings: S3Settings, retries: int = 3) -> Minio:
-    """A minio client whose connection pool fits the threads that use it."""
+def make_client(settings: S3Settings, retries: int = 3, read_timeout: float = 120.0) -> Minio:
+    """A minio client whose connection pool fits the threads that use it; every request has a time limit."""
     http = urllib3.PoolManager(
         maxsize=settings.max_connections,
-        timeout=urllib3.Timeout(connect=5.0, read=120.0),
+        timeout=urllib3.Timeout(connect=5.0, read=read_timeout),
         retries=urllib3.Retry(
             total=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
         ),

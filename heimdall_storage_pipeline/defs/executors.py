@@ -1,7 +1,7 @@
 """Which executor the scan and cleanup jobs run on: Dagster's default, or Celery workers.
 
-``HEIMDALL_EXECUTOR`` selects it (``default`` when unset: Dagster's multiprocess executor for launched
-runs, in-process for ``execute_in_process``). ``celery`` attaches ``dagster_celery.celery_executor`` to
+``HEIMDALL_EXECUTOR`` selects it (``default`` when unset: every step of a run in the run's own process,
+Dagster's in-process executor). ``celery`` attaches ``dagster_celery.celery_executor`` to
 ``storage_scan_job`` and ``delete_orphans_job``; the broker, result backend and queue come from
 ``HEIMDALL_CELERY_BROKER``, ``HEIMDALL_CELERY_BACKEND`` and ``HEIMDALL_CELERY_QUEUE``. The run process
 and the workers (``celery -A heimdall_storage_pipeline.defs.celery_worker worker -Q <queue>``) read the
@@ -86,7 +86,7 @@ def executor_kind() -> str:
 
 
 def scale_out_executor() -> dg.ExecutorDefinition | None:
-    """The executor for storage_scan_job and delete_orphans_job; None keeps Dagster's default."""
+    """The executor for storage_scan_job and delete_orphans_job; None keeps the code location's default."""
     if executor_kind() != CELERY_EXECUTOR:
         return None
     try:

@@ -8,6 +8,8 @@ import dagster as dg
 
 from heimdall_storage_pipeline.core.errors import StaleInputError
 
+ORPHAN_DELETIONS = "orphan_deletions"  # what each cleanup run did (or refused), per bucket
+
 
 def recent_metadata(
     instance: dg.DagsterInstance, asset: str, partition: str, limit: int

@@ -8,6 +8,7 @@ from pydantic import Field
 from sqlalchemy.engine import Engine
 
 from heimdall_storage_pipeline.core.audit import AuditLog
+from heimdall_storage_pipeline.core.errors import ManifestError
 from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.core.policy import StoragePolicy, load_policy
 from heimdall_storage_pipeline.core.references import make_engine
@@ -53,8 +54,28 @@ class ManifestStoreResource(dg.ConfigurableResource):
     s3: S3Resource
 
     def store(self) -> ManifestStore:
-        root = self.root or str(Path(os.environ.get("DAGSTER_HOME") or Path.cwd()).resolve() / "manifests")
+        root = self.root or default_manifest_root()
         return ManifestStore(root=root, s3=self.s3.settings() if root.startswith("s3://") else None)
+
+
+def default_manifest_root() -> str:
+    return str(Path(os.environ.get("DAGSTER_HOME") or Path.cwd()).resolve() / "manifests")
+
+
+def manifest_store_from_env() -> ManifestStore:
+    """The manifest store the jobs use, for tools outside a run (HEIMDALL_MANIFEST_ROOT, MINIO_*)."""
+    root = os.environ.get("HEIMDALL_MANIFEST_ROOT") or default_manifest_root()
+    if not root.startswith("s3://"):
+        return ManifestStore(root=root)
+    missing = [name for name in ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY") if not os.environ.get(name)]
+    if missing:
+        raise ManifestError(f"the manifest store {root} is on S3 and {', '.join(missing)} is not set; set it")
+    return ManifestStore(root=root, s3=S3Settings(
+        endpoint=os.environ["MINIO_ENDPOINT"], access_key=os.environ["MINIO_ACCESS_KEY"],
+        secret_key=os.environ["MINIO_SECRET_KEY"],
+        secure=os.environ.get("MINIO_SECURE", "false").strip().lower() in _TRUE,
+        region=os.environ.get("MINIO_REGION") or None,
+    ))
 
 
 class StoragePolicyResource(dg.ConfigurableResource):

@@ -319,6 +319,17 @@ def snapshot_metrics(snapshot: StorageSnapshot) -> list[Metric]:
             cleanup(lambda c: 1.0 if c.dry_run else 0.0),
         ),
         gauge(
+            "heimdall_storage_last_cleanup_refused",
+            "1 if the latest cleanup run refused the bucket before deleting anything (a guard, a stale diff, "
+            "a plan check), else 0.",
+            cleanup(lambda c: 1.0 if c.refused else 0.0),
+        ),
+        gauge(
+            "heimdall_storage_last_cleanup_would_refuse",
+            "1 if the latest cleanup run was a dry run whose guard verdict says a live run would refuse, else 0.",
+            cleanup(lambda c: 1.0 if c.would_refuse else 0.0),
+        ),
+        gauge(
             "heimdall_storage_last_cleanup_deleted_files",
             "Objects deleted by the latest cleanup run.",
             cleanup(lambda c: c.deleted_files),

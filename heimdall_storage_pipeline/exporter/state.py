@@ -75,6 +75,14 @@ class CleanupFigures:
     deleted_bytes: int | None
     failed_files: int | None
     skipped_files: Mapping[str, int | None]
+    refused: bool = False  # refused before deleting anything (a guard, a stale diff, a plan check)
+    refusal_reason: str | None = None
+    guard_verdict: str | None = None  # "pass" or "would refuse: ..." (a dry run tells what a live run would do)
+    plan_id: str | None = None  # the plan a dry run made, or the one a live run applied
+
+    @property
+    def would_refuse(self) -> bool:
+        return (self.guard_verdict or "").startswith("would refuse")
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,7 @@ class StorageSnapshot:
 
     def _bucket_json(self, bucket: BucketFigures) -> dict[str, Any]:
         now = self.collected_at.timestamp()
+        cleanup = bucket.cleanup
         return {
             "status": bucket.status,
             "size_gb": _maybe(to_gb, bucket.total_bytes),
@@ -159,7 +168,12 @@ class StorageSnapshot:
             "as_of": bucket.as_of,
             "last_scan_at": _maybe(_iso, bucket.scan_timestamp),
             "data_age_seconds": _maybe(lambda t: max(0.0, now - t), bucket.scan_timestamp),
-            "last_cleanup_at": _maybe(_iso, bucket.cleanup.timestamp if bucket.cleanup else None),
+            "last_cleanup_at": _maybe(_iso, cleanup.timestamp if cleanup else None),
+            "last_cleanup_dry_run": cleanup.dry_run if cleanup else None,
+            "last_cleanup_refused": cleanup.refused if cleanup else None,
+            "last_cleanup_refusal_reason": cleanup.refusal_reason if cleanup else None,
+            "last_cleanup_guard_verdict": cleanup.guard_verdict if cleanup else None,
+            "last_plan_id": cleanup.plan_id if cleanup else None,
             "deleted_files_total": bucket.deleted_files_total,
             "deleted_size_gb_total": to_gb(bucket.deleted_bytes_total),
         }
@@ -332,6 +346,10 @@ def _cleanup_figures(run: Materialization) -> CleanupFigures:
         deleted_bytes=run.count("deleted_bytes"),
         failed_files=run.count("failed_count"),
         skipped_files={reason: run.count(f"skipped_{reason}") for reason in SKIP_REASONS},
+        refused=run.metadata.get("refused") is True,
+        refusal_reason=run.text("refusal_reason"),
+        guard_verdict=run.text("guard_verdict"),
+        plan_id=run.text("plan_id"),
     )
 
 

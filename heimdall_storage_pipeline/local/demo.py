@@ -22,7 +22,7 @@ import sqlalchemy as sa
 import yaml
 
 from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
-from heimdall_storage_pipeline.core.policy import default_policy_path, load_policy
+from heimdall_storage_pipeline.core.policy import default_policy_path, format_duration, load_policy
 from heimdall_storage_pipeline.local.heimdall_db import (
     SeededWorld,
     create_schema,
@@ -39,6 +39,11 @@ from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
 
 DEMO_MIN_AGE_SECONDS = 5
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DRY_RUN_CONFIG = REPO_ROOT / "config" / "delete_orphans.dry_run.yaml"
+PLAN_COLUMNS = (
+    ("bucket", "bucket"), ("plan", "plan_id"), ("would delete", "would_delete_count"),
+    ("bytes", "would_delete_bytes"), ("guard verdict", "verdict"),
+)
 REPORT_COLUMNS = (
     ("bucket", "bucket"), ("objects", "object_count"), ("bytes", "total_bytes"),
     ("referenced", "referenced_count"), ("orphans", "orphan_count"),
@@ -59,15 +64,19 @@ def write_demo_policy(path: Path) -> Path:
 
 
 def render_report(rows: list[dict[str, Any]]) -> str:
-    table = [[header for header, _ in REPORT_COLUMNS]]
+    return render_table(REPORT_COLUMNS, rows)
+
+
+def render_table(columns: tuple[tuple[str, str], ...], rows: list[dict[str, Any]]) -> str:
+    table = [[header for header, _ in columns]]
     for row in rows:
         cells = []
-        for _, field in REPORT_COLUMNS:
+        for _, field in columns:
             value = row.get(field, "")
             cells.append(f"{value:.1%}" if isinstance(value, float) else str(value))
         table.append(cells)
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
@@ -118,8 +127,12 @@ def run_demo(workdir: str = ".demo", serve_ui: bool = False) -> int:
         os.environ.update(env)
         rows = _scan_every_bucket(as_of)
         print("\nOrphan report (demo policy: minimum age "
-              f"{timedelta(seconds=DEMO_MIN_AGE_SECONDS)}; Heimdall's is 30/60 days)\n")
+              f"{format_duration(timedelta(seconds=DEMO_MIN_AGE_SECONDS))}; Heimdall's is 30d/60d)\n")
         print(render_report(rows))
+        print(f"\nDry-run cleanup with {DRY_RUN_CONFIG.relative_to(REPO_ROOT)}: every bucket gets a plan\n")
+        print(render_table(PLAN_COLUMNS, _plan_every_bucket()))
+        print("\nReview a plan with `heimdall-storage plan show <plan>`; a live run with `plan: <plan>` deletes "
+              "exactly its keys, each re-validated (README: \"Plan, review, apply\").")
         print(f"\nManifests: {root / 'dagster_home' / 'manifests'}")
         if serve_ui:
             return _serve_ui(env)
@@ -151,6 +164,28 @@ def _scan_every_bucket(as_of: datetime) -> list[dict[str, Any]]:
             if not result.success:
                 raise SystemExit(f"the scan of {bucket.name} failed; see the log above")
             rows.append({"bucket": bucket.name, **(latest_metadata(instance, "orphan_diff", bucket.name) or {})})
+    return rows
+
+
+def _plan_every_bucket() -> list[dict[str, Any]]:
+    """The shipped dry-run config, as an operator would launch it: one plan per bucket."""
+    from heimdall_storage_pipeline.defs.build import build_definitions
+    from heimdall_storage_pipeline.defs.materializations import ORPHAN_DELETIONS, latest_metadata
+
+    policy = load_policy()
+    job = build_definitions(policy).resolve_job_def("delete_orphans_job")
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(instance=instance, run_config=yaml.safe_load(DRY_RUN_CONFIG.read_text()))
+        print(f"  delete_orphans_job (dry run): {'success' if result.success else 'FAILED'}", flush=True)
+        if not result.success:
+            raise SystemExit("the dry-run cleanup failed; see the log above")
+        rows = []
+        for bucket in policy.enabled_buckets():
+            meta = latest_metadata(instance, ORPHAN_DELETIONS, bucket.name) or {}
+            verdict = str(meta.get("guard_verdict", ""))
+            guards = [part.split(":")[0].strip() for part in verdict.removeprefix("would refuse:").split(";")]
+            rows.append({**meta, "bucket": bucket.name, "verdict": verdict if verdict == "pass" else
+                         f"a live run would refuse ({', '.join(guards)})"})
     return rows
 
 

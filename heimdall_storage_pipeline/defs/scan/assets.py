@@ -5,7 +5,7 @@ from datetime import timedelta
 import dagster as dg
 from pydantic import Field
 
-from heimdall_storage_pipeline.core.clock import isoformat_utc, parse_utc, utc_now
+from heimdall_storage_pipeline.core.clock import check_as_of, isoformat_utc, parse_utc, utc_now
 from heimdall_storage_pipeline.core.diff import (
     check_snapshot_order,
     compute_orphan_diff,
@@ -15,6 +15,7 @@ from heimdall_storage_pipeline.core.diff import (
 )
 from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
 from heimdall_storage_pipeline.core.manifests import ManifestStore
+from heimdall_storage_pipeline.core.policy import format_duration
 from heimdall_storage_pipeline.core.references import describe_engine, read_references_to_manifest
 from heimdall_storage_pipeline.defs.materializations import latest_metadata, require_metadata
 from heimdall_storage_pipeline.defs.resources import (
@@ -110,6 +111,11 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         bucket_policy = policy.load().bucket(bucket)
         inventory = require_metadata(context.instance, "bucket_inventory", bucket, "referenced_keys")
         engine = reference_db.engine()
+        context.log.info(
+            f"reading the references of {bucket} from {describe_engine(engine)}: "
+            + ", ".join(f"{source.name} (time limit {format_duration(source.statement_timeout)})"
+                        for source in bucket_policy.references)
+        )
         try:
             result = read_references_to_manifest(engine, bucket_policy, manifests.store(), context.run.run_id)
         finally:
@@ -156,7 +162,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         inventory = require_metadata(context.instance, "bucket_inventory", bucket, "orphan_diff")
         references = require_metadata(context.instance, "referenced_keys", bucket, "orphan_diff")
         check_snapshot_order(parse_utc(inventory["listed_at"]), parse_utc(references["snapshot_at"]))
-        as_of = parse_utc(config.as_of, "as_of") if config.as_of else utc_now()
+        as_of = check_as_of(parse_utc(config.as_of, "as_of"), utc_now()) if config.as_of else utc_now()
         result = compute_orphan_diff(
             bucket=bucket_policy,
             store=manifests.store(),
@@ -210,6 +216,7 @@ def build_scan_job(executor_def: dg.ExecutorDefinition | None = None):
         "storage_scan_job",
         selection=dg.AssetSelection.groups(SCAN_GROUP),
         description="List the bucket, read its references after the listing, and diff them.",
-        tags={"heimdall/kind": "scan"},
+        # A scan that outlives this is failed by the daemon's run monitoring (dagster.yaml).
+        tags={"heimdall/kind": "scan", "dagster/max_runtime": str(2 * 3600)},
         executor_def=executor_def,
     )

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 from minio import Minio
 
+from heimdall_storage_pipeline.core.migrations import apply_migrations
 from heimdall_storage_pipeline.defs.automation.outbox import OutboxEventError, owned_prefixes
 from heimdall_storage_pipeline.defs.automation.sensors import (
     ATTEMPT_TAG,
@@ -20,7 +21,6 @@ from heimdall_storage_pipeline.defs.automation.sensors import (
 from heimdall_storage_pipeline.defs.resources import ReferenceDatabaseResource
 from heimdall_storage_pipeline.local.heimdall_db import AUDIO_BUCKET, SYNTHETIC_BUCKET, put
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
-from heimdall_storage_pipeline.migrations import apply_migration
 from heimdall_storage_pipeline_tests.conftest import ScanHarness
 from heimdall_storage_pipeline_tests.defs.automation.support import run_request, tick
 
@@ -72,8 +72,8 @@ def test_a_deleted_dataset_is_cleaned_end_to_end(world: tuple[ScanHarness, Minio
     reference_db = ReferenceDatabaseResource(url=harness.database_url)
     before = sensor(dg.build_sensor_context(instance=harness.instance, resources={"reference_db": reference_db}))
     assert isinstance(before, dg.SkipReason) and "heimdall-storage migrate" in (before.skip_message or "")
-    apply_migration(harness.database_url)
-    apply_migration(harness.database_url)  # idempotent: no error, one trigger per table
+    apply_migrations(db_engine, "heimdall")
+    assert apply_migrations(db_engine, "heimdall") == []  # applied once: one trigger per table
     with db_engine.connect() as db:
         triggers = db.execute(sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = 'storage_cleanup_after_delete'"))
         assert triggers.scalar_one() == 2
@@ -144,7 +144,7 @@ def test_a_deleted_dataset_is_cleaned_end_to_end(world: tuple[ScanHarness, Minio
 
 def test_a_row_that_is_back_is_not_cleaned(world: tuple[ScanHarness, Minio], db_engine: sa.Engine) -> None:
     harness, client = world
-    apply_migration(harness.database_url)
+    apply_migrations(db_engine, "heimdall")
     dataset_id, keys = _dataset(db_engine, client, samples=1)
     with db_engine.begin() as db:
         db.execute(sa.text("DELETE FROM heimdall.synthetic_datasets WHERE id = :id"), {"id": dataset_id})
@@ -158,7 +158,7 @@ def test_a_row_that_is_back_is_not_cleaned(world: tuple[ScanHarness, Minio], db_
 
 
 def test_the_audio_trigger_records_its_prefixes(database_url: str, db_engine: sa.Engine) -> None:
-    apply_migration(database_url)
+    apply_migrations(db_engine, "heimdall")
     audio_id = str(uuid.uuid4())
     with db_engine.begin() as db:
         db.execute(sa.text("INSERT INTO heimdall.audio_library (id, filename) VALUES (:id, 'a.wav')"), {"id": audio_id})

@@ -1,8 +1,9 @@
 """End to end through the real UI server: ``dagster dev`` (webserver + daemon) on a PostgreSQL instance.
 
-A scan, then a dry-run cleanup are launched with run config through DagsterGraphQLClient,
-queued by the repo's dagster.yaml (QueuedRunCoordinator), run by the daemon, and the
-cleanup's orphan_deletions metadata is read back from the shared PostgreSQL event log.
+A scan, a dry-run cleanup (a plan) and live runs applying that plan are launched with run config
+through DagsterGraphQLClient, as the launchpad does, queued by the repo's dagster.yaml
+(QueuedRunCoordinator), run by the daemon, and each cleanup's orphan_deletions metadata is read
+back from the shared PostgreSQL event log.
 """
 
 from __future__ import annotations
@@ -117,18 +118,19 @@ def _launch(client: DagsterGraphQLClient, log: Path, job: str, run_config: dict,
                      lambda: client.submit_job_execution(job, run_config=run_config, tags=tags), log))
 
 
-def _until_done(client: DagsterGraphQLClient, instance: dg.DagsterInstance, run_id: str, log: Path) -> None:
+def _until_done(client: DagsterGraphQLClient, instance: dg.DagsterInstance, run_id: str, log: Path,
+                expect: dg.DagsterRunStatus = dg.DagsterRunStatus.SUCCESS) -> None:
     status = _wait(f"run {run_id}", time.monotonic() + RUN_SECONDS,
                    lambda: (s := client.get_run_status(run_id)) in (
                        dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED) and s,
                    log)
-    if status != dg.DagsterRunStatus.SUCCESS:
+    if status != expect:
         events = "\n".join(e.message for e in instance.all_logs(run_id) if e.message)
         pytest.fail(f"run {run_id} ended {status}:\n{events[-6000:]}")
 
 
 @pytest.mark.timeout(600)
-def test_scan_then_dry_run_cleanup_through_the_ui_server(
+def test_scan_plan_and_apply_through_the_ui_server(
     dagster_dev: tuple[DagsterGraphQLClient, dg.DagsterInstance, str, Path], seaweed: SeaweedFS
 ) -> None:
     client, instance, bucket, log = dagster_dev
@@ -150,3 +152,13 @@ def test_scan_then_dry_run_cleanup_through_the_ui_server(
     assert deletions["candidates"] == 2 and deletions["would_delete_count"] == 2 and deletions["deleted_count"] == 0
     # A dry run: every object is still there.
     assert sum(1 for _ in seaweed.client().list_objects(bucket, recursive=True)) == 8
+
+    # The dry run is a plan; the launchpad's config names it in a live run, which deletes its keys once.
+    apply = {"ops": {"delete_orphans": {"config": {"dry_run": False, "plan": deletions["plan_id"]}}}}
+    _until_done(client, instance, _launch(client, log, "delete_orphans_job", apply), log)
+    applied = latest_metadata(instance, "orphan_deletions", bucket)
+    assert applied is not None and (applied["plan_id"], applied["deleted_count"]) == (deletions["plan_id"], 2)
+    assert sum(1 for _ in seaweed.client().list_objects(bucket, recursive=True)) == 6
+    _until_done(client, instance, _launch(client, log, "delete_orphans_job", apply), log, dg.DagsterRunStatus.FAILURE)
+    refused = latest_metadata(instance, "orphan_deletions", bucket)
+    assert refused is not None and refused["refused"] is True and "already applied" in refused["refusal_reason"]

@@ -138,39 +138,6 @@ def test_stale_diff_is_refused_and_nothing_deleted(world):
     assert listed_keys(client, bucket) == before
 
 
-def test_each_guard_trips_and_the_override_is_recorded(harness_factory, make_bucket, seaweed, db_engine):
-    bucket = make_bucket("guard")
-    client = seaweed.client()
-    with db_engine.begin() as connection:
-        connection.execute(sa.text("CREATE TABLE refs (k text)"))
-        connection.execute(sa.text("INSERT INTO refs VALUES ('a/1.npy'), ('a/2.npy')"))
-    for key in ("a/1.npy", "a/2.npy", "b/1.npy", "b/2.npy", "b/3.npy"):
-        put(client, bucket, key)
-    harness = harness_factory({bucket: {"min_age": f"{MIN_AGE_SECONDS}s",
-                                        "references": [key_source("SELECT k FROM refs")]}})
-    wait_until_old(client, bucket)
-    harness.scan(bucket)
-    # 3 of 5 objects eligible: above the default max_delete_fraction of 0.5.
-    result = harness.delete(raise_on_error=False)
-    assert not result.success
-    assert "max_delete_fraction" in _failure_text(result) and "allow_mass_delete" in _failure_text(result)
-
-    # The database "loses" its rows: empty reference set and a >50 % drop. The scan's
-    # blocking references_present check fails that run, but the diff is on record.
-    with db_engine.begin() as connection:
-        connection.execute(sa.text("DELETE FROM refs"))
-    harness.materialize(["bucket_inventory", "referenced_keys", "orphan_diff"], bucket, raise_on_error=False)
-    assert harness.metadata("orphan_diff", bucket)["referenced_count"] == 0
-    failure = _failure_text(harness.delete(raise_on_error=False))
-    assert "empty_reference_set" in failure and "reference_drop" in failure
-
-    harness.delete(allow_mass_delete=True)  # a dry run: the override is recorded, nothing deleted
-    meta = harness.metadata("orphan_deletions", bucket)
-    assert sorted(meta["guards_overridden"]) == [
-        "blocking_check", "empty_reference_set", "max_delete_fraction", "reference_drop"]
-    assert meta["would_delete_count"] == 5 and len(listed_keys(client, bucket)) == 5
-
-
 @pytest.mark.parametrize(
     ("config", "problem"),
     [({"batch_size": 0}, "batch_size"), ({"batch_size": 5000}, "batch_size"),

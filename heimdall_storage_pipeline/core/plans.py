@@ -1,0 +1,145 @@
+"""Plans: a dry run's would-delete list, reviewed, then applied by the one live run that names it.
+
+A dry run of a bucket is a plan: its deletions manifest (the ``would_delete`` rows: key, size,
+etag, last_modified) with an id, counts, bytes and the manifest's SHA-256, recorded in the dry
+run's ``orphan_deletions`` metadata. A live run that names the plan deletes only its keys, each
+re-validated as always. ``check_applicable`` says why a plan may not be applied.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TextIO
+
+import pyarrow.compute as pc
+
+from heimdall_storage_pipeline.core.clock import ensure_utc, parse_utc
+from heimdall_storage_pipeline.core.deletion import manifest_candidates
+from heimdall_storage_pipeline.core.errors import StorageCleanupError
+from heimdall_storage_pipeline.core.manifests import ManifestStore
+from heimdall_storage_pipeline.core.safety import Candidate, Outcome
+
+# <bucket>:<the dry run's run id, first 8 hex digits>; a bucket name holds no ':'.
+_PLAN_ID = re.compile(r"^(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]):(?P<run>[0-9a-f]{8})$")
+LARGEST_SHOWN = 10
+AGE_BINS_DAYS = (1, 7, 30, 60, 90)  # the plan's age histogram, as the diff's; the last bin is open
+
+
+class PlanRefusedError(StorageCleanupError):
+    """A plan that may not be applied: unknown, of another bucket, too old, superseded or applied."""
+
+
+def plan_id_for(bucket: str, run_id: str) -> str:
+    return f"{bucket}:{run_id[:8]}"
+
+
+def plan_bucket(plan_id: str) -> str:
+    """The bucket a plan id names; refuses anything that is not a plan id."""
+    match = _PLAN_ID.match(plan_id.strip())
+    if not match:
+        raise PlanRefusedError(
+            f"{plan_id!r} is not a plan id; copy plan_id from the dry run's orphan_deletions metadata "
+            f"(it looks like 'heimdall-raw-iq:1a2b3c4d')"
+        )
+    return match.group("bucket")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a dry run recorded about its plan."""
+
+    plan_id: str
+    bucket: str
+    manifest_uri: str
+    digest: str
+    keys: int
+    bytes: int
+    created_at: datetime
+    diff_manifest_uri: str
+
+    @classmethod
+    def from_metadata(cls, plan_id: str, metadata: dict[str, Any]) -> Plan:
+        return cls(
+            plan_id=plan_id,
+            bucket=plan_bucket(plan_id),
+            manifest_uri=str(metadata["manifest_uri"]),
+            digest=str(metadata["plan_digest"]),
+            keys=int(metadata["would_delete_count"]),
+            bytes=int(metadata["would_delete_bytes"]),
+            created_at=parse_utc(str(metadata["completed_at"]), "completed_at"),
+            diff_manifest_uri=str(metadata["diff_manifest_uri"]),
+        )
+
+
+def check_applicable(plan: Plan, *, latest_diff_manifest_uri: str, now: datetime, max_age: timedelta,
+                     digest: str) -> None:
+    """Refuse a plan made from a superseded diff, older than ``max_age``, or whose manifest changed."""
+    age = ensure_utc(now) - plan.created_at
+    if age > max_age:
+        raise PlanRefusedError(
+            f"plan {plan.plan_id} is {age} old, more than max_plan_age_minutes allows ({max_age}); "
+            f"run a dry run for {plan.bucket} again and apply its new plan"
+        )
+    if plan.diff_manifest_uri != latest_diff_manifest_uri:
+        raise PlanRefusedError(
+            f"plan {plan.plan_id} was made from an orphan_diff that is no longer the latest of {plan.bucket} "
+            f"(a scan ran since); review the dry run of the latest diff and apply its plan"
+        )
+    if digest != plan.digest:
+        raise PlanRefusedError(
+            f"the manifest of plan {plan.plan_id} ({plan.manifest_uri}) is not the one that was reviewed "
+            f"(its SHA-256 changed); run a dry run again and review its plan"
+        )
+
+
+def plan_candidates(store: ManifestStore, manifest_uri: str, max_objects: int | None = None) -> Iterator[Candidate]:
+    """A plan's keys, each with the size, ETag and last-modified the dry run saw, streamed."""
+    return manifest_candidates(store, manifest_uri, "outcome",
+                               lambda outcome: pc.equal(outcome, Outcome.WOULD_DELETE.value), max_objects)
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What a reviewer looks at besides the counts: the largest keys and the ages."""
+
+    largest: list[Candidate]
+    age_histogram: list[tuple[str, int, int]]  # (label, objects, bytes)
+
+
+def _age_label(index: int) -> str:
+    low = (0, *AGE_BINS_DAYS)[index]
+    return f"{low}-{AGE_BINS_DAYS[index]} d" if index < len(AGE_BINS_DAYS) else f">= {low} d"
+
+
+def summarize_plan(store: ManifestStore, manifest_uri: str, now: datetime) -> PlanSummary:
+    """The largest would-delete keys and their age histogram at ``now``, in one streamed pass."""
+    largest: list[tuple[int, str, Candidate]] = []
+    bins = [[0, 0] for _ in range(len(AGE_BINS_DAYS) + 1)]
+    for candidate in plan_candidates(store, manifest_uri):
+        heapq.heappush(largest, (candidate.size, candidate.key, candidate))
+        if len(largest) > LARGEST_SHOWN:
+            heapq.heappop(largest)
+        days = (ensure_utc(now) - candidate.last_modified).days
+        slot = bins[sum(days >= edge for edge in AGE_BINS_DAYS)]
+        slot[0] += 1
+        slot[1] += candidate.size
+    return PlanSummary(
+        largest=[entry[2] for entry in sorted(largest, reverse=True)],
+        age_histogram=[(_age_label(index), count, size) for index, (count, size) in enumerate(bins)],
+    )
+
+
+def write_plan_csv(store: ManifestStore, plan: Plan, out: TextIO) -> int:
+    """Write the plan's keys as CSV (key, size, etag, last_modified); returns the row count."""
+    writer = csv.writer(out)
+    writer.writerow(["key", "size", "etag", "last_modified"])
+    rows = 0
+    for candidate in plan_candidates(store, plan.manifest_uri):
+        writer.writerow([candidate.key, candidate.size, candidate.etag, candidate.last_modified.isoformat()])
+        rows += 1
+    return rows
