@@ -16,6 +16,7 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from heimdall_storage_pipeline.core.clock import ensure_utc
 from heimdall_storage_pipeline.core.errors import StaleInputError
@@ -161,6 +162,8 @@ def compute_orphan_diff(
     ``work_dir`` holds DuckDB's spill files and local copies of S3 manifests while the diff runs
     (default: the system temporary directory).
     """
+    # DuckDB allocates outside Arrow's pool: hand back what earlier steps freed in it first.
+    pa.default_memory_pool().release_unused()
     attempt = partial(_compute_orphan_diff, bucket, store, inventory_uri, references_uri,
                       ensure_utc(as_of, "as_of"), run_id, work_dir)
     *smaller, largest = MEMORY_LIMITS
