@@ -40,7 +40,7 @@ from sqlalchemy.engine import Connection
 from heimdall_storage_pipeline.core.clock import ensure_utc, utc_datetimes
 from heimdall_storage_pipeline.core.errors import source_error
 from heimdall_storage_pipeline.core.keys import ReferenceFormat, canonical_prefix
-from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2, parse_page
+from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
 from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
 from heimdall_storage_pipeline.core.references import (
     FETCH_ROWS,
@@ -237,8 +237,7 @@ def _listed_stats(lister: ListObjectsV2, keys: list[str], budget: int) -> dict[s
     seen = 0
     # A string prefix, not a path: 'data/orphan-1' and 'data/orphan-2' share 'data/orphan-'.
     prefix = os.path.commonprefix(keys)  # noqa: RUF071
-    for body in lister.pages(prefix=prefix, start_after=_just_before(first)):
-        page = parse_page(body)[0]
+    for page in lister.batches(prefix=prefix, start_after=_just_before(first)):
         seen += page.num_rows
         # Only the batch's keys become Python objects: where most listed objects are referenced,
         # the listing holds several keys for each one asked for.

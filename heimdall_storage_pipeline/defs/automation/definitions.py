@@ -6,6 +6,7 @@ import dagster as dg
 
 from heimdall_storage_pipeline.defs.automation.checks import build_orphan_diff_checks
 from heimdall_storage_pipeline.defs.automation.prefix_cleanup import prefix_cleanup_job
+from heimdall_storage_pipeline.defs.automation.retention import event_log_retention_job, weekly_event_log_retention
 from heimdall_storage_pipeline.defs.automation.schedules import build_schedules
 from heimdall_storage_pipeline.defs.automation.sensors import (
     RUN_FAILURES_SPEC,
@@ -30,8 +31,8 @@ def build_automation(partitions_def: dg.PartitionsDefinition) -> Automation:
     return Automation(
         assets=[RUN_FAILURES_SPEC],
         asset_checks=build_orphan_diff_checks(partitions_def),
-        jobs=[prefix_cleanup_job],
-        schedules=build_schedules(partitions_def),
+        jobs=[prefix_cleanup_job, event_log_retention_job],
+        schedules=[*build_schedules(partitions_def), weekly_event_log_retention],
         sensors=[
             build_scan_cleanup_chain_sensor(),
             build_orphan_growth_sensor(partitions_def),
