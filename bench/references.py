@@ -16,9 +16,9 @@ Each measurement runs in its own subprocess (so its peak RSS, ``VmHWM``, is its 
 
 - ``raw``: psycopg2 ``copy_expert("COPY (<query>) TO STDOUT", devnull)``, in a read-only
   REPEATABLE READ transaction like ours;
-- ``ours``: ``core.references.read_references_to_manifest`` into a local manifest store;
-- ``cursor`` (once, with ``--cursor``): the same with the COPY fast path disabled, i.e. the
-  server-side cursor and per-value Python normalisation used before.
+- ``adbc`` (with ``--adbc``): ADBC's read of the same query into Arrow, batches dropped: what
+  the driver alone costs;
+- ``ours``: ``core.references.read_references_to_manifest`` into a local manifest store.
 
 It checks the figures of every run of ours (distinct keys, rows, no unparseable values) and
 prints seconds, keys/s, the ratio ours/raw and peak RSS. Timings are printed, never asserted.
@@ -119,26 +119,32 @@ def measure(kind: str, case: str, url: str) -> dict[str, float | int | str]:
         connection.rollback()
         connection.close()
         return {"seconds": seconds, "rss_mb": peak_rss_mb(), "cpu_seconds": cpu_seconds() - cpu_before}
+    if kind == "adbc":
+        from heimdall_storage_pipeline.core.references import adbc_snapshot, make_engine
+
+        engine = make_engine(url)
+        with adbc_snapshot(engine) as cursor:
+            cpu_before = cpu_seconds()
+            began = time.perf_counter()
+            cursor.execute(source.query)
+            with cursor.fetch_record_batch() as batches:
+                rows = sum(batch.num_rows for batch in batches)
+            seconds = time.perf_counter() - began
+        return {"seconds": seconds, "rss_mb": peak_rss_mb(), "cpu_seconds": cpu_seconds() - cpu_before, "rows": rows}
     # A step process has imported the definitions (and with them pandas, which pyarrow would
     # otherwise import lazily, ~0.5 s, on the first pa.array of Python objects) before it runs.
     import heimdall_storage_pipeline.definitions  # noqa: F401
-    from heimdall_storage_pipeline.core import native, references
+    from heimdall_storage_pipeline.core import references
     from heimdall_storage_pipeline.core.manifests import ManifestStore
 
-    if kind == "cursor":
-        references._fast_source_keys = lambda *args: None  # the general path only
     bucket = BucketPolicy(name=BUCKETS[case], enabled=True, min_age=timedelta(days=60), batch_size=1000,
                           description="bench", references=(source,))
     engine = references.make_engine(url)
-    with engine.connect() as warm:  # connect outside the timing, as raw does
-        warm.execute(sa.text("SELECT 1"))
-    if kind == "numpy":
-        native._native = None  # the fallback used where the extension was not built
     with tempfile.TemporaryDirectory() as directory:
         cpu_before = cpu_seconds()
         result = references.read_references_to_manifest(engine, bucket, ManifestStore(directory), "bench-run")
     engine.dispose()
-    return {"seconds": result.read_seconds, "rss_mb": peak_rss_mb(), "native": native.NATIVE,
+    return {"seconds": result.read_seconds, "rss_mb": peak_rss_mb(),
             "cpu_seconds": cpu_seconds() - cpu_before, "distinct": result.referenced_count,
             "rows": result.reference_rows, "unparseable": result.unparseable_reference_count,
             "other_bucket": result.other_bucket_reference_count}
@@ -157,8 +163,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="references per case")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", default="uri,json")
-    parser.add_argument("--cursor", action="store_true", help="also time the general (cursor) path once")
-    parser.add_argument("--numpy", action="store_true", help="also time ours without the compiled loops")
+    parser.add_argument("--adbc", action="store_true", help="also time ADBC's read alone")
     parser.add_argument("--admin-url", default=LOCAL_SERVER_URL)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -176,14 +181,14 @@ def main() -> int:
         print(f"filled {args.rows:,} references per case in {time.perf_counter() - began:.1f} s")
         for case in args.cases.split(","):
             expected = args.rows if case == "uri" else args.rows // RECEIVERS * RECEIVERS
-            kinds = ["raw", "ours", *(["numpy"] if args.numpy else [])]
+            kinds = ["raw", *(["adbc"] if args.adbc else []), "ours"]
             best: dict[str, dict[str, float | int | str]] = {}
             for repeat in range(args.repeats):
-                for kind in kinds + (["cursor"] if args.cursor and repeat == 0 else []):
+                for kind in kinds:
                     figures = run_measurement(kind, case, url)
                     print(f"  {case} {kind:6} run {repeat + 1}: {figures['seconds']:.3f} s, "
                           f"CPU {figures['cpu_seconds']:.3f} s, RSS {figures['rss_mb']:.1f} MB", flush=True)
-                    if kind != "raw" and (figures["distinct"], figures["rows"], figures["unparseable"]) != (
+                    if kind == "ours" and (figures["distinct"], figures["rows"], figures["unparseable"]) != (
                         expected, expected, 0
                     ):
                         print(f"  MISMATCH: expected {expected} distinct keys and rows, got {figures}")

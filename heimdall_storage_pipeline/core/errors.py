@@ -106,13 +106,17 @@ _SOURCE_FIXES = {
 }
 
 
+def source_fix(code: str) -> str:
+    """What to do about a reference query that failed with SQLSTATE ``code`` ('' when unknown)."""
+    return _SOURCE_FIXES.get(code) or (
+        "check HEIMDALL_DATABASE_URL and that the server is running" if code.startswith("08") or not code
+        else "fix the query in the storage policy")
+
+
 def source_error(bucket: str, source: str, doing: str, exc: BaseException, where: str) -> ReferenceDatabaseError:
     """``<doing> bucket B, source S, failed on <where>: <cause>; <what to do>``, in one line."""
     cause = getattr(exc, "orig", None) or exc
-    code = getattr(cause, "pgcode", None) or getattr(cause, "sqlstate", None) or ""
-    fix = _SOURCE_FIXES.get(code) or (
-        "check HEIMDALL_DATABASE_URL and that the server is running" if code.startswith("08") or not code
-        else "fix the query in the storage policy")
+    fix = source_fix(getattr(cause, "pgcode", None) or getattr(cause, "sqlstate", None) or "")
     text = str(cause).strip()
     return ReferenceDatabaseError(redact(
         f"{doing} bucket {bucket!r}, source {source!r}, failed on {where}: "

@@ -1,32 +1,29 @@
-"""Reading reference sources: one read-only, repeatable-read snapshot, streamed from PostgreSQL.
+"""Reading reference sources: every source of a bucket in one read-only REPEATABLE READ snapshot.
 
-Two ways to read a source, with the same result (pinned by ``tests/core/test_references.py``):
-
-- the general path: a server-side cursor, each value normalised by ``normalise_source_values``;
-- the fast path, for a psycopg2 connection and a first column of a string type (or ``jsonb``
-  for ``container: json``): ``COPY (...) TO STDOUT`` inside the same snapshot, cut into Arrow
-  arrays as it streams in, and normalised a block at a time (``core/native.py``). Only
-  the rare values that need work (``//``, a leading ``/``, ``.`` segments, control characters,
-  ``%`` when decoding, a foreign prefix, ...) go through the per-value Python path, in order, so
-  counts, keys and the unparseable sample are exactly those of the general path.
+The scan reads through ADBC's PostgreSQL driver, which streams each query with ``COPY`` (binary)
+straight into Arrow. Values are normalised with Arrow kernels: those already in normal form
+(nearly all) in bulk, the few others one by one through ``normalise_source_values``, in order,
+so keys, counts and the unparseable sample are exactly those of the per-value path that the
+deletion-time re-check runs on psycopg2's values (``core/revalidation.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import queue
-import re
+import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote, urlencode
 
+import adbc_driver_manager
+import adbc_driver_postgresql.dbapi as adbc
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,10 +31,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from heimdall_storage_pipeline.core.clock import Clock, utc_now
-from heimdall_storage_pipeline.core.distinct import DistinctCounter
-from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, database_url, redact
+from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, database_url, redact, source_fix
 from heimdall_storage_pipeline.core.keys import (
-    NEEDS_NORMALISATION_PATTERN,
     ParsedKind,
     ReferenceFormat,
     canonical_prefix,
@@ -45,38 +40,36 @@ from heimdall_storage_pipeline.core.keys import (
     parse_reference,
 )
 from heimdall_storage_pipeline.core.manifests import REFERENCES_SCHEMA, ManifestStore, in_background
-from heimdall_storage_pipeline.core.native import (
-    all_plain,
-    copy_applies,
-    copy_blocks,
-    object_values,
-    plain_keys,
-    split_rows,
-)
 from heimdall_storage_pipeline.core.policy import DEFAULT_STATEMENT_TIMEOUT, BucketPolicy, ReferenceSource
 
-FETCH_ROWS = 10_000  # rows per server-side cursor fetch
+FETCH_ROWS = 10_000  # rows per server-side cursor fetch (the re-check's reads)
 SAMPLE_SIZE = 10
 _SAMPLE_VALUE_CHARS = 200
-
-# Fast path (COPY + Arrow). PostgreSQL type OIDs psycopg2 returns as ``str``: text, varchar,
-# bpchar (padded, in both paths alike) and name.
-_STRING_OIDS = frozenset({25, 1043, 1042, 19})
-_JSON_OID = 114
-_JSONB_OID = 3802
-_COPY_BLOCK_BYTES = 4 << 20  # rows handled per batch: ~60k URIs, bounded memory
+CONNECT_TIMEOUT_SECONDS = 10
 # The references manifest is read once, by the diff, and pruned later: fast to write beats
-# small (uncompressed: ~3x the size of zstd, half the write time). Keys are unique, so a
-# dictionary for them is wasted work; the source name repeats, so it keeps one.
+# small. Keys are unique, so a dictionary for them is wasted work; the source name repeats.
 REFERENCES_PARQUET = {"compression": "none", "use_dictionary": ["source"], "write_statistics": ["source"]}
-_QUEUED_BLOCKS = 8  # blocks COPY may run ahead of the caller
-_PIPE_BYTES = 1 << 20  # the default pipe-max-size for unprivileged processes
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, absent from Python < 3.10's fcntl on some builds
-_MAX_SLICE = 1 << 30
+# DuckDB's distinct count spills to disk beyond this, so memory stays flat at any number of keys
+# (much less and its hash table cannot grow to tens of millions of keys).
+DISTINCT_MEMORY_LIMIT = "128MB"
+# Bytes per Arrow batch ADBC reads, and batches read or counted ahead of the normalisation: with
+# the writer's queue, they bound the read's memory.
+BATCH_BYTES = 2 << 20
+AHEAD = 2
 _COLUMN = "heimdall_ref"
-# A batch with more slow rows than this share is normalised wholly in Python: interleaving
-# many tiny vectorised runs would cost more than it saves.
+_MAX_SLICE = 1 << 30
+# A batch with more JSON values than this share outside the simple shape goes wholly through
+# Python: many tiny vectorised runs between them would cost more than they save.
 _SLOW_SHARE = 1 / 64
+# jsonb's text of an object whose members are all strings without escapes or control
+# characters: {"k": "v", "k2": "v2"}. Such values expand without JSON decoding.
+_STRING = r'"[^"\\\x00-\x1f]*"'
+_SIMPLE_OBJECT = rf"^\{{{_STRING}: {_STRING}(, {_STRING}: {_STRING})*\}}$"
+_CONTROL = r"[\x00-\x1f\x7f]"
+_QUERY_CANCELED = "57014"
+_SERVER_ERROR = "XX000"  # a query error the server reported, of unknown kind
+_ADBC_ERRORS = (adbc_driver_manager.Error, pa.ArrowException, OSError)
+
 
 def make_engine(url: str, statement_timeout: timedelta = DEFAULT_STATEMENT_TIMEOUT) -> Engine:
     """An engine whose every statement has a time limit; ``postgresql://`` means psycopg2 here."""
@@ -85,7 +78,8 @@ def make_engine(url: str, statement_timeout: timedelta = DEFAULT_STATEMENT_TIMEO
         if parsed.drivername in ("postgresql", "postgres"):
             parsed = parsed.set(drivername="postgresql+psycopg2")
         engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args={
-            "connect_timeout": 10, "options": f"-c statement_timeout={int(statement_timeout.total_seconds() * 1000)}"})
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            "options": f"-c statement_timeout={int(statement_timeout.total_seconds() * 1000)}"})
     except (sa.exc.ArgumentError, ValueError) as exc:
         raise ReferenceDatabaseError(
             redact(f"HEIMDALL_DATABASE_URL is not a valid SQLAlchemy URL ({exc}); use "
@@ -110,7 +104,7 @@ def describe_engine(engine: Engine) -> str:
 
 @contextmanager
 def read_only_snapshot(engine: Engine) -> Iterator[Connection]:
-    """A read-only REPEATABLE READ transaction: every query sees the same snapshot."""
+    """A read-only REPEATABLE READ transaction on SQLAlchemy (the re-check's reads)."""
     where = describe_engine(engine)
     try:
         with engine.connect() as connection:
@@ -134,16 +128,6 @@ def read_only_snapshot(engine: Engine) -> Iterator[Connection]:
 def _first_line(exc: BaseException) -> str:
     original = getattr(exc, "orig", None) or exc
     return str(original).strip().splitlines()[0] if str(original).strip() else type(original).__name__
-
-
-def stream_source_values(connection: Connection, source: ReferenceSource) -> Iterator[object]:
-    """Yield the first column of ``source.query`` through a server-side cursor."""
-    result = connection.execution_options(stream_results=True, max_row_buffer=FETCH_ROWS).execute(
-        sa.text(source.query)
-    )
-    for partition in result.partitions(FETCH_ROWS):
-        for row in partition:
-            yield row[0]
 
 
 @dataclass
@@ -183,32 +167,57 @@ def normalise_source_values(
 # --- vectorised normalisation ---------------------------------------------------------------
 
 
-def _as_string_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+def _strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``values`` as one string array without nulls (a null names nothing and is not counted)."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
-    if values.type == pa.large_string():
+    if values.type != pa.string():
         values = values.cast(pa.string())
-    return values
+    return values.drop_null() if values.null_count else values
 
 
 def _strip_prefix(values: pa.Array, length: int) -> pa.Array:
-    """``value[length:]`` in bytes; only meaningful (valid UTF-8) where the ASCII prefix is present."""
+    """``value[length:]`` in bytes; only meaningful where the (ASCII) prefix is present."""
     if length == 0:
         return values
-    # binary_slice is several times faster than utf8_slice_codeunits; the view skips a UTF-8
-    # validation whose failures (rows without the prefix) are masked out by the caller anyway.
+    # Sliced as binary: rows without the prefix may be cut mid-character, and are masked out.
     return pc.binary_slice(values.view(pa.binary()), length, _MAX_SLICE).view(pa.string())
 
 
+def _matches(values: pa.Array, pattern: str) -> pa.Array:
+    """``match_substring_regex`` per value, run only when the batch's bytes hold a match at all: a
+    pattern that matches no value usually matches nowhere in their concatenation, one fast pass."""
+    if len(values) == 0:
+        return pa.array([], pa.bool_())
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32, count=len(values) + 1, offset=values.offset * 4)
+    bounds = pa.py_buffer(np.array([offsets[0], offsets[-1]], dtype=np.int32))
+    together = pa.Array.from_buffers(pa.binary(), 1, [None, bounds, values.buffers()[2] or pa.py_buffer(b"")])
+    if not pc.match_substring_regex(together, pattern)[0].as_py():
+        return pa.array(np.zeros(len(values), dtype=bool))
+    return pc.match_substring_regex(values, pattern)
+
+
+def _in_normal_form(keys: pa.Array, percent_decode: bool) -> pa.Array:
+    """True where ``normalize_key`` leaves the key as it is (False may also mean only "maybe")."""
+    # Printable ASCII holds no control character (the cheap test); other text takes the pattern.
+    printable = pc.ascii_is_printable(keys)
+    if not pc.all(printable).as_py():
+        printable = pc.invert(_matches(keys, _CONTROL))
+    plain = pc.and_(printable, pc.greater(pc.binary_length(keys), 0))
+    # No leading '/', no '//' run, no '.' or '..' segment (each starts the key or follows a '/').
+    odd = pc.or_(pc.or_(pc.starts_with(keys, "/"), pc.starts_with(keys, ".")),
+                 _matches(keys, "/[/.]|%" if percent_decode else "/[/.]"))
+    return pc.and_(plain, pc.invert(odd))
+
+
 def _foreign_bucket_mask(values: pa.Array, bucket: str, fmt: ReferenceFormat) -> pa.Array:
-    """True where ``parse_reference`` would report another bucket (same rules, as RE2 patterns)."""
-    escaped = re.escape(bucket)
+    """True where ``parse_reference`` reports another bucket (its rules, as RE2 patterns)."""
     if fmt is ReferenceFormat.URI:
-        # text.lower().startswith("s3://"), then text[5:].partition("/") with a non-empty bucket.
         named = pc.match_substring_regex(values, r"^[sS]3://[^/]+/")
-        ours = pc.match_substring_regex(values, rf"^[sS]3://{escaped}/")
+        ours = pc.starts_with(values, f"s3://{bucket}/")
+        ours = pc.or_(ours, pc.starts_with(values, f"S3://{bucket}/"))
     elif fmt is ReferenceFormat.BUCKET_KEY:
-        # Values with a leading '/' are left to the Python path (it strips them first).
+        # Values with a leading '/' are left to the per-value path (it strips them first).
         named = pc.match_substring_regex(values, r"^[^/]+/")
         ours = pc.starts_with(values, f"{bucket}/")
     else:
@@ -219,374 +228,347 @@ def _foreign_bucket_mask(values: pa.Array, bucket: str, fmt: ReferenceFormat) ->
 def normalise_string_array(
     bucket: BucketPolicy, source: ReferenceSource, values: pa.Array | pa.ChunkedArray, counts: ReferenceCounts
 ) -> pa.Array:
-    """``normalise_source_values`` for scalar string values (``container: none``), vectorised.
+    """``normalise_source_values`` for string values (``container: none``), vectorised.
 
     Returns the keys in input order and updates ``counts`` exactly as the per-value path does.
-    Values already in normal form are handled by Arrow kernels; the rest are handed, in order,
-    to ``normalise_source_values``.
     """
-    values = _as_string_array(values)
-    if values.null_count:
-        values = values.drop_null()  # NULLs are skipped, not counted
-    if len(values) == 0:
-        return pa.array([], pa.string())
+    values = _strings(values)
     counts.reference_rows += len(values)
     fmt = ReferenceFormat(source.format)
     prefix = canonical_prefix(bucket.name, fmt)
-    pattern = NEEDS_NORMALISATION_PATTERN + ("|%" if source.percent_decode else "")
-    if (not prefix or pc.all(pc.starts_with(values, prefix)).as_py()) and all_plain(
-        values, len(prefix), "%" if source.percent_decode else ""
-    ):
-        return _strip_prefix(values, len(prefix))  # the usual block: prefix + a key in normal form
-    rest = _strip_prefix(values, len(prefix))
-    fast = pc.and_(pc.invert(pc.match_substring_regex(rest, pattern)), pc.greater(pc.binary_length(rest), 0))
+    keys = _strip_prefix(values, len(prefix))
+    fast = _in_normal_form(keys, source.percent_decode)
     if prefix:
         fast = pc.and_(pc.starts_with(values, prefix), fast)
-    if pc.all(fast).as_py():
-        return rest
+    if pc.all(fast).as_py():  # also true for an empty batch
+        return keys
     slow_rows = pc.indices_nonzero(pc.invert(fast))
-    others = values.take(slow_rows)
-    foreign = _foreign_bucket_mask(others, bucket.name, fmt)
+    foreign = _foreign_bucket_mask(values.take(slow_rows), bucket.name, fmt)
     counts.other_bucket += pc.sum(foreign).as_py() or 0
     slow_rows = slow_rows.filter(pc.invert(foreign))
     slow_mask = np.zeros(len(values), dtype=bool)
     slow_mask[slow_rows.to_numpy()] = True
-    replacements = _slow_keys(bucket, source, values.take(slow_rows).to_pylist(), counts)
-    keys = pc.if_else(fast, rest, pa.scalar(None, pa.string()))
-    if replacements:
-        keys = pc.replace_with_mask(keys, pa.array(slow_mask), pa.array(replacements, pa.string()))
+    slow_keys = [_one_key(bucket, source, value, counts) for value in values.take(slow_rows).to_pylist()]
+    keys = pc.if_else(fast, keys, pa.scalar(None, pa.string()))
+    if slow_keys:
+        keys = pc.replace_with_mask(keys, pa.array(slow_mask), pa.array(slow_keys, pa.string()))
     return keys.drop_null()
 
 
-def _slow_keys(
-    bucket: BucketPolicy, source: ReferenceSource, values: list[str], counts: ReferenceCounts
-) -> list[str | None]:
-    """The per-value path, one result (key or None) per value; ``reference_rows`` is already counted."""
-    scalar = source if source.container == "none" else _scalar_source(source)
-    keys: list[str | None] = []
-    for value in values:
-        before = counts.reference_rows
-        found = list(normalise_source_values(bucket, scalar, (value,), counts))
-        counts.reference_rows = before
-        keys.append(found[0] if found else None)
-    return keys
+def _one_key(bucket: BucketPolicy, source: ReferenceSource, value: str, counts: ReferenceCounts) -> str | None:
+    """The per-value path for one scalar value already counted in ``reference_rows``."""
+    counts.reference_rows -= 1
+    return next(normalise_source_values(bucket, replace(source, container="none"), (value,), counts), None)
 
 
-def _scalar_source(source: ReferenceSource) -> ReferenceSource:
-    return ReferenceSource(
-        name=source.name, query=source.query, format=source.format, container="none",
-        percent_decode=source.percent_decode,
-    )
-
-
-def normalise_jsonb_array(
-    bucket: BucketPolicy, source: ReferenceSource, texts: pa.Array | pa.ChunkedArray, counts: ReferenceCounts
+def normalise_json_array(
+    bucket: BucketPolicy, source: ReferenceSource, texts: pa.Array | pa.ChunkedArray, counts: ReferenceCounts,
+    decode: Callable[[str], object] | None = None,
 ) -> pa.Array:
-    """``normalise_source_values`` for ``jsonb`` values as PostgreSQL prints them (``container: json``).
+    """``normalise_source_values`` for JSON texts (``container: json``), vectorised.
 
-    Objects whose members are all plain strings are expanded without decoding
-    (``native.object_values``); any other value is decoded as psycopg2 would (``json.loads``)
-    and takes the per-value path.
+    ``decode`` turns a text into the value the per-value path is given: ``json.loads`` for a
+    json or jsonb column (psycopg2 decodes those), None for a text column. Objects whose members
+    are all plain strings, in jsonb's order (so without duplicate names), expand without
+    decoding; any other value takes the per-value path, in order.
     """
-    texts = _as_string_array(texts)
-    if texts.null_count:
-        texts = texts.drop_null()
-    if len(texts) == 0:
-        return pa.array([], pa.string())
-    values, members = object_values(texts)
-    scalar = _scalar_source(source)
-    slow_rows = np.flatnonzero(members < 0)
-    if len(slow_rows) > len(texts) * _SLOW_SHARE:
-        decoded = (json.loads(text) for text in texts.to_pylist())
+    texts = _strings(texts)
+    simple = _simple_objects(texts)
+    objects = texts if pc.all(simple).as_py() else texts.filter(simple)
+    members, pairs = _split_objects(objects)
+    names, values = pc.list_element(pairs, 0), pc.list_element(pairs, 1)
+    lengths = np.zeros(len(texts), dtype=np.int64)  # members of each simple object, in ``values``
+    simple_rows = np.flatnonzero(simple.to_numpy(zero_copy_only=False))
+    lengths[simple_rows] = pc.list_value_length(members).to_numpy()
+    slow = np.ones(len(texts), dtype=bool)
+    slow[simple_rows] = False
+    slow[simple_rows[_unordered_objects(members, names)]] = True
+    slow_rows = np.flatnonzero(slow)
+
+    def per_value(rows: Iterable[int]) -> pa.Array:
+        raw = texts.take(pa.array(list(rows), pa.int64())).to_pylist()
+        decoded = raw if decode is None else [decode(text) for text in raw]
         return pa.array(list(normalise_source_values(bucket, source, decoded, counts)), pa.string())
-    if len(slow_rows) == 0:
-        return normalise_string_array(bucket, scalar, values, counts)
+
+    if len(slow_rows) > len(texts) * _SLOW_SHARE:
+        return per_value(range(len(texts)))
     # Vectorised runs of simple objects between the few other values, in input order.
-    ends = np.concatenate(([0], np.cumsum(np.maximum(members, 0))))  # where each row's values end
+    ends = np.concatenate(([0], np.cumsum(lengths)))
+    scalar = replace(source, container="none")
     parts: list[pa.Array] = []
     start = 0
-    for row in slow_rows.tolist():
+    for row in [*slow_rows.tolist(), len(texts)]:
         if row > start:
             parts.append(normalise_string_array(bucket, scalar, values.slice(ends[start], ends[row] - ends[start]),
                                                 counts))
-        decoded = json.loads(texts[row].as_py())
-        parts.append(pa.array(list(normalise_source_values(bucket, source, (decoded,), counts)), pa.string()))
+        if row < len(texts):
+            parts.append(per_value([row]))
         start = row + 1
-    if start < len(texts):
-        parts.append(normalise_string_array(bucket, scalar, values.slice(ends[start]), counts))
-    return pa.concat_arrays(parts)
+    return parts[0] if len(parts) == 1 else pa.concat_arrays(parts) if parts else pa.array([], pa.string())
 
 
-# --- COPY fast path -------------------------------------------------------------------------
+def _split_objects(objects: pa.Array) -> tuple[pa.ListArray, pa.ListArray]:
+    """Per object, its members ``['k": "v', ...]``, and per member its name and value."""
+    inner = pc.binary_slice(objects.view(pa.binary()), 2, -2).view(pa.string())  # 'k": "v", "k2": "v2'
+    members = pc.split_pattern(inner, '", "')
+    return members, pc.split_pattern(pc.list_flatten(members), '": "', max_splits=1)
 
 
-def _dbapi_connection(connection: Connection) -> Any | None:
-    """The psycopg2 connection under ``connection`` when the fast path applies to it."""
-    if connection.dialect.driver != "psycopg2":
-        return None
-    raw = connection.connection.driver_connection
-    # COPY output is in the client encoding; Arrow reads UTF-8 only.
-    return raw if getattr(raw, "encoding", None) == "UTF8" else None
+def _simple_objects(texts: pa.Array) -> pa.Array:
+    """True for the texts that ``_SIMPLE_OBJECT`` matches.
 
-
-def _wrapped(query: str, columns: int) -> str:
-    # Fresh names for every column select the first one whatever the columns are called (even
-    # duplicates); the newlines keep a trailing '--' comment from swallowing the parenthesis.
-    names = ", ".join(f"{_COLUMN}_{index}" for index in range(columns))
-    return f"SELECT {_COLUMN}_0 FROM (\n{query}\n) AS heimdall_refs({names})"
-
-
-def _raise_as_sqlalchemy(sql: str, exc: BaseException) -> None:
-    """Re-raise a psycopg2 error as the SQLAlchemy error the general path would have raised."""
-    import psycopg2
-
-    if isinstance(exc, psycopg2.Error):
-        raise sa.exc.DBAPIError.instance(sql, None, exc, psycopg2.Error) from exc
-    raise exc
-
-
-def _describe(raw: Any, query: str) -> tuple[int, int]:
-    """The number of columns of ``query`` and the type OID of its first."""
-    sql = f"SELECT * FROM (\n{query}\n) AS heimdall_refs LIMIT 0"
-    try:
-        with raw.cursor() as cursor:
-            cursor.execute(sql)
-            return len(cursor.description), int(cursor.description[0].type_code)
-    except Exception as exc:  # translated, not swallowed
-        _raise_as_sqlalchemy(sql, exc)
-        raise
-
-
-def _has_bind_parameters(query: str) -> bool:
-    # The general path runs the query through sa.text, where ':name' is a bind parameter (and
-    # so an error); such a query keeps that path and its behaviour.
-    return bool(sa.text(query).compile().params)
-
-
-def _grow_pipe(fd: int) -> None:
-    with contextlib.suppress(OSError):  # a smaller pipe only means more context switches
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", _F_SETPIPE_SZ), _PIPE_BYTES)
-
-
-def copy_column_batches(raw: Any, query: str, columns: int = 1) -> Iterator[pa.Array]:
-    """The first of the ``columns`` columns of ``query`` as Arrow string arrays (``copy_row_blocks``)."""
-    return (_text_rows(block, rows_end) for block, rows_end in copy_row_blocks(raw, query, columns))
-
-
-def copy_row_blocks(raw: Any, query: str, columns: int = 1) -> Iterator[tuple[bytearray, int]]:
-    """Blocks of whole rows of the first of the ``columns`` columns of ``query``, read by ``COPY ... TO STDOUT``.
-
-    COPY runs on ``raw`` (inside its current transaction, so in the caller's snapshot) in a
-    background thread that queues a few blocks ahead, so COPY never waits for the caller's
-    work on a block and memory stays at a few blocks. Where it can (``native.copy_applies``)
-    compiled code fills the blocks row by row; otherwise psycopg2's ``copy_expert`` writes
-    into a pipe and a second thread cuts what arrives into blocks. Text format, one column:
-    every newline ends a row (newlines in values are escaped), so a block becomes an Arrow
-    array by locating its newlines; only rows holding a backslash (an escape, or ``\\N`` for
-    NULL) need decoding (``_text_rows``). Yields ``(block, rows_end)``: the rows are
-    ``block[:rows_end]``.
+    The pattern is only run where cheaper tests cannot tell: a printable ASCII text between
+    ``{"`` and ``"}`` without a backslash is such an object when every member splits into a name
+    and a value and no name or value holds a '"'.
     """
-    sql = f"COPY ({_wrapped(query, columns)}) TO STDOUT"
-    copy_failures: list[BaseException] = []
-    read_failures: list[BaseException] = []
-    blocks: queue.Queue[tuple[bytearray | None, int] | None] = queue.Queue(maxsize=_QUEUED_BLOCKS)
+    shaped = pc.and_(pc.starts_with(texts, '{"'), pc.ends_with(texts, '"}'))
+    candidates = pc.and_(pc.and_(shaped, pc.ascii_is_printable(texts)), pc.invert(_matches(texts, r"\\")))
+    _, pairs = _split_objects(texts.filter(candidates))
+    if pc.all(pc.equal(pc.list_value_length(pairs), 2)).as_py() and not pc.any(
+            _matches(pc.list_flatten(pairs), '"')).as_py():
+        others = pc.and_(shaped, pc.invert(candidates))  # non-ASCII or escaped text: the pattern decides
+        if not pc.any(others).as_py():
+            return candidates
+        return pc.or_(candidates, pc.and_(others, pc.match_substring_regex(texts, _SIMPLE_OBJECT)))
+    return pc.and_(shaped, pc.match_substring_regex(texts, _SIMPLE_OBJECT))
+
+
+def _unordered_objects(members: pa.ListArray, names: pa.Array) -> np.ndarray:
+    """Positions (in ``members``) of objects whose names are not in jsonb's strictly increasing
+    order (by byte length, then bytes): only those may hold a name twice."""
+    if len(names) < 2:
+        return np.zeros(0, dtype=np.int64)
+    parents = pc.list_parent_indices(members).to_numpy()
+    lengths = pc.binary_length(names).to_numpy()
+    first, second = names.slice(0, len(names) - 1), names.slice(1)
+    shorter = lengths[:-1] < lengths[1:]
+    before = (lengths[:-1] == lengths[1:]) & pc.less(first, second).to_numpy(zero_copy_only=False)
+    same_object = parents[:-1] == parents[1:]
+    return np.unique(parents[:-1][same_object & ~(shorter | before)])
+
+
+def _python_keys(bucket: BucketPolicy, source: ReferenceSource, values: list[Any], counts: ReferenceCounts) -> pa.Array:
+    return pa.array(list(normalise_source_values(bucket, source, values, counts)), pa.string())
+
+
+def source_keys(bucket: BucketPolicy, source: ReferenceSource, values: pa.Array, counts: ReferenceCounts) -> pa.Array:
+    """The keys named by one batch of a source's first column, as ADBC typed it."""
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):  # text, varchar, char, name
+        if source.container == "json":
+            return normalise_json_array(bucket, source, values, counts)
+        return normalise_string_array(bucket, source, values, counts)
+    if isinstance(values.type, pa.JsonType):  # json, jsonb: psycopg2 hands the per-value path decoded JSON
+        if source.container == "json":
+            return normalise_json_array(bucket, source, values.storage, counts, decode=json.loads)
+        return _python_keys(bucket, source, [None if text is None else json.loads(text)
+                                             for text in values.storage.to_pylist()], counts)
+    # Numbers, dates, UUIDs (SQLAlchemy's psycopg2 gives uuid.UUID), arrays, ...: not strings, so
+    # unparseable, except an array's items with container: json.
+    return _python_keys(bucket, source, values.to_pylist(), counts)
+
+
+# --- reading through ADBC -------------------------------------------------------------------
+
+
+def libpq_uri(url: sa.URL) -> str:
+    """A libpq connection URI for SQLAlchemy's ``url``, every part percent-encoded (any password works)."""
+    auth = quote(url.username or "", safe="")
+    if url.password is not None:
+        auth += ":" + quote(str(url.password), safe="")
+    host = f"[{url.host}]" if url.host and ":" in url.host else (url.host or "")
+    netloc = (f"{auth}@" if auth else "") + host + (f":{url.port}" if url.port else "")
+    # The server converts text to UTF-8, the only encoding Arrow strings hold.
+    params = {"connect_timeout": str(CONNECT_TIMEOUT_SECONDS), **url.query, "client_encoding": "UTF8"}
+    database = quote(url.database or "", safe="")
+    return f"postgresql://{netloc}/{database}?{urlencode(params, doseq=True, quote_via=quote)}"
+
+
+def _cause(exc: BaseException, secrets: tuple[str, ...]) -> str:
+    """The server's message of ``exc`` (or its first line), without credentials."""
+    details = {(key.decode() if isinstance(key, bytes) else key): value
+               for key, value in (getattr(exc, "details", None) or [])}
+    primary = details.get("PG_DIAG_MESSAGE_PRIMARY")
+    text = primary.decode("utf-8", "replace") if isinstance(primary, bytes) else str(exc).strip()
+    text = text.splitlines()[0] if text else type(exc).__name__
+    return redact(text.split("ERROR:", 1)[-1].strip(), secrets)
+
+
+def _secrets(engine: Engine) -> tuple[str, ...]:
+    password = engine.url.password
+    return (str(password), quote(str(password), safe="")) if password else ()
+
+
+@contextmanager
+def adbc_snapshot(engine: Engine) -> Iterator[Any]:
+    """An ADBC cursor inside a read-only REPEATABLE READ transaction (rolled back at the end).
+
+    The connection is in autocommit mode, so the transaction is exactly the statements sent:
+    the driver adds no BEGIN or COMMIT of its own.
+    """
+    where, secrets = describe_engine(engine), _secrets(engine)
+    try:
+        connection = adbc.connect(libpq_uri(engine.url), autocommit=True)
+    except _ADBC_ERRORS as exc:
+        raise ReferenceDatabaseError(
+            f"cannot read the reference database at {where}: {_cause(exc, secrets)}; check "
+            f"HEIMDALL_DATABASE_URL and that the server is running"
+        ) from None
+    with connection, connection.cursor() as cursor:
+        try:
+            # As the engine's connections (make_engine): PostgreSQL 14+ cancels a query whose client died.
+            cursor.execute("SELECT set_config('client_connection_check_interval', '2s', false) "
+                           "WHERE current_setting('server_version_num')::int >= 140000")
+            cursor.fetchall()
+            cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        except _ADBC_ERRORS as exc:
+            raise ReferenceDatabaseError(
+                f"cannot read the reference database at {where}: {_cause(exc, secrets)}; check "
+                f"HEIMDALL_DATABASE_URL and that the server is running"
+            ) from None
+        try:
+            yield cursor
+        finally:
+            with suppress(*_ADBC_ERRORS):  # a broken connection has no transaction left to end
+                cursor.execute("ROLLBACK")
+
+
+def _source_error(engine: Engine, bucket: BucketPolicy, source: ReferenceSource, exc: BaseException,
+                  seconds: float) -> ReferenceDatabaseError:
+    """One line naming the bucket, the source, the server's message and what to do."""
+    code = getattr(exc, "sqlstate", None) or ""
+    if not code:  # ADBC's errors in mid-stream carry no SQLSTATE: the time taken, or the server's word, tells
+        timed_out = seconds >= source.statement_timeout.total_seconds()
+        code = _QUERY_CANCELED if timed_out else _SERVER_ERROR if "ERROR:" in str(exc) else ""
+    return ReferenceDatabaseError(
+        f"a reference query failed on {describe_engine(engine)}: bucket {bucket.name!r}, source {source.name!r}: "
+        f"{_cause(exc, _secrets(engine))}; {source_fix(code)}"
+    )
+
+
+def _source_column(cursor: Any, bucket: BucketPolicy, source: ReferenceSource) -> Iterator[pa.Array]:
+    """The first column of ``source.query``, batch by batch, under the source's statement_timeout."""
+    milliseconds = int(source.statement_timeout.total_seconds() * 1000)
+    cursor.execute(f"SET LOCAL statement_timeout = {milliseconds}")
+    columns = cursor.adbc_execute_schema(source.query)
+    first = columns.field(0).type
+    if isinstance(first, pa.OpaqueType):  # a type ADBC has no Arrow type for (numeric, an enum, citext, ...)
+        raise ReferenceDatabaseError(
+            f"bucket {bucket.name!r}, source {source.name!r}: the first column's type ({first}) is not one the "
+            f"reference read takes; select it as text in the query (e.g. {columns.field(0).name}::text)"
+        )
+    cursor.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(BATCH_BYTES)})
+    names = ", ".join(f"{_COLUMN}_{index}" for index in range(len(columns)))
+    # Fresh names select the first column whatever the columns are called (even duplicates);
+    # the newlines keep a trailing '--' comment from swallowing the parenthesis.
+    cursor.execute(f"SELECT {_COLUMN}_0 FROM (\n{source.query}\n) AS heimdall_refs({names})")
+    with cursor.fetch_record_batch() as batches:
+        yield from _read_ahead(batch.column(0) for batch in batches)
+
+
+def _read_ahead(items: Iterator[pa.Array], depth: int = AHEAD) -> Iterator[pa.Array]:
+    """``items``, taken on a thread of their own up to ``depth`` ahead of the caller, so that the
+    database keeps sending while the caller works (ADBC reads only when asked for a batch)."""
+    ahead: queue.Queue[pa.Array | BaseException | None] = queue.Queue(maxsize=depth)  # None: the end
     stopping = threading.Event()
 
-    def deliver(block: bytearray, rows_end: int) -> bool:
-        blocks.put((block, rows_end))
-        return not stopping.is_set()
-
-    def copy_natively() -> None:
+    def take() -> None:
         try:
-            copy_blocks(raw, sql, _COPY_BLOCK_BYTES, deliver)
-        except BaseException as exc:  # handed to the calling thread
-            copy_failures.append(exc)
-        finally:
-            blocks.put(None)
+            for item in items:
+                ahead.put(item)
+                if stopping.is_set():
+                    break
+            ahead.put(None)
+        except BaseException as exc:  # handed to the caller
+            ahead.put(exc)
 
-    if copy_applies(raw):
-        threads = [threading.Thread(target=copy_natively, name="heimdall-references-copy", daemon=True)]
-        threads[0].start()
-    else:
-        threads = _start_piped_copy(raw, sql, blocks, stopping, copy_failures, read_failures)
-    truncated = False
-    item = blocks.get()
+    thread = threading.Thread(target=take, name="heimdall-references-read", daemon=True)
+    thread.start()
+    item = ahead.get()
     try:
-        while item is not None:
-            block, rows_end = item
-            if block is None:
-                truncated = True
-            else:
-                yield block, rows_end
-            item = blocks.get()
+        while isinstance(item, pa.Array):
+            yield item
+            item = ahead.get()
+        if item is not None:
+            raise item
     finally:
         stopping.set()
-        while item is not None:  # unblock the producer until it has finished
-            item = blocks.get()
-        for thread in threads:
-            thread.join()
-    if copy_failures:  # a COPY that failed half-way truncates the stream: its error is the one to report
-        _raise_as_sqlalchemy(sql, copy_failures[0])
-    if read_failures:
-        raise read_failures[0]
-    if truncated:
-        raise ReferenceDatabaseError(f"the COPY output of {query!r} ended inside a row")
-
-
-def _start_piped_copy(
-    raw: Any, sql: str, blocks: queue.Queue[tuple[bytearray | None, int] | None], stopping: threading.Event,
-    copy_failures: list[BaseException], read_failures: list[BaseException],
-) -> list[threading.Thread]:
-    """Start psycopg2's ``copy_expert`` writing into a pipe, and a thread cutting the pipe into blocks."""
-    read_fd, write_fd = os.pipe()
-    _grow_pipe(write_fd)
-
-    def produce() -> None:
-        try:
-            with os.fdopen(write_fd, "wb", buffering=_PIPE_BYTES) as sink, raw.cursor() as cursor:
-                cursor.copy_expert(sql, sink)
-        except BaseException as exc:  # handed to the calling thread
-            copy_failures.append(exc)
-
-    def cut() -> None:
-        try:
-            with os.fdopen(read_fd, "rb", buffering=0) as source:  # closing it stops a producer on EPIPE
-                for item in _row_blocks(source):
-                    blocks.put(item)
-                    if stopping.is_set():
-                        break
-        except BaseException as exc:  # handed to the calling thread
-            read_failures.append(exc)
-        finally:
-            blocks.put(None)
-
-    producer = threading.Thread(target=produce, name="heimdall-references-copy", daemon=True)
-    cutter = threading.Thread(target=cut, name="heimdall-references-rows", daemon=True)
-    try:
-        producer.start()
-    except BaseException:
-        os.close(write_fd)
-        os.close(read_fd)
-        raise
-    cutter.start()
-    return [producer, cutter]
-
-
-def _row_blocks(source: Any) -> Iterator[tuple[bytearray | None, int]]:
-    """Blocks of about ``_COPY_BLOCK_BYTES`` from ``source``, each with the end of its last whole row;
-    ``(None, 0)`` last if the stream ends inside a row (which only a failed COPY does)."""
-    carry = b""
-    size = _COPY_BLOCK_BYTES
-    while True:
-        block = bytearray(max(size, 2 * len(carry)))
-        block[: len(carry)] = carry
-        filled = len(carry)
-        view = memoryview(block)
-        while filled < len(block):
-            read = source.readinto(view[filled:])
-            if not read:
-                break
-            filled += read
-        view.release()
-        rows_end = block.rfind(b"\n", 0, filled) + 1
-        if filled < len(block):  # end of stream
-            if rows_end:
-                yield block, rows_end
-            if rows_end < filled:
-                yield None, 0
-            return
-        if rows_end == 0:  # a row longer than a block: read on into a bigger one
-            carry, size = bytes(block), 2 * len(block)
-            continue
-        carry = bytes(block[rows_end:filled])
-        yield block, rows_end
-
-
-def _text_rows(block: bytearray, rows_end: int) -> pa.Array:
-    """The rows of ``block[:rows_end]`` (COPY text format, one column) as a string array."""
-    values = split_rows(block, rows_end)
-    if block.find(b"\\", 0, rows_end) < 0:
-        return values
-    escaped = pc.match_substring(values, "\\")
-    rows = pc.indices_nonzero(escaped)
-    decoded = [_decode_copy_text(text) for text in values.take(rows).to_pylist()]
-    return pc.replace_with_mask(values, escaped, pa.array(decoded, pa.string()))
-
-
-_COPY_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
-_COPY_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
-
-
-def _decode_copy_text(text: str) -> str | None:
-    """One field of COPY text output: ``\\N`` is NULL, other escapes stand for one character."""
-    if text == "\\N":
-        return None
-    return _COPY_ESCAPE.sub(lambda match: _COPY_ESCAPES.get(match.group(1), match.group(1)), text)
-
-
-KeyBatch = tuple[pa.Array, np.ndarray | None]  # keys, and their hash_strings64 when already computed
-
-
-def _fast_source_keys(
-    connection: Connection, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
-) -> Iterator[KeyBatch] | None:
-    """Key arrays of ``source`` through COPY, or None when only the general path applies."""
-    raw = _dbapi_connection(connection)
-    if raw is None or _has_bind_parameters(source.query):
-        return None
-    columns, oid = _describe(raw, source.query)
-    if source.container == "none" and oid in _STRING_OIDS:
-        return _plain_source_keys(raw, bucket, source, columns, counts)
-    if source.container == "json" and oid == _JSONB_OID:
-        convert = normalise_jsonb_array
-    elif source.container == "json" and oid in _STRING_OIDS:
-        # JSON text: each value is a str, exactly as psycopg2 would return it.
-        def convert(b: BucketPolicy, s: ReferenceSource, texts: pa.Array, c: ReferenceCounts) -> pa.Array:
-            return pa.array(list(normalise_source_values(b, s, texts.to_pylist(), c)), pa.string())
-    elif source.container == "json" and oid == _JSON_OID:
-        def convert(b: BucketPolicy, s: ReferenceSource, texts: pa.Array, c: ReferenceCounts) -> pa.Array:
-            decoded = (None if text is None else json.loads(text) for text in texts.to_pylist())
-            return pa.array(list(normalise_source_values(b, s, decoded, c)), pa.string())
-    else:
-        return None
-    return ((convert(bucket, source, values, counts), None)
-            for values in copy_column_batches(raw, source.query, columns))
-
-
-def _plain_source_keys(
-    raw: Any, bucket: BucketPolicy, source: ReferenceSource, columns: int, counts: ReferenceCounts
-) -> Iterator[KeyBatch]:
-    """Scalar string values: a block of plain values in one compiled pass, any other vectorised."""
-    prefix = canonical_prefix(bucket.name, ReferenceFormat(source.format))
-    extra = "%" if source.percent_decode else ""
-    for block, rows_end in copy_row_blocks(raw, source.query, columns):
-        plain = plain_keys(block, rows_end, prefix, extra)
-        if plain is not None:
-            counts.reference_rows += len(plain[0])
-            yield plain
-        else:
-            yield normalise_string_array(bucket, source, _text_rows(block, rows_end), counts), None
-
-
-def _general_source_keys(
-    connection: Connection, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
-) -> Iterator[KeyBatch]:
-    chunk: list[str] = []
-    for key in normalise_source_values(bucket, source, stream_source_values(connection, source), counts):
-        chunk.append(key)
-        if len(chunk) >= FETCH_ROWS * 5:
-            yield pa.array(chunk, pa.string()), None
-            chunk = []
-    yield pa.array(chunk, pa.string()), None
+        while isinstance(item, pa.Array):  # the caller stopped early: unblock the reader until it ends
+            item = ahead.get()
+        thread.join()
 
 
 def source_key_arrays(
-    connection: Connection, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
-) -> Iterator[KeyBatch]:
-    """The keys ``source`` names, as Arrow arrays (with their hashes when the read computed them):
-    through COPY when it applies, else a cursor."""
-    fast = _fast_source_keys(connection, bucket, source, counts)
-    return fast if fast is not None else _general_source_keys(connection, bucket, source, counts)
+    engine: Engine, cursor: Any, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
+) -> Iterator[pa.Array]:
+    """The keys ``source`` names, batch by batch; a database error becomes one ``ReferenceDatabaseError`` line."""
+    began = time.monotonic()
+    column = _source_column(cursor, bucket, source)
+    while True:
+        try:
+            values = next(column)
+        except StopIteration:
+            return
+        except _ADBC_ERRORS as exc:
+            raise _source_error(engine, bucket, source, exc, time.monotonic() - began) from None
+        yield source_keys(bucket, source, values, counts)
+
+
+class DistinctCount:
+    """``count(DISTINCT key)`` of the arrays fed to ``add``, by DuckDB on a thread of its own while
+    they stream past: its hash table spills to ``spill_dir`` beyond ``DISTINCT_MEMORY_LIMIT``."""
+
+    _SCHEMA = pa.schema([("key", pa.string())])
+
+    def __init__(self, spill_dir: str) -> None:
+        self._keys: queue.Queue[pa.RecordBatch | None] = queue.Queue(maxsize=AHEAD)
+        self._ended = False  # the last batch was taken
+        self._count: int | None = None
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(spill_dir,), name="heimdall-distinct", daemon=True)
+        self._thread.start()
+
+    def _batches(self) -> Iterator[pa.RecordBatch]:
+        while (batch := self._keys.get()) is not None:
+            yield batch
+        self._ended = True
+
+    def _run(self, spill_dir: str) -> None:
+        # One thread: PostgreSQL and the read hold the other cores while the count runs.
+        config = {"threads": 1, "memory_limit": DISTINCT_MEMORY_LIMIT, "temp_directory": spill_dir,
+                  "preserve_insertion_order": False}
+        try:
+            with duckdb.connect(config=config) as database:
+                database.register("streamed", pa.RecordBatchReader.from_batches(self._SCHEMA, self._batches()))
+                self._count = database.execute("SELECT count(DISTINCT hash(key)) FROM streamed").fetchone()[0]
+        except BaseException as exc:  # handed to the caller
+            self._failure = exc
+            while not self._ended and self._keys.get() is not None:  # drain, so the caller never blocks
+                pass
+
+    def add(self, keys: pa.Array) -> None:
+        if self._failure is not None:
+            raise self._failure
+        self._keys.put(pa.record_batch([keys], schema=self._SCHEMA))
+
+    def close(self) -> int:
+        """Wait for the count (after the last ``add``)."""
+        if self._thread.is_alive():
+            self._keys.put(None)
+            self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        return int(self._count or 0)
+
+
+@contextmanager
+def distinct_count() -> Iterator[DistinctCount]:
+    with tempfile.TemporaryDirectory(prefix="heimdall-distinct-") as spill_dir:
+        counter = DistinctCount(spill_dir)
+        try:
+            yield counter
+        finally:
+            with suppress(BaseException):  # ends the thread; the caller's error, if any, is the one to report
+                counter.close()
 
 
 @dataclass(frozen=True)
@@ -611,21 +593,22 @@ def read_references_to_manifest(
 ) -> ReferencesResult:
     """Read every reference source of ``bucket`` in one snapshot into a references manifest."""
     counts = ReferenceCounts()
-    began = time.perf_counter()
-    distinct = DistinctCounter()  # counted as the keys pass: no second read, no copy of the keys
-    with read_only_snapshot(engine) as connection:
-        # The snapshot is taken by the first statement; the clock is read just before it,
-        # so snapshot_at never claims a later moment than the snapshot really has.
+    with adbc_snapshot(engine) as cursor:
+        began = time.perf_counter()  # the read, not the connection (as psycopg2's pool had it ready)
+        # The snapshot is taken by the first query; the clock is read just before it, so
+        # snapshot_at never claims a later moment than the snapshot really has.
         snapshot_at = clock()
-        connection.execute(sa.text("SELECT 1"))
+        cursor.execute("SELECT 1")
+        cursor.fetchall()
         uri = store.new_uri("references", bucket.name, snapshot_at, run_id)
-        with store.writer(uri, REFERENCES_SCHEMA, **REFERENCES_PARQUET) as parquet, in_background(parquet) as writer:
+        with (store.writer(uri, REFERENCES_SCHEMA, **REFERENCES_PARQUET) as parquet,
+              in_background(parquet) as writer, distinct_count() as distinct):
             for source in bucket.references:
-                for keys, hashes in source_key_arrays(connection, bucket, source, counts):
+                for keys in source_key_arrays(engine, cursor, bucket, source, counts):
                     if len(keys):
                         writer.write_batch(_references_batch(keys, source.name))
-                        distinct.add(keys, hashes)
-            referenced_count = distinct.count  # sorts while the writer thread finishes the manifest
+                        distinct.add(keys)
+            referenced_count = distinct.close()  # while the writer's thread finishes the manifest
     return ReferencesResult(
         bucket=bucket.name,
         referenced_count=referenced_count,
@@ -639,7 +622,6 @@ def read_references_to_manifest(
     )
 
 
-def _references_batch(keys: pa.Array | list[str], source: str) -> pa.RecordBatch:
-    keys = keys if isinstance(keys, pa.Array) else pa.array(keys, pa.string())
+def _references_batch(keys: pa.Array, source: str) -> pa.RecordBatch:
     sources = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(keys), dtype=np.int32)), pa.array([source]))
     return pa.record_batch([keys, sources], schema=REFERENCES_SCHEMA)
