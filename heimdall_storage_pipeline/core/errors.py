@@ -17,8 +17,9 @@ _KEY_VALUE_SECRET = re.compile(r"(?i)(password|secret|secret_key|access_key|toke
 SECRET_ENV_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL", re.I)
 URL_ENV_NAMES = ("HEIMDALL_DATABASE_URL", "HEIMDALL_AUDIT_DB_URL", "DAGSTER_PG_URL", "HEIMDALL_CELERY_BROKER",
                  "HEIMDALL_CELERY_BACKEND", "HEIMDALL_TEST_PG_URL")
-# Characters a password may hold only percent-encoded; a password holding one was written unencoded.
-_MUST_BE_ENCODED = set("@/:#? ")
+# Characters a URL's structure needs a password to encode; a password holding one was written as is.
+# (Not the space: SQLAlchemy renders URLs with spaces left raw and everything else encoded.)
+_MUST_BE_ENCODED = set("@/:#?")
 
 
 def split_url(url: str) -> tuple[str, str | None, str | None, str]:
