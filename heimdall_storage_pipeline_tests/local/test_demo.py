@@ -13,7 +13,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from heimdall_storage_pipeline.core.clock import parse_utc
+from heimdall_storage_pipeline.core.clock import as_utc
 from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.defs.materializations import latest_metadata
 from heimdall_storage_pipeline.local import demo, heimdall_db
@@ -139,7 +139,7 @@ def test_orphan_manifests_classify_every_seeded_object(demo_run: tuple[DemoRun, 
         assert not set(rows) & world.referenced[bucket], f"referenced objects listed as orphans in {bucket}"
         assert {key for key, eligible in rows.items() if eligible} == world.old_orphans[bucket]
         ages = store.read_table(diff["manifest_uri"], columns=["key", "last_modified"]).to_pylist()
-        young_ages = [parse_utc(diff["as_of"]) - row["last_modified"] for row in ages
+        young_ages = [as_utc(diff["as_of"]) - row["last_modified"] for row in ages
                       if row["key"] in world.young_orphans[bucket]]
         assert young_ages and all(age < min_age for age in young_ages)
         assert {key for key, eligible in rows.items() if not eligible} == world.young_orphans[bucket]

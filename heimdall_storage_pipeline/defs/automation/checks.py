@@ -10,6 +10,7 @@ from typing import Any
 
 import dagster as dg
 
+from heimdall_storage_pipeline.core.units import format_percent
 from heimdall_storage_pipeline.defs.materializations import latest_metadata
 
 ORPHAN_DIFF = "orphan_diff"
@@ -34,10 +35,11 @@ def orphan_ratio_result(metadata: dict[str, Any]) -> dg.AssetCheckResult:
         check_name=ORPHAN_RATIO_HEALTH,
         passed=status == "healthy",
         severity=dg.AssetCheckSeverity.ERROR if status == "critical" else dg.AssetCheckSeverity.WARN,
-        description=f"{share:.1%} of the bytes are orphaned: {status}",
+        description=f"{format_percent(share)} of the bytes are orphaned: {status}",
         metadata={
             "health_status": dg.MetadataValue.text(status),
             "orphan_share_bytes": dg.MetadataValue.float(share),
+            "orphan_share_bytes_percent": dg.MetadataValue.text(format_percent(share)),
             "object_count": dg.MetadataValue.int(int(metadata["object_count"])),
         },
     )
