@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 
 from heimdall_storage_pipeline.core.clock import as_utc
 from heimdall_storage_pipeline.core.manifests import ManifestStore
+from heimdall_storage_pipeline.core.s3 import S3Settings, make_client
 from heimdall_storage_pipeline.defs.materializations import latest_metadata
 from heimdall_storage_pipeline.local import demo, heimdall_db
 from heimdall_storage_pipeline_tests.helpers import orphan_rows
@@ -169,3 +173,50 @@ def test_demo_stops_what_it_started(demo_run: tuple[DemoRun, Path]) -> None:
     (seaweed,) = run.seaweed_processes
     assert seaweed.process is not None and seaweed.process.poll() is not None, "SeaweedFS still running"
     assert not (workdir / "postgres" / "postmaster.pid").exists(), "embedded PostgreSQL still running"
+
+
+def test_the_runs_log_to_a_file_and_the_report_to_stdout(demo_run: tuple[DemoRun, Path]) -> None:
+    run, workdir = demo_run
+    log = (workdir / demo.LOG_FILE).read_text()
+    assert log.count("RUN_SUCCESS") == len(BUCKETS) + 1  # three scans and the dry run
+    assert " - dagster - " not in run.output and "STEP_START" not in run.output
+    assert "heimdall-storage demo --print-env" in run.output
+
+
+# Last in this module: it starts the demo's servers again, from the world the demo above left.
+def test_make_dev_reuses_the_seeded_world_and_prints_its_environment(
+    demo_run: tuple[DemoRun, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, workdir = demo_run
+    cli = str(Path(sys.executable).parent / "heimdall-storage")
+    reached: dict[str, int] = {}
+
+    def reach_the_servers(env: dict[str, str], root: Path, port: int) -> int:
+        """Instead of dagster dev: what another terminal does with --print-env while the servers run."""
+        printed = subprocess.run([cli, "demo", "--print-env", "--workdir", str(root)], capture_output=True,
+                                 text=True, timeout=120, check=True).stdout
+        exported = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in printed.splitlines())
+        assert set(exported) == set(demo.ENV_NAMES) and exported == {name: env[name] for name in demo.ENV_NAMES}
+        client = make_client(S3Settings(endpoint=exported["MINIO_ENDPOINT"], access_key=exported["MINIO_ACCESS_KEY"],
+                                        secret_key=exported["MINIO_SECRET_KEY"]))
+        reached.update({bucket: sum(1 for _ in client.list_objects(bucket, recursive=True)) for bucket in BUCKETS})
+        return 0
+
+    monkeypatch.setattr(demo, "_serve_ui", reach_the_servers)
+    capture = tmp_path / "dev.txt"
+    with capture.open("w") as out, contextlib.redirect_stdout(out):
+        assert demo.run_demo(workdir=str(workdir), serve_ui=True) == 0
+    output = capture.read_text()
+    assert "Reusing the demo world seeded at" in output
+    assert len(run.worlds) == 1, "the world was seeded a second time"
+    world = run.world
+    for bucket in BUCKETS:  # not doubled
+        seeded = len(world.referenced[bucket]) + len(world.old_orphans[bucket]) + len(world.young_orphans[bucket])
+        assert reached[bucket] == seeded, bucket
+    assert report_rows(output) == report_rows(run.output)
+
+    stopped = subprocess.run([cli, "demo", "--print-env", "--workdir", str(workdir)], capture_output=True,
+                             text=True, timeout=120, check=False)
+    assert stopped.returncode == 1 and stopped.stdout == ""
+    assert stopped.stderr.strip() == f"no demo is running under {workdir}; start one with `make dev` (the servers " \
+                                     f"of `make demo` stop once it has printed its report)"
