@@ -36,10 +36,10 @@ def pages(bucket: str) -> dict[str, tuple[str, tuple[int, int]]]:
     """File name -> (UI path, window size)."""
     return {
         "lineage.png": ("/assets/orphan_deletions?view=lineage&lineageScope=upstream&lineageDepth=4", (1280, 640)),
-        "orphan_diff_metadata.png": (f"/assets/orphan_diff?partition={bucket}", (1280, 2250)),
+        "orphan_diff_metadata.png": (f"/assets/orphan_diff?partition={bucket}", (1600, 2250)),
         "orphan_diff_checks.png": (
             f"/assets/orphan_diff?view=checks&partition={bucket}&checkDetail=orphan_ratio_health", (1280, 700)),
-        "plan.png": (f"/assets/orphan_deletions?partition={bucket}", (1280, 2700)),
+        "plan.png": (f"/assets/orphan_deletions?partition={bucket}", (1600, 2700)),
     }
 
 
