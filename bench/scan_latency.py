@@ -10,7 +10,8 @@ and a Dagster instance with the shipped ``dagster.yaml`` (PostgreSQL-backed) in 
 * ``scan``: ``dagster job execute -m heimdall_storage_pipeline.definitions -j storage_scan_job
   --tags '{"dagster/partition": <bucket>}'``, the README's recipe (three assets and their checks);
 * ``no-op``: ``dagster job execute -f <a file with one op that does nothing> -j noop_job``, on the
-  same instance: what Dagster itself costs to start, load a code location and record a run.
+  same instance and with the same (in-process) executor: what Dagster itself costs to start, load a
+  code location and record a run.
 
 It prints each run, the medians and their ratio (the target is at most 1.5x). Each scan's orphan
 count is checked. Timings are printed, never asserted; the machine may be busy.
@@ -57,7 +58,7 @@ def nothing() -> None:
     pass
 
 
-@dg.job
+@dg.job(executor_def=dg.in_process_executor)  # as the scan's steps run
 def noop_job() -> None:
     nothing()
 '''

@@ -36,7 +36,6 @@ def build_definitions(
     executor = scale_out_executor()  # None: Dagster's default; HEIMDALL_EXECUTOR=celery: Celery workers
     return dg.Definitions(
         assets=[*build_scan_assets(partitions), orphan_deletions, *automation.assets],
-        asset_checks=automation.asset_checks,
         jobs=[
             build_scan_job(executor),
             delete_orphans_job if executor is None else delete_orphans_job.with_executor_def(executor),

@@ -20,6 +20,7 @@ from heimdall_storage_pipeline.core.manifests import (
 )
 from heimdall_storage_pipeline.core.references import describe_engine, read_references_to_manifest
 from heimdall_storage_pipeline.defs import metadata as md
+from heimdall_storage_pipeline.defs.automation.checks import orphan_diff_check_results, orphan_diff_check_specs
 from heimdall_storage_pipeline.defs.materializations import latest_metadata, require_metadata
 from heimdall_storage_pipeline.defs.resources import (
     ManifestStoreResource,
@@ -151,6 +152,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         kinds={"parquet"},
         deps=[referenced_keys],
         metadata={md.COLUMN_SCHEMA: md.column_schema(ORPHANS_SCHEMA)},
+        check_specs=orphan_diff_check_specs(partitions_def),
         description=(
             "Objects no reference names, split into eligible (old enough) and young orphans, "
             "with the bucket's health and its dangling references."
@@ -183,47 +185,49 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
             f"{result.eligible_orphan_count} eligible, {result.young_orphan_count} young, "
             f"health {result.health_status}"
         )
+        metadata: dict[str, dg.MetadataValue] = {
+            "as_of": md.timestamp(result.as_of),
+            "min_age_seconds": dg.MetadataValue.int(int(bucket_policy.min_age.total_seconds())),
+            "object_count": dg.MetadataValue.int(result.object_count),
+            "total_bytes": dg.MetadataValue.int(result.total_bytes),
+            "total_size": md.size(result.total_bytes),
+            "referenced_count": dg.MetadataValue.int(result.referenced_count),
+            "orphan_count": dg.MetadataValue.int(result.orphan_count),
+            "orphan_bytes": dg.MetadataValue.int(result.orphan_bytes),
+            "orphan_size": md.size(result.orphan_bytes),
+            "eligible_orphan_count": dg.MetadataValue.int(result.eligible_orphan_count),
+            "eligible_orphan_bytes": dg.MetadataValue.int(result.eligible_orphan_bytes),
+            "eligible_orphan_size": md.size(result.eligible_orphan_bytes),
+            "young_orphan_count": dg.MetadataValue.int(result.young_orphan_count),
+            "young_orphan_bytes": dg.MetadataValue.int(result.young_orphan_bytes),
+            "young_orphan_size": md.size(result.young_orphan_bytes),
+            "unparseable_object_count": dg.MetadataValue.int(result.unparseable_object_count),
+            "unparseable_object_sample": dg.MetadataValue.text(
+                dumps_sample(result.unparseable_object_sample)
+            ),
+            "orphan_share_bytes": dg.MetadataValue.float(result.orphan_share_bytes),
+            "orphan_share_bytes_percent": md.percent(result.orphan_share_bytes),
+            "orphan_share_count": dg.MetadataValue.float(result.orphan_share_count),
+            "orphan_share_count_percent": md.percent(result.orphan_share_count),
+            "health_status": dg.MetadataValue.text(result.health_status),
+            "dangling_reference_count": dg.MetadataValue.int(result.dangling_reference_count),
+            "dangling_sample": dg.MetadataValue.text(dumps_sample(result.dangling_sample)),
+            "age_histogram": md.age_table(
+                (str(row["age"]), int(row["count"]), int(row["bytes"])) for row in result.age_histogram
+            ),
+            "largest_eligible_orphans": md.largest_table(
+                (str(row["key"]), int(row["size"]), row["last_modified"]) for row in result.largest_eligible
+            ),
+            "inventory_listed_at": md.timestamp(listed_at),
+            "references_snapshot_at": md.timestamp(snapshot_at),
+            "inventory_manifest_uri": md.manifest(inventory["manifest_uri"]),
+            "references_manifest_uri": md.manifest(references["manifest_uri"]),
+            "manifest_uri": md.manifest(result.manifest_uri),
+            **md.manifest_entries(result.manifest_uri, result.orphan_count),
+        }
         return dg.MaterializeResult(
-            metadata={
-                "as_of": md.timestamp(result.as_of),
-                "min_age_seconds": dg.MetadataValue.int(int(bucket_policy.min_age.total_seconds())),
-                "object_count": dg.MetadataValue.int(result.object_count),
-                "total_bytes": dg.MetadataValue.int(result.total_bytes),
-                "total_size": md.size(result.total_bytes),
-                "referenced_count": dg.MetadataValue.int(result.referenced_count),
-                "orphan_count": dg.MetadataValue.int(result.orphan_count),
-                "orphan_bytes": dg.MetadataValue.int(result.orphan_bytes),
-                "orphan_size": md.size(result.orphan_bytes),
-                "eligible_orphan_count": dg.MetadataValue.int(result.eligible_orphan_count),
-                "eligible_orphan_bytes": dg.MetadataValue.int(result.eligible_orphan_bytes),
-                "eligible_orphan_size": md.size(result.eligible_orphan_bytes),
-                "young_orphan_count": dg.MetadataValue.int(result.young_orphan_count),
-                "young_orphan_bytes": dg.MetadataValue.int(result.young_orphan_bytes),
-                "young_orphan_size": md.size(result.young_orphan_bytes),
-                "unparseable_object_count": dg.MetadataValue.int(result.unparseable_object_count),
-                "unparseable_object_sample": dg.MetadataValue.text(
-                    dumps_sample(result.unparseable_object_sample)
-                ),
-                "orphan_share_bytes": dg.MetadataValue.float(result.orphan_share_bytes),
-                "orphan_share_bytes_percent": md.percent(result.orphan_share_bytes),
-                "orphan_share_count": dg.MetadataValue.float(result.orphan_share_count),
-                "orphan_share_count_percent": md.percent(result.orphan_share_count),
-                "health_status": dg.MetadataValue.text(result.health_status),
-                "dangling_reference_count": dg.MetadataValue.int(result.dangling_reference_count),
-                "dangling_sample": dg.MetadataValue.text(dumps_sample(result.dangling_sample)),
-                "age_histogram": md.age_table(
-                    (str(row["age"]), int(row["count"]), int(row["bytes"])) for row in result.age_histogram
-                ),
-                "largest_eligible_orphans": md.largest_table(
-                    (str(row["key"]), int(row["size"]), row["last_modified"]) for row in result.largest_eligible
-                ),
-                "inventory_listed_at": md.timestamp(listed_at),
-                "references_snapshot_at": md.timestamp(snapshot_at),
-                "inventory_manifest_uri": md.manifest(inventory["manifest_uri"]),
-                "references_manifest_uri": md.manifest(references["manifest_uri"]),
-                "manifest_uri": md.manifest(result.manifest_uri),
-                **md.manifest_entries(result.manifest_uri, result.orphan_count),
-            }
+            metadata=metadata,
+            check_results=orphan_diff_check_results({key: value.value for key, value in metadata.items()}),
         )
 
     return [bucket_inventory, referenced_keys, orphan_diff]
