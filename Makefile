@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo dev test lint validate-policy bench screenshots clean
+.PHONY: install demo dev test lint deploy-check validate-policy bench screenshots clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,16 @@ demo: install
 dev: install
 	$(BIN)/heimdall-storage demo --ui
 
-lint: install
+lint: install deploy-check
 	$(BIN)/ruff check .
 
-test: install
+# The image and the compose files: hadolint, and Docker Compose's own validation (no container engine).
+deploy-check: install
+	$(BIN)/hadolint deploy/docker/Dockerfile
+	$(BIN)/docker-compose -f deploy/docker/compose.yaml -f deploy/docker/compose.heimdall.yaml \
+		--env-file deploy/docker/heimdall.env.example --profile celery config --quiet
+
+test: install deploy-check
 	@if [ -x scripts/install_prometheus.sh ]; then scripts/install_prometheus.sh; fi
 	@if [ -x scripts/install_chromium.sh ]; then scripts/install_chromium.sh; fi
 	$(BIN)/ruff check .

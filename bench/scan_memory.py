@@ -173,12 +173,12 @@ def weed_shell(seaweed: Any, commands: str) -> str:
 
 
 def listed_keys(seaweed: Any, bucket: str) -> set[str]:
-    from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2, listing_bodies, parse_page
+    from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2, listing_batches
 
     lister = ListObjectsV2(seaweed.settings(), bucket)
     keys: set[str] = set()
-    for body in listing_bodies(lister, max_keys=1000, workers=4):
-        keys.update(parse_page(body)[0].column("key").to_pylist())
+    for batch in listing_batches(lister, max_keys=1000, workers=4):
+        keys.update(batch.column("key").to_pylist())
     return keys
 
 

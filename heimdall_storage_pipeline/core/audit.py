@@ -13,15 +13,17 @@ touches no index (~4 ms of PostgreSQL's CPU per 1000 rows against ~15 ms).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from heimdall_storage_pipeline.core.clock import ensure_utc
+from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.migrations import apply_migrations
 from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
 
@@ -98,6 +100,13 @@ WHERE id BETWEEN :lowest AND :highest AND id + 0 = ANY(CAST(:ids AS bigint[]))
 """
 
 
+# Who holds a bucket's lock: the application_name its session set.
+_LOCK_HOLDER = """
+SELECT a.application_name FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted
+  AND l.classid = CAST(:space AS oid) AND l.objid = CAST(hashtext(:bucket) AS oid)
+LIMIT 1
+"""
 _ID_GAP = 10_000  # ids further apart than this are marked by separate ranges
 
 
@@ -141,12 +150,60 @@ class Mark:
     error: str | None = None
 
 
+class BucketBusyError(StorageCleanupError):
+    """Another cleanup run holds the bucket."""
+
+
+# The first key of this project's advisory locks (b"HSCP"), so that they never meet anyone else's.
+_LOCK_SPACE = 0x48534350
+
+
 class AuditLog:
     """Append-mostly record of deletions; one row per object and run."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         apply_migrations(engine, "audit")
+
+    @contextmanager
+    def exclusive(self, bucket: str, *, run_id: str, wait: timedelta) -> Iterator[None]:
+        """Hold the bucket's cleanup lock for the block: one cleanup per bucket, whatever launched it.
+
+        A PostgreSQL advisory lock on a session of its own; another holder for longer than ``wait``
+        raises ``BucketBusyError`` naming its run. The session is closed afterwards, which releases
+        the lock even if the unlock could not be sent.
+        """
+        key = {"space": _LOCK_SPACE, "bucket": bucket}
+        with self.engine.connect() as connection:
+            try:
+                connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+                connection.execute(sa.text("SELECT set_config('application_name', :name, false)"),
+                                   {"name": f"heimdall-cleanup {run_id}"[:63]})
+                if not self._lock(connection, key, wait):
+                    holder = connection.execute(sa.text(_LOCK_HOLDER), key).scalar()
+                    raise BucketBusyError(
+                        f"another cleanup of {bucket!r} is running ({holder or 'a session that just ended'}) and "
+                        f"held it for more than {wait}; this run left the bucket alone. Launch again when that "
+                        f"run has finished"
+                    )
+                yield
+            finally:
+                connection.invalidate()
+
+    @staticmethod
+    def _lock(connection: sa.Connection, key: dict[str, object], wait: timedelta) -> bool:
+        if wait <= timedelta(0):
+            return bool(connection.execute(sa.text("SELECT pg_try_advisory_lock(:space, hashtext(:bucket))"), key)
+                        .scalar())
+        connection.execute(sa.text("SELECT set_config('lock_timeout', :ms, false)"),
+                           {"ms": str(int(wait.total_seconds() * 1000))})
+        try:
+            connection.execute(sa.text("SELECT pg_advisory_lock(:space, hashtext(:bucket))"), key)
+        except sa.exc.OperationalError as exc:
+            if getattr(exc.orig, "pgcode", None) == "55P03":  # lock_not_available: lock_timeout passed
+                return False
+            raise
+        return True
 
     def record_intent(self, *, run_id: str, job: str, bucket: str, candidates: Iterable[Candidate],
                       at: datetime, plan_id: str | None = None) -> dict[str, int]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
+
+from heimdall_storage_pipeline.core.errors import StaleInputError
 
 Clock = Callable[[], datetime]
 
@@ -63,3 +65,16 @@ def utc_datetimes(values: pa.Array | pa.ChunkedArray) -> list[datetime]:
         return values.to_pylist()
     naive = values.cast(pa.int64()).to_numpy().astype("datetime64[us]").tolist()
     return [moment.replace(tzinfo=UTC) for moment in naive]
+
+
+MAX_CLOCK_SKEW = timedelta(minutes=5)  # how far ahead of this machine's clock another's may be
+
+
+def check_as_of(as_of: datetime, now: datetime) -> datetime:
+    """Refuse an ``as_of`` in the future: fresh uploads would look old enough to delete."""
+    if ensure_utc(as_of) > ensure_utc(now) + MAX_CLOCK_SKEW:
+        raise StaleInputError(
+            f"as_of {isoformat_utc(as_of)} is in the future (now {isoformat_utc(now)}); ages measured then "
+            f"would count fresh uploads as old enough to delete. Leave as_of empty (now) or give a past time"
+        )
+    return as_of

@@ -54,6 +54,7 @@ SETTLE_BACKLOG = 4  # finished batches waiting for an older one, per worker
 # At most one progress line per bucket this often, besides the first and the last batch's:
 # each line is an event in Dagster's event log, and a large bucket has thousands of batches.
 PROGRESS_SECONDS = 10.0
+DELETE_REQUEST_TIMEOUT = 30.0  # seconds a DeleteObjects request may take before it counts as failed
 MAX_FAILED_SHARE = 0.10  # more failed keys than this in one batch stops the bucket
 DELETE_ATTEMPTS = 5
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
@@ -130,13 +131,21 @@ class DeleteError:
 
 
 def delete_batch(client: Minio, bucket: str, objects: list[DeleteObject], log: Log,
-                 sleep: Callable[[float], None] = time.sleep) -> dict[str, DeleteError]:
+                 sleep: Callable[[float], None] = time.sleep,
+                 before_attempt: Callable[[list[DeleteObject]], list[DeleteObject]] | None = None,
+                 ) -> dict[str, DeleteError]:
     """One DeleteObjects request, retried with backoff and jitter; returns each refused key's error.
 
-    DeleteObjects is idempotent (a missing key is a success; with a condition, ``NoSuchKey``),
-    so a retry after an ambiguous failure cannot do harm.
+    ``before_attempt`` sees the objects before every attempt, the first and each retry, and returns
+    those still to be sent (the caller re-validates a check that has grown too old). DeleteObjects is
+    idempotent (a missing key is a success; with a condition, ``NoSuchKey``), so a retry after an
+    ambiguous failure cannot do harm.
     """
     for attempt in range(1, DELETE_ATTEMPTS + 1):
+        if before_attempt is not None:
+            objects = before_attempt(objects)
+            if not objects:
+                return {}
         try:
             # remove_objects is lazy: nothing is deleted until its result is iterated.
             errors = list(client.remove_objects(bucket, objects))
@@ -241,7 +250,9 @@ def delete_candidates(
         raise ValueError("a live deletion needs an audit log")
     report = DeletionReport(bucket=bucket.name, dry_run=dry_run)
     began = time.perf_counter()
-    client = make_client(ctx.s3)
+    # A stalled server holds a DeleteObjects at most this long: it bounds how old a check can be when
+    # the server carries the delete out (REVALIDATION_MAX_AGE before sending, plus this).
+    client = make_client(ctx.s3, read_timeout=DELETE_REQUEST_TIMEOUT)
     lister = ListObjectsV2(ctx.s3, bucket.name)
     if ctx.audit is not None and not dry_run:
         with s3_errors(ctx.s3, bucket.name):
@@ -364,20 +375,25 @@ def _process_batch(
         # The intent is written before the wait for a slot, so that the slot holds only the request.
         audit_ids = ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket.name,
                                             candidates=deletable, at=ctx.clock(), plan_id=ctx.plan_id)
-        errors: dict[str, DeleteError] = {}
         marks: list[Mark] = []
+
+        def still_deletable(objects: list[DeleteObject]) -> list[DeleteObject]:
+            """Before each request, the first or a retry: a check older than the bound is made again."""
+            nonlocal deletable, checked
+            if time.perf_counter() - checked <= REVALIDATION_MAX_AGE:
+                return objects
+            again = time.perf_counter()
+            skipped, deletable = _revalidate(ctx, bucket, deletable, client, lister, age_exempt)
+            checked = again
+            rows.extend(skipped)
+            result.revalidated_again += len(skipped) + len(deletable)
+            result.revalidation_seconds += time.perf_counter() - again
+            marks.extend(Mark([audit_ids[key] for key in keys], "not_deleted", error=f"{outcome} when checked again")
+                         for outcome, keys in _keys_by_outcome(skipped).items())
+            return _delete_objects(ctx, deletable)
+
         with slots:  # one of ctx.workers DeleteObjects requests in flight
-            if time.perf_counter() - checked > REVALIDATION_MAX_AGE:
-                # The wait for a slot outlived the check: check these keys again.
-                again = time.perf_counter()
-                skipped, deletable = _revalidate(ctx, bucket, deletable, client, lister, age_exempt)
-                rows += skipped
-                result.revalidated_again = len(skipped) + len(deletable)
-                result.revalidation_seconds += time.perf_counter() - again
-                marks += [Mark([audit_ids[key] for key in keys], "not_deleted", error=f"{outcome} when checked again")
-                          for outcome, keys in _keys_by_outcome(skipped).items()]
-            if deletable:
-                errors = _delete(ctx, bucket.name, deletable, client, result)
+            errors = _delete(ctx, bucket.name, deletable, client, result, still_deletable)
         # After the slot, so that the next request goes out first; every row of the intent gets
         # its final status in the transaction that closes the intent.
         outcomes, final = _outcomes(deletable, audit_ids, errors, ctx.clock)
@@ -440,15 +456,19 @@ def _keys_by_outcome(rows: list[tuple[Candidate, str]]) -> dict[str, list[str]]:
 _REFUSED_AS = {"PreconditionFailed": Outcome.SKIPPED_CHANGED, "NoSuchKey": Outcome.SKIPPED_MISSING}
 
 
+def _delete_objects(ctx: DeletionContext, deletable: list[Candidate]) -> list[DeleteObject]:
+    return [DeleteIfUnchanged(c.key, etag=c.etag) if ctx.conditional_deletes else DeleteObject(c.key)
+            for c in deletable]
+
+
 def _delete(
-    ctx: DeletionContext, bucket: str, deletable: list[Candidate], client: Minio, result: BatchResult
+    ctx: DeletionContext, bucket: str, deletable: list[Candidate], client: Minio, result: BatchResult,
+    before_attempt: Callable[[list[DeleteObject]], list[DeleteObject]],
 ) -> dict[str, DeleteError]:
     """Send DeleteObjects for ``deletable`` (their intent is recorded); returns ``{key: error}``."""
     delete_began = time.perf_counter()
     with s3_errors(ctx.s3, bucket):
-        objects = [DeleteIfUnchanged(c.key, etag=c.etag) if ctx.conditional_deletes else DeleteObject(c.key)
-                   for c in deletable]
-        errors = delete_batch(client, bucket, objects, ctx.log, ctx.sleep)
+        errors = delete_batch(client, bucket, _delete_objects(ctx, deletable), ctx.log, ctx.sleep, before_attempt)
     result.delete_seconds = time.perf_counter() - delete_began
     result.failures = {key: str(error) for key, error in errors.items() if error.code not in _REFUSED_AS}
     return errors

@@ -1,9 +1,4 @@
-"""Bucket listing streamed into an inventory manifest, in bounded chunks.
-
-Pages come from ``list_objects_v2`` (signed ListObjectsV2 over HTTP, regex-parsed, fetched
-ahead of the parser and optionally sharded by prefix) instead of ``minio.list_objects``,
-whose XML parsing caps it at about a third of what the server can serve.
-"""
+"""Bucket listing streamed into an inventory manifest, in bounded chunks (pages from ``list_objects_v2``)."""
 
 from __future__ import annotations
 
@@ -19,16 +14,10 @@ from heimdall_storage_pipeline.core.list_objects_v2 import (
     DEFAULT_WORKERS,
     S3_MAX_KEYS,
     ListObjectsV2,
-    listing_bodies,
-    parse_page,
+    listing_batches,
 )
 from heimdall_storage_pipeline.core.manifests import INVENTORY_SCHEMA, ManifestStore
-from heimdall_storage_pipeline.core.s3 import (
-    S3Settings,
-    make_client,
-    missing_bucket_error,
-    s3_errors,
-)
+from heimdall_storage_pipeline.core.s3 import S3Settings, s3_errors
 
 LISTING_CHUNK = 50_000  # rows buffered before a Parquet row group is written
 
@@ -60,7 +49,7 @@ def list_bucket_to_manifest(
     """List every object of ``bucket`` into a new inventory manifest.
 
     ``max_keys`` stays at S3's 1000 unless the server honours more (SeaweedFS does); with
-    ``workers`` > 1 the bucket is listed in prefix shards at once (see ``listing_bodies``).
+    ``workers`` > 1 the bucket is listed in prefix shards at once (see ``listing_batches``).
     """
     if max_keys < 1:
         raise ValueError(f"max_keys must be positive, got {max_keys}")
@@ -71,13 +60,11 @@ def list_bucket_to_manifest(
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     with s3_errors(settings, bucket):
-        # Fail on a missing bucket before a manifest is opened.
-        if not make_client(settings).bucket_exists(bucket):
-            raise missing_bucket_error(settings, bucket)
         lister = ListObjectsV2(settings, bucket)
+        # A missing bucket, refused credentials or a server that is not S3 fail before a manifest is opened.
+        next(lister.pages(max_keys=1))
         with store.writer(uri, INVENTORY_SCHEMA) as writer:
-            for body in listing_bodies(lister, max_keys=max_keys, workers=workers):
-                batch = parse_page(body)[0]
+            for batch in listing_batches(lister, max_keys=max_keys, workers=workers):
                 object_count += batch.num_rows
                 total_bytes += pc.sum(batch.column(1)).as_py() or 0
                 pending.append(batch)

@@ -64,6 +64,7 @@ class ManifestStore:
                 endpoint_override=self.s3.endpoint,
                 scheme="https" if self.s3.secure else "http",
                 region=self.s3.region or "us-east-1",
+                connect_timeout=10, request_timeout=120,  # every request to the store has a time limit
             )
             return filesystem, self.root.removeprefix("s3://").rstrip("/")
         base = self.root.removeprefix("file://")

@@ -9,13 +9,14 @@ re-validated as always. ``check_applicable`` says why a plan may not be applied.
 from __future__ import annotations
 
 import csv
-import heapq
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TextIO
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from heimdall_storage_pipeline.core.clock import as_utc, ensure_utc
@@ -117,20 +118,26 @@ def _age_label(index: int) -> str:
 
 
 def summarize_plan(store: ManifestStore, manifest_uri: str, now: datetime) -> PlanSummary:
-    """The largest would-delete keys and their age histogram at ``now``, in one streamed pass."""
-    largest: list[tuple[int, str, Candidate]] = []
-    bins = [[0, 0] for _ in range(len(AGE_BINS_DAYS) + 1)]
-    for candidate in plan_candidates(store, manifest_uri):
-        heapq.heappush(largest, (candidate.size, candidate.key, candidate))
-        if len(largest) > LARGEST_SHOWN:
-            heapq.heappop(largest)
-        days = (ensure_utc(now) - candidate.last_modified).days
-        slot = bins[sum(days >= edge for edge in AGE_BINS_DAYS)]
-        slot[0] += 1
-        slot[1] += candidate.size
+    """The largest would-delete keys and their age histogram at ``now``, one streamed, vectorised pass."""
+    largest: pa.Table | None = None
+    counts = np.zeros(len(AGE_BINS_DAYS) + 1, np.int64)
+    sizes = np.zeros(len(AGE_BINS_DAYS) + 1, np.int64)
+    now_us = int(ensure_utc(now).timestamp() * 1_000_000)
+    for batch in store.iter_batches(manifest_uri, columns=["key", "size", "last_modified", "etag", "outcome"]):
+        rows = pa.Table.from_batches([batch]).filter(pc.equal(batch.column("outcome"), Outcome.WOULD_DELETE.value))
+        if rows.num_rows == 0:
+            continue
+        pool = rows if largest is None else pa.concat_tables([largest, rows])
+        largest = pool.take(pc.select_k_unstable(pool, min(LARGEST_SHOWN, pool.num_rows), [("size", "descending")]))
+        days = (now_us - rows.column("last_modified").cast(pa.int64()).to_numpy()) // 86_400_000_000
+        slots = np.searchsorted(AGE_BINS_DAYS, days, side="right")
+        np.add.at(counts, slots, 1)
+        np.add.at(sizes, slots, rows.column("size").to_numpy())
+    ordered = [] if largest is None else largest.sort_by([("size", "descending"), ("key", "descending")]).to_pylist()
     return PlanSummary(
-        largest=[entry[2] for entry in sorted(largest, reverse=True)],
-        age_histogram=[(_age_label(index), count, size) for index, (count, size) in enumerate(bins)],
+        largest=[Candidate(r["key"], r["size"], ensure_utc(r["last_modified"]), r["etag"]) for r in ordered],
+        age_histogram=[(_age_label(index), int(count), int(size))
+                       for index, (count, size) in enumerate(zip(counts, sizes, strict=True))],
     )
 
 

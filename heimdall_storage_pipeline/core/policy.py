@@ -54,6 +54,7 @@ _WRITE_KEYWORDS = re.compile(
     r"vacuum|lock|set|reset|refresh|comment|security|into)\b",
     re.IGNORECASE,
 )
+_ROW_LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+update|update|key\s+share|share)\b", re.IGNORECASE)
 _SQL_STRINGS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
 _SQL_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
 
@@ -112,6 +113,10 @@ def _read_only_query(query: str) -> str:
     write = _WRITE_KEYWORDS.search(bare)
     if write:
         raise ValueError(f"'query' must be read-only; it contains {write.group(1).upper()!r}")
+    locking = _ROW_LOCKS.search(bare)
+    if locking:
+        raise ValueError(f"'query' must not lock rows ({' '.join(locking.group(0).upper().split())}), which a "
+                         f"read-only snapshot refuses; remove the locking clause")
     # Some reads run the query through SQLAlchemy's text() and the COPY read sends it as written:
     # text() must leave it unchanged, or the re-check before a delete would read other rows.
     parsed = sa.text(query)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from heimdall_storage_pipeline.core.clock import Clock, utc_now
 from heimdall_storage_pipeline.core.distinct import DistinctCounter
-from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, redact
+from heimdall_storage_pipeline.core.errors import ReferenceDatabaseError, database_url, redact
 from heimdall_storage_pipeline.core.keys import (
     NEEDS_NORMALISATION_PATTERN,
     ParsedKind,
@@ -53,7 +53,7 @@ from heimdall_storage_pipeline.core.native import (
     plain_keys,
     split_rows,
 )
-from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
+from heimdall_storage_pipeline.core.policy import DEFAULT_STATEMENT_TIMEOUT, BucketPolicy, ReferenceSource
 
 FETCH_ROWS = 10_000  # rows per server-side cursor fetch
 SAMPLE_SIZE = 10
@@ -78,17 +78,30 @@ _COLUMN = "heimdall_ref"
 # many tiny vectorised runs would cost more than it saves.
 _SLOW_SHARE = 1 / 64
 
-def make_engine(url: str) -> Engine:
-    """An engine for the reference database; ``postgresql://`` means psycopg2 here."""
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
-        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
+def make_engine(url: str, statement_timeout: timedelta = DEFAULT_STATEMENT_TIMEOUT) -> Engine:
+    """An engine whose every statement has a time limit; ``postgresql://`` means psycopg2 here."""
     try:
-        return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+        parsed = database_url(url)
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+        engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args={
+            "connect_timeout": 10, "options": f"-c statement_timeout={int(statement_timeout.total_seconds() * 1000)}"})
     except (sa.exc.ArgumentError, ValueError) as exc:
         raise ReferenceDatabaseError(
             redact(f"HEIMDALL_DATABASE_URL is not a valid SQLAlchemy URL ({exc}); use "
                    f"postgresql+psycopg2://user:password@host:5432/heimdall")
         ) from None
+    sa.event.listen(engine, "connect", _cancel_when_the_client_is_gone)
+    return engine
+
+
+def _cancel_when_the_client_is_gone(dbapi_connection: Any, _: object) -> None:
+    """PostgreSQL 14+ cancels a query whose client died (a killed run) instead of running it to its timeout."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('server_version_num')::int >= 140000")
+        if cursor.fetchone()[0]:
+            cursor.execute("SET client_connection_check_interval = '2s'")
+    dbapi_connection.commit()
 
 
 def describe_engine(engine: Engine) -> str:

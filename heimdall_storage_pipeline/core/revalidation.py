@@ -38,8 +38,9 @@ from minio.error import S3Error
 from sqlalchemy.engine import Connection
 
 from heimdall_storage_pipeline.core.clock import ensure_utc, utc_datetimes
+from heimdall_storage_pipeline.core.errors import source_error
 from heimdall_storage_pipeline.core.keys import ReferenceFormat, canonical_prefix
-from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2, parse_page
+from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
 from heimdall_storage_pipeline.core.policy import BucketPolicy, ReferenceSource
 from heimdall_storage_pipeline.core.references import (
     FETCH_ROWS,
@@ -179,10 +180,17 @@ def referenced_among(connection: Connection, bucket: BucketPolicy, keys: Iterabl
     found: set[str] = set()
     ignored = ReferenceCounts()
     for source in bucket.references:
-        column_type, columns = (None, 1) if source.percent_decode else describe_query(connection, source.query)
-        sql, params = narrowed_query(source, bucket.name, wanted, column_type, columns)
-        values = (row[0] for row in _stream_all(connection, sql, params))
-        found.update(key for key in normalise_source_values(bucket, source, values, ignored) if key in wanted)
+        try:
+            # Local to the re-check's transaction: the source's own time limit, cancelled by the server.
+            connection.execute(sa.text("SELECT set_config('statement_timeout', :ms, true)"),
+                               {"ms": str(int(source.statement_timeout.total_seconds() * 1000))})
+            column_type, columns = (None, 1) if source.percent_decode else describe_query(connection, source.query)
+            sql, params = narrowed_query(source, bucket.name, wanted, column_type, columns)
+            values = (row[0] for row in _stream_all(connection, sql, params))
+            found.update(key for key in normalise_source_values(bucket, source, values, ignored) if key in wanted)
+        except sa.exc.DBAPIError as exc:
+            raise source_error(bucket.name, source.name, "re-checking the references of", exc,
+                               connection.engine.url.render_as_string(hide_password=True)) from None
     return found
 
 
@@ -212,9 +220,13 @@ def _stat_one(client: Minio, bucket: str, key: str) -> FreshStat | None:
 
 
 def _just_before(key: str) -> str:
-    """A string that sorts before ``key`` but after almost everything else that does."""
-    last = key[-1]
-    return key[:-1] + chr(ord(last) - 1) + "\U0010ffff" if ord(last) > 0 else key[:-1]
+    """A string that sorts before ``key`` but after almost everything else that does (code point order,
+    which is UTF-8's byte order); never a surrogate, which UTF-8 cannot carry to the server."""
+    last = ord(key[-1])
+    if last == 0:
+        return key[:-1]
+    previous = 0xD7FF if 0xD800 <= last - 1 <= 0xDFFF else last - 1
+    return key[:-1] + chr(previous) + "\U0010ffff"
 
 
 def _listed_stats(lister: ListObjectsV2, keys: list[str], budget: int) -> dict[str, FreshStat]:
@@ -225,8 +237,7 @@ def _listed_stats(lister: ListObjectsV2, keys: list[str], budget: int) -> dict[s
     seen = 0
     # A string prefix, not a path: 'data/orphan-1' and 'data/orphan-2' share 'data/orphan-'.
     prefix = os.path.commonprefix(keys)  # noqa: RUF071
-    for body in lister.pages(prefix=prefix, start_after=_just_before(first)):
-        page = parse_page(body)[0]
+    for page in lister.batches(prefix=prefix, start_after=_just_before(first)):
         seen += page.num_rows
         # Only the batch's keys become Python objects: where most listed objects are referenced,
         # the listing holds several keys for each one asked for.

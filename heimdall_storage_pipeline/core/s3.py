@@ -38,22 +38,26 @@ class S3Settings:
         return f"S3Settings(endpoint={self.endpoint_url!r})"
 
 
-def make_client(settings: S3Settings, retries: int = 3) -> Minio:
-    """A minio client whose connection pool fits the threads that use it."""
-    http = urllib3.PoolManager(
+def http_pool(settings: S3Settings, retries: int = 3, read_timeout: float = 120.0) -> urllib3.PoolManager:
+    """Connections for the threads that use them; every request has a time limit and bounded retries."""
+    return urllib3.PoolManager(
         maxsize=settings.max_connections,
-        timeout=urllib3.Timeout(connect=5.0, read=120.0),
+        timeout=urllib3.Timeout(connect=5.0, read=read_timeout),
         retries=urllib3.Retry(
             total=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
         ),
     )
+
+
+def make_client(settings: S3Settings, retries: int = 3, read_timeout: float = 120.0) -> Minio:
+    """A minio client on ``http_pool``."""
     return Minio(
         settings.endpoint,
         access_key=settings.access_key,
         secret_key=settings.secret_key,
         secure=settings.secure,
         region=settings.region or None,
-        http_client=http,
+        http_client=http_pool(settings, retries, read_timeout),
     )
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 from collections.abc import Sequence
 
 import dagster as dg
 
+from heimdall_storage_pipeline.core.errors import secrets_from_env
 from heimdall_storage_pipeline.core.policy import POLICY_ENV_VAR, PolicyError, load_policy
 from heimdall_storage_pipeline.core.settings import dagster_instance_problem
 from heimdall_storage_pipeline.exporter.collector import (
@@ -26,7 +26,6 @@ PORT_ENV = "HEIMDALL_EXPORTER_PORT"
 BUCKETS_ENV = "HEIMDALL_EXPORTER_BUCKETS"
 CACHE_ENV = "HEIMDALL_EXPORTER_CACHE_SECONDS"
 TIMEOUT_ENV = "HEIMDALL_EXPORTER_TIMEOUT_SECONDS"
-_SECRET_ENV_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 DEFAULT_CACHE_SECONDS = 5.0
 
 
@@ -99,10 +98,6 @@ def add_exporter_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     return _configure(parser)
 
 
-def _secrets_from_env() -> tuple[str, ...]:
-    return tuple(value for name, value in os.environ.items() if value and _SECRET_ENV_NAME.search(name))
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -128,7 +123,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         except PolicyError as exc:
             log.error("%s", exc)
             return 2
-    provider = InstanceProvider(dg.DagsterInstance.get, secrets=_secrets_from_env(), timeout_seconds=timeout_seconds)
+    provider = InstanceProvider(dg.DagsterInstance.get, secrets=secrets_from_env(), timeout_seconds=timeout_seconds)
     source = SnapshotSource(provider, buckets, ttl_seconds=cache_seconds)
     try:
         server = ExporterServer(provider, source, host=args.host, port=port)

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import io
 import secrets
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from minio.error import S3Error
 
-from heimdall_storage_pipeline.core.errors import BucketNotFoundError, StorageAccessDeniedError
-from heimdall_storage_pipeline.core.list_objects_v2 import (
-    ListObjectsV2,
-    common_prefixes,
-    listing_bodies,
-    parse_page,
-)
+from heimdall_storage_pipeline.core.errors import BucketNotFoundError, StorageAccessDeniedError, StorageCleanupError
+from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2, listing_batches, parse_page
 from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
 from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.core.s3 import S3Settings
@@ -112,10 +109,10 @@ def test_single_prefix_bucket_is_split_deeper(seaweed: SeaweedFS, make_bucket: C
     bucket = make_bucket("fastone")
     put_all(seaweed, bucket, ONE_PREFIX_KEYS)
     lister = ListObjectsV2(seaweed.settings(), bucket)
-    bodies = list(listing_bodies(lister, max_keys=1000, workers=4))
+    pages = list(listing_batches(lister, max_keys=1000, workers=4))
     # root (delimiter) -> data/ (delimiter) -> one recursive listing per section
-    assert len(bodies) == 5
-    keys = [key for body in bodies for key in parse_page(body)[0].column("key").to_pylist()]
+    assert len(pages) == 5
+    keys = [key for page in pages for key in page.column("key").to_pylist()]
     assert sorted(keys) == sorted(ONE_PREFIX_KEYS)
 
 
@@ -149,12 +146,59 @@ def test_errors_during_listing_reach_the_caller(seaweed: SeaweedFS, odd_bucket: 
     # which s3_errors turns into the operator errors; from worker threads too.
     wrong = ListObjectsV2(seaweed.settings(secret_key="not-the-secret"), odd_bucket)
     with pytest.raises(S3Error) as denied:
-        list(listing_bodies(wrong, workers=workers))
+        list(listing_batches(wrong, workers=workers))
     assert denied.value.code == "SignatureDoesNotMatch"
     missing = ListObjectsV2(seaweed.settings(), f"t-missing-{secrets.token_hex(4)}")
     with pytest.raises(S3Error) as not_found:
-        list(listing_bodies(missing, workers=workers))
+        list(listing_batches(missing, workers=workers))
     assert not_found.value.code == "NoSuchBucket"
+
+
+def test_control_characters_and_rewritten_slashes_list_as_minio_does(
+    seaweed: SeaweedFS, make_bucket: Callable[[str], str], tmp_path: Path
+) -> None:
+    # Keys object_store refuses (control characters) or rewrites ('//', trailing '/'), in both shard modes.
+    bucket = make_bucket("ctl")
+    keys = ["ctl\x01a", "new\nline", "cr\rhere", "del\x7fx", "x//y", "/lead", "%2F", "trail/", "trail"]
+    put_all(seaweed, bucket, keys)
+    store = ManifestStore(str(tmp_path))
+    expected = minio_rows(seaweed, bucket)
+    assert {"ctl\x01a", "new\nline", "cr\rhere", "del\x7fx", "trail"} <= {row[0] for row in expected}
+    for workers in (1, 4):
+        result = list_bucket_to_manifest(seaweed.settings(), bucket, store, run_id=f"ctl{workers}", workers=workers)
+        rows = manifest_rows(store, result.manifest_uri)
+        assert len(rows) == len(set(rows)) and set(rows) == expected
+
+
+def test_a_server_that_is_not_s3_gets_a_clear_error(tmp_path: Path) -> None:
+    # A web server (say, the console's port) answers every request with 200 and HTML.
+    class Html(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            page = b"<html><body>console</body></html"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Html)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = S3Settings(endpoint=f"127.0.0.1:{server.server_address[1]}", access_key="a", secret_key="s3cr3t")
+        with pytest.raises(StorageCleanupError, match="not a readable ListObjectsV2 response") as raised:
+            list_bucket_to_manifest(settings, "bucket", ManifestStore(str(tmp_path)), "h")
+        assert "s3cr3t" not in str(raised.value)
+        assert not list(tmp_path.rglob("*.parquet*"))
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_unreachable_server(tmp_path: Path) -> None:
@@ -183,16 +227,16 @@ AWS_PAGE = """<?xml version="1.0" encoding="UTF-8"?>
 
 
 def test_parse_aws_shaped_page() -> None:
-    batch, truncated, token, last_raw = parse_page(AWS_PAGE)
-    assert truncated and token == "1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM=&x"
-    assert last_raw == "%E6%97%A5%26%3C"
+    page = parse_page(AWS_PAGE.encode())
+    batch = page.objects
+    assert page.next_token == "1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM=&x"
     assert batch.column("key").to_pylist() == ["a b+c", "日&<"]  # "dir/" is a directory marker
     assert batch.column("size").to_pylist() == [42, 7]
     assert batch.column("etag").to_pylist() == ["0123abcd-2", "f"]
     assert batch.column("last_modified").to_pylist() == [
         datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=UTC), datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC),
     ]
-    assert common_prefixes(AWS_PAGE) == ["sp ace/"]
+    assert page.prefixes == ["sp ace/"]
 
 
 def test_parse_page_without_url_encoding_and_missing_etag() -> None:
@@ -202,9 +246,16 @@ def test_parse_page_without_url_encoding_and_missing_etag() -> None:
         "<Size>1</Size></Contents></ListBucketResult>"
     )
     with pytest.raises(ValueError):  # seven fractional digits: minio's parser refuses them too
-        parse_page(page)
-    page = page.replace(".1234567Z", "Z")
-    batch, truncated, token, _ = parse_page(page)
-    assert (truncated, token) == (False, None)
-    assert batch.column("key").to_pylist() == ["a+b & %41"]  # not URL-encoded: taken literally
-    assert batch.column("etag").to_pylist() == [""]
+        parse_page(page.encode())
+    parsed = parse_page(page.replace(".1234567Z", "Z").encode())
+    assert parsed.next_token is None
+    assert parsed.objects.column("key").to_pylist() == ["a+b & %41"]  # not URL-encoded: taken literally
+    assert parsed.objects.column("etag").to_pylist() == [""]
+
+
+def test_truncated_page_without_token_continues_after_its_last_key() -> None:
+    page = ("<ListBucketResult><IsTruncated>true</IsTruncated><EncodingType>url</EncodingType><Contents>"
+            "<Key>a%2Fb+c</Key><LastModified>2024-01-02T03:04:05Z</LastModified></Contents></ListBucketResult>")
+    assert parse_page(page.encode()).next_token == "a/b c"
+    with pytest.raises(ValueError, match="no <Key>"):
+        parse_page(page.replace("<Key>a%2Fb+c</Key>", "").encode())

@@ -148,6 +148,8 @@ BROKEN_CASES = [
     ("writing CTE", lambda d: source_of(d).update(
         query="WITH d AS (DELETE FROM app.files RETURNING path) SELECT path FROM d"),
      [BUCKET, "references[0].query", "DELETE"]),
+    ("row locks", lambda d: source_of(d).update(query="SELECT path FROM app.files FOR SHARE"),
+     [BUCKET, "references[0].query", "FOR SHARE", "lock rows"]),
     ("select into", lambda d: source_of(d).update(query="SELECT path INTO copy FROM app.files"),
      [BUCKET, "references[0].query", "INTO"]),
     ("empty query", lambda d: source_of(d).update(query="  "), [BUCKET, "references[0].query"]),

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 import yaml
 
 from heimdall_storage_pipeline.core.clock import as_utc, isoformat_utc, utc_now
+from heimdall_storage_pipeline.core.diff import compute_orphan_diff
 from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.core.policy import default_policy_path
 from heimdall_storage_pipeline.defs.build import build_definitions
@@ -40,7 +41,8 @@ MakeBucket = Callable[[str], str]
 
 
 def far_future() -> str:
-    return isoformat_utc(utc_now() + timedelta(days=400))
+    """As far ahead as a scan accepts (a minute, within the clock skew): objects a second old count as old."""
+    return isoformat_utc(utc_now() + timedelta(minutes=1))
 
 
 def store_of(harness: ScanHarness) -> ManifestStore:
@@ -79,7 +81,7 @@ def test_every_reference_format_and_the_companion_rule(
             db_engine, "t_jarr", [["k/json-arr-1.npy", "k/json-arr-2.npy"]], "jsonb"),
             "key", container="json"),
     ]
-    harness = harness_factory({bucket: {"min_age": "1d", "references": sources, "companions": [SIDECAR]}})
+    harness = harness_factory({bucket: {"min_age": "1s", "references": sources, "companions": [SIDECAR]}})
 
     diff = harness.scan(bucket, as_of=far_future())
 
@@ -111,7 +113,7 @@ def test_unparseable_references_are_counted_sampled_and_protect_nothing(
     # JSON text: one value is not JSON at all, one array holds a number next to a good key.
     jsons = key_source(make_reference_table(db_engine, "t_bad_json", ["w.npy", '[1, "v.npy"]']),
                        container="json")
-    harness = harness_factory({bucket: {"min_age": "1d", "references": [keys, uris, jsons]}})
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [keys, uris, jsons]}})
 
     diff = harness.scan(bucket, as_of=far_future())
 
@@ -136,7 +138,7 @@ def test_a_listed_key_that_cannot_be_normalised_is_reported_never_eligible(
     weird = ["ctl/\x01name.npy", "tab\tkey.npy"]
     put_objects(seaweed.client(), bucket, [*weird, "fine.npy", "kept.npy"])
     source = key_source(make_reference_table(db_engine, "t_refs", ["kept.npy", "tab\tkey.npy"]))
-    harness = harness_factory({bucket: {"min_age": "1d", "references": [source]}})
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [source]}})
 
     diff = harness.scan(bucket, as_of=far_future())
 
@@ -167,7 +169,7 @@ def test_keys_with_spaces_unicode_plus_percent_and_slashes(
                                "trailing space "]))
     decoded = key_source(make_reference_table(
         db_engine, "t_encoded", [f"s3://{bucket}/enc%20oded%2Bplus%25.npy"]), "uri", percent_decode=True)
-    harness = harness_factory({bucket: {"min_age": "1d", "references": [plain, decoded]}})
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [plain, decoded]}})
 
     diff = harness.scan(bucket, as_of=far_future())
 
@@ -183,7 +185,7 @@ def test_object_exactly_at_the_age_boundary(
     client = seaweed.client()
     put_objects(client, bucket, ["orphan.npy", "kept.npy"])
     source = key_source(make_reference_table(db_engine, "t_refs", ["kept.npy"]))
-    harness = harness_factory({bucket: {"min_age": "1h", "references": [source]}})
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [source]}})
     harness.materialize(["bucket_inventory", "referenced_keys"], bucket)
     inventory = store_of(harness).read_table(harness.metadata("bucket_inventory", bucket)["manifest_uri"])
     row = inventory.filter(pc.equal(inventory.column("key"), "orphan.npy")).to_pylist()[0]
@@ -191,14 +193,14 @@ def test_object_exactly_at_the_age_boundary(
     assert last_modified == client.stat_object(bucket, "orphan.npy").last_modified
     assert last_modified.tzinfo is not None
 
-    boundary = last_modified + timedelta(hours=1)
+    boundary = last_modified + timedelta(seconds=1)
     harness.materialize(["orphan_diff"], bucket, as_of=isoformat_utc(boundary))
     at_boundary = harness.metadata("orphan_diff", bucket)
     harness.materialize(["orphan_diff"], bucket, as_of=isoformat_utc(boundary - timedelta(microseconds=1)))
     just_before = harness.metadata("orphan_diff", bucket)
 
     assert as_utc(at_boundary["as_of"]) == boundary
-    assert at_boundary["min_age_seconds"] == 3600
+    assert at_boundary["min_age_seconds"] == 1
     assert (at_boundary["eligible_orphan_count"], at_boundary["young_orphan_count"]) == (1, 0)
     assert orphan_rows(store_of(harness), at_boundary["manifest_uri"]) == {"orphan.npy": True}
     assert (just_before["eligible_orphan_count"], just_before["young_orphan_count"]) == (0, 1)
@@ -237,7 +239,7 @@ def test_scan_metadata_is_complete_and_consistent(
     put_objects(seaweed.client(), bucket, ["big.npy"], size=500)
     put_objects(seaweed.client(), bucket, ["small.npy"], size=20)
     source = key_source(make_reference_table(db_engine, "t_refs", ["ref.npy"]))
-    harness = harness_factory({bucket: {"min_age": "1d", "references": [source]}})
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [source]}})
 
     diff = harness.scan(bucket, as_of=far_future())
 
@@ -264,7 +266,7 @@ def test_scan_metadata_is_complete_and_consistent(
     assert diff["health_status"] == "critical"
     assert [(r.data["key"], r.data["bytes"]) for r in diff["largest_eligible_orphans"].records] == [
         ("big.npy", 500), ("small.npy", 20)]
-    assert diff["age_histogram"].records[-1].data == {"age": ">= 90 d", "objects": 2, "size": "520 B", "bytes": 520}
+    assert diff["age_histogram"].records[0].data == {"age": "0-1 d", "objects": 2, "size": "520 B", "bytes": 520}
 
 
 def test_scan_metadata_is_typed_for_the_ui(
@@ -275,7 +277,7 @@ def test_scan_metadata_is_typed_for_the_ui(
     put_objects(seaweed.client(), bucket, ["ref.npy", "ref-2.npy"], size=10)
     put_objects(seaweed.client(), bucket, ["big.npy"], size=3 * 1024)
     source = key_source(make_reference_table(db_engine, "t_refs", ["ref.npy", "ref-2.npy", "ref.npy"]))
-    harness = harness_factory({bucket: {"min_age": "1d", "references": [source]}})
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [source]}})
     harness.scan(bucket, as_of=far_future())
     store = store_of(harness)
 
@@ -323,7 +325,7 @@ def test_empty_bucket(
 ) -> None:
     bucket = make_bucket("empty")
     source = key_source(make_reference_table(db_engine, "t_refs", ["gone.npy"]))
-    harness = harness_factory({bucket: {"min_age": "1d", "references": [source]}})
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [source]}})
 
     diff = harness.scan(bucket, as_of=far_future())
 
@@ -405,7 +407,7 @@ def test_references_older_than_the_inventory_fail_the_diff(
 ) -> None:
     bucket = make_bucket("order")
     put_objects(seaweed.client(), bucket, ["a.npy", "b.npy"])
-    harness = harness_factory({bucket: {"min_age": "1d", "references": [key_source("SELECT 'a.npy'")]}})
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [key_source("SELECT 'a.npy'")]}})
     harness.materialize(["bucket_inventory", "referenced_keys"], bucket)
     harness.materialize(["bucket_inventory"], bucket)  # a newer listing than the snapshot
 
@@ -440,7 +442,7 @@ def test_manifests_on_s3(
     bucket, manifest_bucket = make_bucket("s3man"), make_bucket("manifests")
     put_objects(seaweed.client(), bucket, ["ref.npy", "orphan.npy"])
     source = key_source(make_reference_table(db_engine, "t_refs", ["ref.npy"]))
-    harness = harness_factory({bucket: {"min_age": "1d", "references": [source]}},
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [source]}},
                               manifest_root=f"s3://{manifest_bucket}/heimdall/manifests")
 
     diff = harness.scan(bucket, as_of=far_future())
@@ -512,11 +514,17 @@ def test_shipped_heimdall_policy_against_the_seeded_schema(
 
     for bucket in (heimdall_db.SYNTHETIC_BUCKET, heimdall_db.AUDIO_BUCKET, heimdall_db.RAW_BUCKET):
         orphans = world.old_orphans[bucket] | world.young_orphans[bucket]
+        harness.materialize(ALL, bucket)
+        diff = harness.metadata("orphan_diff", bucket)
         # 45 days on: past the 30-day buckets' minimum age, not past raw IQ's 60 days; 61: past both.
-        for days, eligible, assets in ((45, bucket != heimdall_db.RAW_BUCKET, ALL), (61, True, ["orphan_diff"])):
-            harness.materialize(assets, bucket, as_of=isoformat_utc(now + timedelta(days=days)))
-            diff = harness.metadata("orphan_diff", bucket)
-            rows = orphan_rows(store_of(harness), diff["manifest_uri"])
+        # (A scan refuses an as_of in the future, so the diff of those days is computed directly.)
+        for days, eligible in ((45, bucket != heimdall_db.RAW_BUCKET), (61, True)):
+            later = compute_orphan_diff(
+                bucket=harness.policy.bucket(bucket), store=store_of(harness),
+                inventory_uri=harness.metadata("bucket_inventory", bucket)["manifest_uri"],
+                references_uri=harness.metadata("referenced_keys", bucket)["manifest_uri"],
+                as_of=now + timedelta(days=days), run_id=f"days-{days}")
+            rows = orphan_rows(store_of(harness), later.manifest_uri)
             assert rows == dict.fromkeys(orphans, eligible), (bucket, days)
             assert not set(rows) & world.referenced[bucket]
         refs = harness.metadata("referenced_keys", bucket)

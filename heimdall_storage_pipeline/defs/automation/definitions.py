@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from heimdall_storage_pipeline.defs.automation.prefix_cleanup import prefix_cleanup_job
+from heimdall_storage_pipeline.defs.automation.retention import event_log_retention_job, weekly_event_log_retention
 from heimdall_storage_pipeline.defs.automation.schedules import build_schedules
 from heimdall_storage_pipeline.defs.automation.sensors import (
     RUN_FAILURES_SPEC,
@@ -27,8 +28,8 @@ def build_automation(partitions_def: dg.PartitionsDefinition) -> Automation:
     """Schedules and sensors read their settings (HEIMDALL_*) here, at code-location load."""
     return Automation(
         assets=[RUN_FAILURES_SPEC],
-        jobs=[prefix_cleanup_job],
-        schedules=build_schedules(partitions_def),
+        jobs=[prefix_cleanup_job, event_log_retention_job],
+        schedules=[*build_schedules(partitions_def), weekly_event_log_retention],
         sensors=[
             build_scan_cleanup_chain_sensor(),
             build_orphan_growth_sensor(partitions_def),

@@ -19,8 +19,10 @@ from heimdall_storage_pipeline.defs.automation.outbox import (
     owned_prefixes,
 )
 from heimdall_storage_pipeline.defs.cleanup.jobs import (
+    CLEANUP_JOB_TAGS,
     CLEANUP_TAGS,
     deletion_context,
+    one_cleanup_at_a_time,
     record_deletions,
 )
 from heimdall_storage_pipeline.defs.resources import (
@@ -68,17 +70,18 @@ def prefix_cleanup(
         )
     ctx = deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run)
     try:
-        if entity_row_exists(ctx.engine, config.entity_type, config.entity_id):
-            # The row is back (a restore, a re-import): its objects are not known dead.
-            context.log.warning(
-                f"event {config.event_id}: {config.entity_type} {config.entity_id} exists again; "
-                f"nothing is deleted, the orphan cleanup handles its objects like any others"
+        with one_cleanup_at_a_time(context, ctx, bucket.name):
+            if entity_row_exists(ctx.engine, config.entity_type, config.entity_id):
+                # The row is back (a restore, a re-import): its objects are not known dead.
+                context.log.warning(
+                    f"event {config.event_id}: {config.entity_type} {config.entity_id} exists again; "
+                    f"nothing is deleted, the orphan cleanup handles its objects like any others"
+                )
+                return
+            report = delete_candidates(
+                ctx, bucket, list_prefix_candidates(ctx, bucket.name, prefixes),
+                dry_run=config.dry_run, batch_size=bucket.batch_size, age_exempt=True,
             )
-            return
-        report = delete_candidates(
-            ctx, bucket, list_prefix_candidates(ctx, bucket.name, prefixes),
-            dry_run=config.dry_run, batch_size=bucket.batch_size, age_exempt=True,
-        )
     except StorageCleanupError as exc:
         raise dg.Failure(description=f"event {config.event_id}: {exc}") from None
     finally:
@@ -101,7 +104,7 @@ def prefix_cleanup(
         )
 
 
-@dg.job(name=PREFIX_CLEANUP_JOB, tags=CLEANUP_TAGS,
+@dg.job(name=PREFIX_CLEANUP_JOB, tags=CLEANUP_JOB_TAGS,
         description="Event-driven cleanup of a deleted dataset's or audio's own prefixes.")
 def prefix_cleanup_job() -> None:
     prefix_cleanup()

@@ -1,5 +1,6 @@
 """delete_orphans_job and purge_dataset_job: deletion behind a dry-run default."""
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -7,6 +8,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from heimdall_storage_pipeline.core.audit import BucketBusyError
 from heimdall_storage_pipeline.core.clock import as_utc, isoformat_utc, utc_now
 from heimdall_storage_pipeline.core.deletion import (
     DELETE_WORKERS,
@@ -55,6 +57,10 @@ from heimdall_storage_pipeline.defs.resources import (
 )
 
 CLEANUP_TAGS = {"heimdall/kind": "cleanup"}
+# A cleanup run that outlives this is failed by the daemon's run monitoring (dagster.yaml): nothing
+# runs for ever, and a killed run does not stay STARTED. Launches may set their own.
+CLEANUP_JOB_TAGS = {**CLEANUP_TAGS, "dagster/max_runtime": str(12 * 3600)}
+DEFAULT_LOCK_WAIT_SECONDS = 60
 PURGE_BUCKET = "heimdall-synthetic-iq"
 
 
@@ -88,6 +94,11 @@ class DeleteOrphansConfig(dg.Config):
         "delete only its keys, each re-validated; it answers max_delete_fraction for them",
     )
     max_plan_age_minutes: int = Field(default=24 * 60, ge=1, description="refuse an older plan")
+    lock_wait_seconds: int = Field(
+        default=DEFAULT_LOCK_WAIT_SECONDS, ge=0, le=3600,
+        description="how long a live run waits for another cleanup of a bucket to finish before it leaves "
+        "the bucket alone (one cleanup per bucket at a time, whatever launched it)",
+    )
 
 
 def _selected_buckets(policy: StoragePolicy, config: DeleteOrphansConfig) -> list[BucketPolicy]:
@@ -201,6 +212,14 @@ def deletion_context(
     )
 
 
+def one_cleanup_at_a_time(context: dg.OpExecutionContext, ctx: DeletionContext, bucket: str,
+                          wait_seconds: int = DEFAULT_LOCK_WAIT_SECONDS) -> AbstractContextManager[None]:
+    """A live cleanup holds the bucket's lock in the audit database for its whole run; a dry run needs none."""
+    if ctx.audit is None:
+        return nullcontext()
+    return ctx.audit.exclusive(bucket, run_id=context.run.run_id, wait=timedelta(seconds=wait_seconds))
+
+
 @dg.op(tags=CLEANUP_TAGS, description="Re-validate and delete the eligible orphans of each bucket's latest diff.")
 def delete_orphans(
     context: dg.OpExecutionContext,
@@ -217,8 +236,9 @@ def delete_orphans(
     failures: dict[str, str] = {}
     for bucket in buckets:
         try:
-            _clean_bucket(context, ctx, bucket, config)
-        except (GuardTrippedError, StaleInputError, PlanRefusedError) as exc:
+            with one_cleanup_at_a_time(context, ctx, bucket.name, config.lock_wait_seconds):
+                _clean_bucket(context, ctx, bucket, config)
+        except (GuardTrippedError, StaleInputError, PlanRefusedError, BucketBusyError) as exc:
             # Refused before anything was deleted: recorded, so the UI and the exporter show it.
             failures[bucket.name] = str(exc)
             context.log.error(f"{bucket.name}: {exc}")
@@ -329,7 +349,7 @@ def _plan_metadata(ctx: DeletionContext, bucket: str, run_id: str, report: Delet
     }
 
 
-@dg.job(tags=CLEANUP_TAGS, description="Delete eligible orphans (dry run unless dry_run: false).")
+@dg.job(tags=CLEANUP_JOB_TAGS, description="Delete eligible orphans (dry run unless dry_run: false).")
 def delete_orphans_job() -> None:
     delete_orphans()
 
@@ -352,7 +372,8 @@ def purge_dataset_op(
     bucket = policy.load().bucket(PURGE_BUCKET)
     ctx = deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run)
     try:
-        result = purge_dataset(ctx, ctx.engine, bucket, config.dataset_id, dry_run=config.dry_run)
+        with one_cleanup_at_a_time(context, ctx, bucket.name):
+            result = purge_dataset(ctx, ctx.engine, bucket, config.dataset_id, dry_run=config.dry_run)
     except StorageCleanupError as exc:
         raise dg.Failure(description=str(exc)) from None
     finally:
@@ -374,6 +395,6 @@ def purge_dataset_op(
         )
 
 
-@dg.job(tags=CLEANUP_TAGS, description="Purge one synthetic dataset: rows first, then objects.")
+@dg.job(tags=CLEANUP_JOB_TAGS, description="Purge one synthetic dataset: rows first, then objects.")
 def purge_dataset_job() -> None:
     purge_dataset_op()

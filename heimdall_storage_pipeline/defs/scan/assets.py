@@ -5,7 +5,7 @@ from datetime import timedelta
 import dagster as dg
 from pydantic import Field
 
-from heimdall_storage_pipeline.core.clock import as_utc, parse_utc, utc_now
+from heimdall_storage_pipeline.core.clock import as_utc, check_as_of, parse_utc, utc_now
 from heimdall_storage_pipeline.core.diff import (
     check_snapshot_order,
     compute_orphan_diff,
@@ -18,6 +18,7 @@ from heimdall_storage_pipeline.core.manifests import (
     REFERENCES_SCHEMA,
     ManifestStore,
 )
+from heimdall_storage_pipeline.core.policy import format_duration
 from heimdall_storage_pipeline.core.references import describe_engine, read_references_to_manifest
 from heimdall_storage_pipeline.defs import metadata as md
 from heimdall_storage_pipeline.defs.automation.checks import orphan_diff_check_results, orphan_diff_check_specs
@@ -120,6 +121,11 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         inventory = require_metadata(context.instance, "bucket_inventory", bucket, "referenced_keys")
         engine = reference_db.engine()
         store = manifests.store()
+        context.log.info(
+            f"reading the references of {bucket} from {describe_engine(engine)}: "
+            + ", ".join(f"{source.name} (time limit {format_duration(source.statement_timeout)})"
+                        for source in bucket_policy.references)
+        )
         try:
             result = read_references_to_manifest(engine, bucket_policy, store, context.run.run_id)
         finally:
@@ -171,7 +177,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         listed_at = as_utc(inventory["listed_at"], "listed_at")
         snapshot_at = as_utc(references["snapshot_at"], "snapshot_at")
         check_snapshot_order(listed_at, snapshot_at)
-        as_of = parse_utc(config.as_of, "as_of") if config.as_of else utc_now()
+        as_of = check_as_of(parse_utc(config.as_of, "as_of"), utc_now()) if config.as_of else utc_now()
         result = compute_orphan_diff(
             bucket=bucket_policy,
             store=manifests.store(),
@@ -238,6 +244,7 @@ def build_scan_job(executor_def: dg.ExecutorDefinition | None = None):
         "storage_scan_job",
         selection=dg.AssetSelection.groups(SCAN_GROUP),
         description="List the bucket, read its references after the listing, and diff them.",
-        tags={"heimdall/kind": "scan"},
+        # A scan that outlives this is failed by the daemon's run monitoring (dagster.yaml).
+        tags={"heimdall/kind": "scan", "dagster/max_runtime": str(2 * 3600)},
         executor_def=executor_def,
     )

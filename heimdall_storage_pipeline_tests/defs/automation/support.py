@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import dagster as dg
 from minio import Minio
 
+from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
 from heimdall_storage_pipeline_tests.conftest import ScanHarness
 from heimdall_storage_pipeline_tests.helpers import put_objects
 
-FAR_FUTURE = "2099-01-01T00:00:00Z"  # every object is old enough at this as_of
+
+def soon() -> str:
+    """An as_of a minute ahead, within the clock skew a scan accepts: objects a second old are old enough."""
+    return isoformat_utc(utc_now() + timedelta(minutes=1))
 
 
 def scan(harness: ScanHarness, bucket: str, tags: dict[str, str] | None = None,
@@ -19,7 +24,7 @@ def scan(harness: ScanHarness, bucket: str, tags: dict[str, str] | None = None,
     return harness.defs.resolve_job_def("storage_scan_job").execute_in_process(
         partition_key=bucket,
         instance=harness.instance,
-        run_config={"ops": {"orphan_diff": {"config": {"as_of": FAR_FUTURE}}}},
+        run_config={"ops": {"orphan_diff": {"config": {"as_of": soon()}}}},
         tags=tags or {},
         raise_on_error=raise_on_error,
     )

@@ -31,7 +31,7 @@ from heimdall_storage_pipeline.local.browser import ERROR_MARKERS, dismiss_first
 from heimdall_storage_pipeline.local.postgres import create_database, drop_database
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS, free_ports
 from heimdall_storage_pipeline_tests.conftest import key_source, write_policy
-from heimdall_storage_pipeline_tests.defs.automation.support import FAR_FUTURE, seed_bucket
+from heimdall_storage_pipeline_tests.defs.automation.support import seed_bucket, soon
 from heimdall_storage_pipeline_tests.helpers import make_reference_table
 
 REPO = Path(__file__).resolve().parents[3]
@@ -166,7 +166,7 @@ def test_scan_plan_and_apply_through_the_ui_server(
 ) -> None:
     client, instance, bucket, log, base = dagster_dev
     scan_id = _launch(client, log, "storage_scan_job",
-                      {"ops": {"orphan_diff": {"config": {"as_of": FAR_FUTURE}}}}, {"dagster/partition": bucket})
+                      {"ops": {"orphan_diff": {"config": {"as_of": soon()}}}}, {"dagster/partition": bucket})
     _until_done(client, instance, scan_id, log)
     diff = latest_metadata(instance, "orphan_diff", bucket)
     assert diff is not None and diff["eligible_orphan_count"] == 2
