@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -301,8 +302,20 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _port_taken(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def _serve_ui(env: dict[str, str], root: Path, port: int) -> int:
     log, url = root / UI_LOG_FILE, f"http://127.0.0.1:{port}"
+    if _port_taken(port):
+        print(f"port {port} on 127.0.0.1 is in use (another dagster dev?); stop it or pass --ui-port", file=sys.stderr)
+        return 2
     print(f"\nStarting the Dagster UI (dagster dev; its log: {log}) ...", flush=True)
     # dagster dev runs in its own session; turn SIGTERM into the Ctrl-C path so that it, and
     # the demo's servers, are stopped rather than orphaned.

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -181,6 +182,16 @@ def test_the_runs_log_to_a_file_and_the_report_to_stdout(demo_run: tuple[DemoRun
     assert log.count("RUN_SUCCESS") == len(BUCKETS) + 1  # three scans and the dry run
     assert " - dagster - " not in run.output and "STEP_START" not in run.output
     assert "heimdall-storage demo --print-env" in run.output
+
+
+def test_a_taken_ui_port_is_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert demo._serve_ui({}, tmp_path, port) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"port {port} on 127.0.0.1 is in use (another dagster dev?); stop it or pass --ui-port"]
+    assert not (tmp_path / demo.UI_LOG_FILE).exists()  # nothing was started
 
 
 # Last in this module: it starts the demo's servers again, from the world the demo above left.
