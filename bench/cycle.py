@@ -51,10 +51,11 @@ def vm_hwm_mb() -> float:
     return float("nan")
 
 
-def fill(client: Minio, bucket: str, keys: list[str]) -> None:
-    client.make_bucket(bucket)
+def fill(client: Minio, uploads: list[tuple[str, str]]) -> None:
+    """Upload ``(bucket, key)`` pairs in this order: the raw baseline's copy of an orphan goes up right
+    after the orphan, so that neither side deletes newer objects than the other (as bench/delete.py)."""
     with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(lambda k: client.put_object(bucket, k, io.BytesIO(b"x"), 1), keys))
+        list(pool.map(lambda upload: client.put_object(*upload, io.BytesIO(b"x"), 1), uploads))
 
 
 def run_ours(config_path: str) -> None:
@@ -113,12 +114,19 @@ def main() -> int:
         policy: dict[str, object] = {"allow_short_min_age": True, "buckets": {}}
         orphan_count = 0
         began = time.perf_counter()
+        orphans_copy = f"raworphans-{suffix}"
+        client.make_bucket(orphans_copy)
+        uploads: list[tuple[str, str]] = []
         for index in range(BUCKETS):
             bucket = f"cycle{index}-{suffix}"
+            client.make_bucket(bucket)
             keys = [f"sessions/{i // 500:05d}/websdr_{i:08d}.npy" for i in range(per_bucket)]
             referenced = [k for i, k in enumerate(keys) if i % 3]
             orphan_count += len(keys) - len(referenced)
-            fill(client, bucket, keys)
+            for i, key in enumerate(keys):
+                uploads.append((bucket, key))
+                if not i % 3:
+                    uploads.append((orphans_copy, f"o/{index}/{i:08d}.npy"))
             with engine.begin() as connection:
                 connection.execute(sa.text(f"CREATE TABLE refs_{index} (location text)"))
             raw = psycopg2.connect(database_url.replace("postgresql+psycopg2", "postgresql"))
@@ -130,8 +138,7 @@ def main() -> int:
                 "min_age": f"{MIN_AGE_SECONDS}s",
                 "references": [{"name": "refs", "query": f"SELECT location FROM refs_{index}", "format": "uri"}],
             }
-        orphans_copy = f"raworphans-{suffix}"
-        fill(client, orphans_copy, [f"o/{i:08d}.npy" for i in range(orphan_count)])
+        fill(client, uploads)
         print(f"uploaded {args.objects + orphan_count} objects in {time.perf_counter() - began:.0f} s", flush=True)
         policy_path = work / "policy.yaml"
         policy_path.write_text(yaml.safe_dump(policy))

@@ -88,11 +88,8 @@ class ManifestStore:
         return self._to_uri(f"{base}/{kind}/{bucket}/{name}")
 
     @contextmanager
-    def writer(self, uri: str, schema: pa.Schema, **parquet_options: Any) -> Iterator[pq.ParquetWriter]:
-        """Write a manifest; it appears at ``uri`` only if the block completes.
-
-        ``parquet_options`` override the defaults (zstd, dictionaries) for ``pq.ParquetWriter``.
-        """
+    def _all_or_nothing(self, uri: str) -> Iterator[tuple[pafs.FileSystem, str]]:
+        """A filesystem and path to write ``uri`` at; the file appears at ``uri`` only if the block completes."""
         filesystem, _ = self._filesystem()
         final = self._to_path(uri)
         if not self.is_s3:
@@ -101,10 +98,7 @@ class ManifestStore:
         # there; locally a rename gives the same all-or-nothing behaviour.
         temporary = final if self.is_s3 else f"{final}.partial-{uuid.uuid4().hex[:8]}"
         try:
-            with filesystem.open_output_stream(temporary) as stream, pq.ParquetWriter(
-                stream, schema, **{"compression": "zstd", **parquet_options}
-            ) as parquet_writer:
-                yield parquet_writer
+            yield filesystem, temporary
         except BaseException:
             with suppress(OSError):
                 filesystem.delete_file(temporary)
@@ -112,20 +106,57 @@ class ManifestStore:
         if temporary != final:
             filesystem.move(temporary, final)
 
+    @contextmanager
+    def writer(self, uri: str, schema: pa.Schema, **parquet_options: Any) -> Iterator[pq.ParquetWriter]:
+        """Write a manifest; it appears at ``uri`` only if the block completes.
+
+        ``parquet_options`` override the defaults (zstd, dictionaries) for ``pq.ParquetWriter``.
+        """
+        with (
+            self._all_or_nothing(uri) as (filesystem, temporary),
+            filesystem.open_output_stream(temporary) as stream,
+            pq.ParquetWriter(stream, schema, **{"compression": "zstd", **parquet_options}) as parquet_writer,
+        ):
+            yield parquet_writer
+
+    def put_file(self, local_path: str, uri: str) -> None:
+        """Store a finished local Parquet file as the manifest ``uri``; like ``writer``, all or nothing."""
+        with self._all_or_nothing(uri) as (filesystem, temporary):
+            pafs.copy_files(local_path, temporary, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=filesystem)
+
     def write_table(self, uri: str, table: pa.Table) -> None:
         with self.writer(uri, table.schema) as parquet_writer:
             parquet_writer.write_table(table)
+
+    def _unreadable(self, uri: str, exc: Exception) -> ManifestError:
+        secrets = (self.s3.secret_key, self.s3.access_key) if self.s3 else ()
+        return ManifestError(
+            redact(f"cannot read manifest {uri}: {exc}; it may have been pruned or the manifest "
+                   f"store moved: re-materialize the asset that wrote it", secrets)
+        )
 
     def open(self, uri: str) -> pq.ParquetFile:
         filesystem, _ = self._filesystem()
         try:
             return pq.ParquetFile(filesystem.open_input_file(self._to_path(uri)))
         except (OSError, pa.ArrowInvalid) as exc:
-            secrets = (self.s3.secret_key, self.s3.access_key) if self.s3 else ()
-            raise ManifestError(
-                redact(f"cannot read manifest {uri}: {exc}; it may have been pruned or the manifest "
-                       f"store moved: re-materialize the asset that wrote it", secrets)
-            ) from None
+            raise self._unreadable(uri, exc) from None
+
+    def local_file(self, uri: str, directory: str) -> str:
+        """A local path of the manifest at ``uri``: the file itself, or a copy made in ``directory`` (S3)."""
+        filesystem, _ = self._filesystem()
+        path = self._to_path(uri)
+        try:
+            if not self.is_s3:
+                if filesystem.get_file_info(path).type != pafs.FileType.File:
+                    raise FileNotFoundError(f"no such file: {path}")
+                return path
+            copy = str(Path(directory) / Path(path).name)
+            pafs.copy_files(path, copy, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+            return copy
+        except OSError as exc:
+            raise self._unreadable(uri, exc) from None
 
     def digest(self, uri: str) -> str:
         """SHA-256 of the manifest file's bytes: what a plan's approval refers to."""

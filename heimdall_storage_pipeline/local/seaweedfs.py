@@ -28,6 +28,7 @@ _PORT_NAMES = (
     "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "admin.port", "admin.port.grpc",
 )
 START_TIMEOUT_SECONDS = 60.0
+MAX_VOLUMES = 5000  # volumes are files written on demand, not preallocated: a high cap costs nothing
 
 
 def weed_binary() -> str:
@@ -105,6 +106,9 @@ class SeaweedFS:
             weed_binary(), f"-logdir={logs}", "mini", f"-dir={data}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-master.telemetry=false",
             "-s3.port.lance=0", f"-s3.config={config}",
+            # Each bucket is a collection with volumes of its own; left to "auto", the volume count
+            # is free disk / volume size, and a few dozen buckets exhaust it on a disk tens of GB free.
+            f"-volume.max={MAX_VOLUMES}",
             *(f"-{name}={port}" for name, port in self.ports.items()),
         ]
         with open(logs / "weed.out", "ab") as out:

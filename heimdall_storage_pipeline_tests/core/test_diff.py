@@ -1,7 +1,8 @@
-"""The partitioned orphan diff: edge cases across partitions, and equality with a plain in-memory diff."""
+"""The orphan diff: edge cases, spilling, and equality with a plain in-memory diff."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import tempfile
@@ -12,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from unittest import mock
 
+import duckdb
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 
 from heimdall_storage_pipeline.core import diff
 from heimdall_storage_pipeline.core.diff import OrphanDiffResult, compute_orphan_diff
+from heimdall_storage_pipeline.core.errors import ManifestError
 from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
 from heimdall_storage_pipeline.core.manifests import INVENTORY_SCHEMA, REFERENCES_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy, CompanionRule
@@ -30,12 +33,10 @@ OLD = AS_OF - timedelta(days=45)
 SIDECAR = CompanionRule("sidecar", r"^(.*)\.npy$", r"\1_metadata.json")
 PREVIEW = CompanionRule("preview", r"^raw/(.*)\.wav$", r"previews/\1.mp3")
 
-# How the diff is run: one in-memory partition (the default for small buckets), many partitions
-# held in memory, and many partitions spilled to disk after every batch, read in 3-row batches.
-MODES = {
-    "single": {},
-    "partitioned": {"partition_rows": 2},
-    "spilled": {"partition_rows": 3, "spill_bytes": 0, "read_rows": 3},
+# How the diff is run (module settings it is run with): as configured, and on one thread.
+MODES: dict[str, dict[str, object]] = {
+    "default": {},
+    "one thread": {"THREADS": 1},
 }
 
 
@@ -53,18 +54,17 @@ def policy(*rules: CompanionRule) -> BucketPolicy:
 
 
 @contextmanager
-def tuned(spill_bytes: int | None = None, read_rows: int | None = None) -> Iterator[None]:
-    with (
-        mock.patch.object(diff, "SPILL_BUFFER_BYTES", diff.SPILL_BUFFER_BYTES if spill_bytes is None else spill_bytes),
-        mock.patch.object(diff, "READ_BATCH_ROWS", read_rows or diff.READ_BATCH_ROWS),
-    ):
+def tuned(settings: dict[str, object]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for name, value in settings.items():
+            stack.enter_context(mock.patch.object(diff, name, value))
         yield
 
 
 def run(store: ManifestStore, objects: list[Obj], references: list[str], *, rules: tuple[CompanionRule, ...] = (),
-        partition_rows: int = diff.PARTITION_ROWS, spill_bytes: int | None = None, read_rows: int | None = None,
-        work_dir: str | None = None) -> tuple[OrphanDiffResult, pa.Table]:
-    """Write the two manifests (several row groups each), diff them; returns the result and orphans."""
+        work_dir: str | None = None, row_group_size: int = 5, **settings: object) -> tuple[OrphanDiffResult, pa.Table]:
+    """Write the two manifests (several row groups each), diff them with ``settings`` patched into the diff
+    module; returns the result and orphans."""
     inventory = pa.table({
         "key": [o.key for o in objects], "size": [o.size for o in objects],
         "last_modified": [o.last_modified for o in objects], "etag": [o.etag for o in objects],
@@ -74,11 +74,11 @@ def run(store: ManifestStore, objects: list[Obj], references: list[str], *, rule
     references_uri = store.new_uri("references", "bkt", AS_OF, "run00000")
     for uri, table in ((inventory_uri, inventory), (references_uri, refs)):
         with store.writer(uri, table.schema) as writer:
-            writer.write_table(table, row_group_size=5)
-    with tuned(spill_bytes, read_rows):
+            writer.write_table(table, row_group_size=row_group_size)
+    with tuned(settings):
         result = compute_orphan_diff(
             bucket=policy(*rules), store=store, inventory_uri=inventory_uri, references_uri=references_uri,
-            as_of=AS_OF, run_id="run00000", work_dir=work_dir, partition_rows=partition_rows,
+            as_of=AS_OF, run_id="run00000", work_dir=work_dir,
         )
     return result, store.read_table(result.manifest_uri)
 
@@ -141,6 +141,9 @@ def assert_matches_reference(result: OrphanDiffResult, orphans: pa.Table, object
     eligible_keys = {row["key"] for row in orphans.to_pylist() if row["eligible"]}
     assert {row["key"] for row in result.largest_eligible} <= eligible_keys
     assert {name: getattr(result, name) for name in expected} == expected
+    # Plain ints: Dagster's int metadata refuses anything else (a SQL sum is a 128-bit decimal).
+    assert {type(getattr(result, name)) for name in expected if name.endswith(("_count", "_bytes"))} == {int}
+    assert {type(row[key]) for row in result.age_histogram for key in ("count", "bytes")} == {int}
 
 
 # --- edge cases ---------------------------------------------------------------------------
@@ -152,11 +155,11 @@ def store(tmp_path: Path) -> ManifestStore:
 
 
 @pytest.fixture(params=list(MODES))
-def mode(request: pytest.FixtureRequest) -> dict[str, int]:
+def mode(request: pytest.FixtureRequest) -> dict[str, object]:
     return MODES[request.param]
 
 
-def test_keys_needing_normalisation_match_their_references(store: ManifestStore, mode: dict[str, int]) -> None:
+def test_keys_needing_normalisation_match_their_references(store: ManifestStore, mode: dict[str, object]) -> None:
     objects = [Obj("/a//b.npy"), Obj("a/b.npy"), Obj("c///d.npy"), Obj("plain.npy"), Obj("//e")]
     references = ["a/b.npy", "c/d.npy", "e"]
     result, orphans = run(store, objects, references, **mode)
@@ -165,7 +168,7 @@ def test_keys_needing_normalisation_match_their_references(store: ManifestStore,
     assert_matches_reference(result, orphans, objects, references, ())
 
 
-def test_unparseable_listed_keys_are_orphans_never_eligible(store: ManifestStore, mode: dict[str, int]) -> None:
+def test_unparseable_listed_keys_are_orphans_never_eligible(store: ManifestStore, mode: dict[str, object]) -> None:
     weird = ["x/../y.npy", "./z", "a/./b", "ctl\x01key", "..", "tab\tkey"]
     objects = [Obj(k) for k in weird] + [Obj("young.npy", last_modified=AS_OF)] + [Obj(f"ok/{i}") for i in range(12)]
     references = [f"ok/{i}" for i in range(12)] + ["x/y.npy"]
@@ -179,32 +182,25 @@ def test_unparseable_listed_keys_are_orphans_never_eligible(store: ManifestStore
     assert_matches_reference(result, orphans, objects, references, ())
 
 
-def test_unparseable_sample_keeps_the_first_ten_in_listing_order(store: ManifestStore, mode: dict[str, int]) -> None:
+def test_unparseable_sample_keeps_the_first_ten_in_listing_order(store: ManifestStore, mode: dict[str, object]) -> None:
     objects = [Obj(f"d{i:02d}/../k") for i in range(25)]
     result, _ = run(store, objects, [], **mode)
     assert result.unparseable_object_count == 25
     assert result.unparseable_object_sample == [f"d{i:02d}/../k" for i in range(10)]
 
 
-def test_companions_protect_keys_in_other_partitions(store: ManifestStore) -> None:
-    """A referenced key and the companion it derives hash to different partitions; both are kept."""
+def test_companions_protect_their_keys(store: ManifestStore, mode: dict[str, object]) -> None:
     pairs = [(f"s/{i}.npy", f"s/{i}_metadata.json") for i in range(40)]
-    partitions = 7
-    hashes = diff._hash_strings(pa.array([k for pair in pairs for k in pair])) % partitions
-    crossing = [pair for pair, (a, b) in zip(pairs, hashes.reshape(-1, 2), strict=True) if a != b]
-    assert len(crossing) >= 20  # the premise of this test
     objects = [Obj(k) for pair in pairs for k in pair] + [Obj("s/lonely_metadata.json")]
     references = [npy for npy, _ in pairs]
-    rows = len(objects) + 2 * len(references)
-    result, orphans = run(store, objects, references, rules=(SIDECAR,), partition_rows=math.ceil(rows / partitions),
-                          spill_bytes=0)
+    result, orphans = run(store, objects, references, rules=(SIDECAR,), **mode)
     assert orphans.column("key").to_pylist() == ["s/lonely_metadata.json"]
     assert result.referenced_count == 40
     assert_matches_reference(result, orphans, objects, references, (SIDECAR,))
 
 
 def test_dangling_references_count_and_sample_in_first_occurrence_order(
-    store: ManifestStore, mode: dict[str, int]
+    store: ManifestStore, mode: dict[str, object]
 ) -> None:
     objects = [Obj(f"here/{i}") for i in range(10)]
     missing = [f"gone/{i:02d}" for i in range(15)]
@@ -217,7 +213,7 @@ def test_dangling_references_count_and_sample_in_first_occurrence_order(
     assert_matches_reference(result, orphans, objects, references, ())
 
 
-def test_a_companion_is_not_a_dangling_reference(store: ManifestStore, mode: dict[str, int]) -> None:
+def test_a_companion_is_not_a_dangling_reference(store: ManifestStore, mode: dict[str, object]) -> None:
     objects = [Obj("a.npy")]
     result, _ = run(store, objects, ["a.npy"], rules=(SIDECAR,), **mode)
     assert result.dangling_reference_count == 0  # a.npy's absent sidecar is not "referenced"
@@ -228,7 +224,7 @@ def test_a_companion_is_not_a_dangling_reference(store: ManifestStore, mode: dic
     ([], ["ref/a", "ref/b", "ref/a"]),
     ([Obj("a", size=5), Obj("b", size=7)], []),
 ])
-def test_empty_inventory_or_references(store: ManifestStore, mode: dict[str, int], objects: list[Obj],
+def test_empty_inventory_or_references(store: ManifestStore, mode: dict[str, object], objects: list[Obj],
                                        references: list[str]) -> None:
     result, orphans = run(store, objects, references, **mode)
     assert orphans.schema.names == ["key", "size", "last_modified", "etag", "eligible"]
@@ -237,7 +233,7 @@ def test_empty_inventory_or_references(store: ManifestStore, mode: dict[str, int
     assert_matches_reference(result, orphans, objects, references, ())
 
 
-def test_largest_eligible_and_histogram(store: ManifestStore, mode: dict[str, int]) -> None:
+def test_largest_eligible_and_histogram(store: ManifestStore, mode: dict[str, object]) -> None:
     objects = [Obj(f"k/{i}", size=i * 10, last_modified=AS_OF - timedelta(days=i, hours=1)) for i in range(120)]
     objects.append(Obj("future", size=10_000, last_modified=AS_OF + timedelta(days=2)))
     result, orphans = run(store, objects, [f"k/{i}" for i in range(0, 120, 2)], **mode)
@@ -246,97 +242,62 @@ def test_largest_eligible_and_histogram(store: ManifestStore, mode: dict[str, in
     assert_matches_reference(result, orphans, objects, [f"k/{i}" for i in range(0, 120, 2)], ())
 
 
-def test_spilled_partitions_leave_nothing_behind(store: ManifestStore, tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    objects = [Obj(f"k/{i}") for i in range(50)]
-    with mock.patch.object(diff, "TemporaryDirectory", wraps=tempfile.TemporaryDirectory) as temporary:
-        result, _ = run(store, objects, [f"k/{i}" for i in range(25)], partition_rows=4, spill_bytes=0,
-                        work_dir=str(work))
-    assert temporary.called  # it did spill
-    assert result.orphan_count == 25
-    assert list(work.iterdir()) == []
-
-
-def test_a_failing_diff_leaves_no_spill_files(store: ManifestStore, tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    objects = [Obj(f"k/{i}") for i in range(50)]
-    with mock.patch.object(diff, "_set_bits", side_effect=RuntimeError("boom")), pytest.raises(RuntimeError):
-        run(store, objects, [f"k/{i}" for i in range(25)], partition_rows=4, spill_bytes=0, work_dir=str(work))
-    assert list(work.iterdir()) == []
-
-
-def test_small_bucket_does_not_touch_the_disk(store: ManifestStore) -> None:
-    with mock.patch.object(diff, "TemporaryDirectory", wraps=tempfile.TemporaryDirectory) as temporary:
-        result, _ = run(store, [Obj("a"), Obj("b")], ["a"])
-    assert not temporary.called
-    assert result.orphan_count == 1
-
-
-def _jemalloc_or_skip() -> None:
-    try:
-        pa.jemalloc_memory_pool()
-    except NotImplementedError:
-        pytest.skip("this pyarrow is built without jemalloc")
-
-
-def test_the_diff_allocates_from_jemalloc_and_restores_the_default_pool(
-    store: ManifestStore, monkeypatch: pytest.MonkeyPatch
+def test_a_bucket_larger_than_the_memory_limit_spills_and_leaves_nothing_behind(
+    store: ManifestStore, tmp_path: Path
 ) -> None:
-    _jemalloc_or_skip()
-    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
-    before = pa.default_memory_pool().backend_name
-    seen: list[str] = []
-    read = diff._batches
-
-    def spy(*args: object) -> Iterator[pa.RecordBatch]:
-        seen.append(pa.default_memory_pool().backend_name)
-        return read(*args)  # type: ignore[arg-type]
-
-    with mock.patch.object(diff, "_batches", spy):
-        result, _ = run(store, [Obj("a"), Obj("b")], ["a"], partition_rows=1, spill_bytes=0)
-    assert result.orphan_count == 1
-    assert seen and set(seen) == {"jemalloc"}
-    assert pa.default_memory_pool().backend_name == before
+    """The keys alone outgrow DuckDB's budget, so the joins, tables and sort go through the spill directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    objects = [Obj(f"spill/{i:06d}/{'x' * 300}.npy", size=i % 977, last_modified=OLD - timedelta(hours=i % 2000))
+               for i in range(250_000)]
+    objects += [Obj(f"spill/{i:06d}/{'x' * 300}_metadata.json") for i in range(0, 250_000, 50)]
+    references = [o.key for o in objects[:250_000] if int(o.key[6:12]) % 3]
+    assert sum(len(o.key) for o in objects) > 64 * 1024**2  # the premise: more than the budget below
+    result, orphans = run(store, objects, references, rules=(SIDECAR,), work_dir=str(work), row_group_size=50_000,
+                          MEMORY_LIMITS=("64MB",))
+    assert_matches_reference(result, orphans, objects, references, (SIDECAR,))
+    assert list(work.iterdir()) == []
 
 
-def test_an_explicitly_chosen_arrow_pool_is_left_alone(store: ManifestStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "system")
-    with mock.patch.object(pa, "set_memory_pool") as set_pool:
-        run(store, [Obj("a"), Obj("b")], ["a"])
-    assert not set_pool.called
+def test_a_diff_that_overruns_its_memory_budget_runs_again_with_the_next(store: ManifestStore) -> None:
+    objects = [Obj(f"k/{i}") for i in range(50)]
+    connect = diff._connect
+    with mock.patch.object(diff, "_connect", wraps=connect) as connected:
+        result, orphans = run(store, objects, [f"k/{i}" for i in range(25)], MEMORY_LIMITS=("1MB", "256MB"))
+    assert [call.args[1] for call in connected.call_args_list] == ["1MB", "256MB"]
+    assert_matches_reference(result, orphans, objects, [f"k/{i}" for i in range(25)], ())
 
 
-def test_overlapping_diffs_restore_the_pool_when_the_last_one_ends(monkeypatch: pytest.MonkeyPatch) -> None:
-    _jemalloc_or_skip()
-    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
-    before = pa.default_memory_pool().backend_name
-    with diff._diff_memory_pool():
-        with diff._diff_memory_pool():
-            assert pa.default_memory_pool().backend_name == "jemalloc"
-        assert pa.default_memory_pool().backend_name == "jemalloc"
-    assert pa.default_memory_pool().backend_name == before
-    with pytest.raises(RuntimeError), diff._diff_memory_pool():
-        raise RuntimeError("a failing diff restores the pool too")
-    assert pa.default_memory_pool().backend_name == before
+def test_a_diff_that_overruns_every_budget_fails(store: ManifestStore) -> None:
+    with pytest.raises(duckdb.OutOfMemoryException):
+        run(store, [Obj("a")], ["a"], MEMORY_LIMITS=("1MB", "1MB"))
+    assert not (Path(store.root) / "orphans").exists()
 
 
-def test_hash_ignores_where_a_string_sits() -> None:
-    keys = ["", "a", "ab", "ü/ß", "x" * 5000, "synthetic/0f1e/1/RX_001k.npy", "a"]
-    hashes = diff._hash_strings(pa.array(keys)).tolist()
-    assert hashes[1] == hashes[-1]
-    assert len(set(hashes[:-1])) == len(keys) - 1
-    sliced = diff._hash_strings(pa.array(["pad", *keys]).slice(1)).tolist()
-    large = diff._hash_strings(pa.array(keys, pa.large_string())).tolist()
-    assert sliced == hashes == large
+def test_a_failing_diff_leaves_no_spill_files_and_no_manifest(store: ManifestStore, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    objects = [Obj(f"k/{i}") for i in range(50)]
+    with mock.patch.object(ManifestStore, "put_file", side_effect=RuntimeError("boom")), pytest.raises(RuntimeError):
+        run(store, objects, [f"k/{i}" for i in range(25)], work_dir=str(work))
+    assert list(work.iterdir()) == []
+    assert not (Path(store.root) / "orphans").exists()
+
+
+def test_an_unreadable_manifest_is_named_in_a_clear_error(store: ManifestStore, tmp_path: Path) -> None:
+    references_uri = store.new_uri("references", "bkt", AS_OF, "run00000")
+    store.write_table(references_uri, pa.table({"key": ["a"], "source": ["s"]}, schema=REFERENCES_SCHEMA))
+    missing = store.new_uri("inventory", "bkt", AS_OF, "run00000")
+    with pytest.raises(ManifestError, match=r"cannot read manifest .*re-materialize"):
+        compute_orphan_diff(bucket=policy(), store=store, inventory_uri=missing, references_uri=references_uri,
+                            as_of=AS_OF, run_id="run00000")
 
 
 def test_diff_reads_and_writes_an_s3_store(seaweed: SeaweedFS, make_bucket: Callable[[str], str]) -> None:
     s3_store = ManifestStore(root=f"s3://{make_bucket('diffstore')}/m", s3=seaweed.settings())
     objects = [Obj(f"k/{i}.npy") for i in range(30)] + [Obj("k/3_metadata.json"), Obj("bad/../k")]
     references = [f"k/{i}.npy" for i in range(0, 30, 3)] + ["k/missing.npy"]
-    result, orphans = run(s3_store, objects, references, rules=(SIDECAR,), partition_rows=5, spill_bytes=0)
+    result, orphans = run(s3_store, objects, references, rules=(SIDECAR,))
     assert result.manifest_uri.startswith("s3://")
     assert_matches_reference(result, orphans, objects, references, (SIDECAR,))
 
