@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo dev test lint deploy-check validate-policy bench clean
+.PHONY: install demo dev test lint deploy-check validate-policy bench screenshots clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,7 @@ deploy-check: install
 
 test: install deploy-check
 	@if [ -x scripts/install_prometheus.sh ]; then scripts/install_prometheus.sh; fi
+	@if [ -x scripts/install_chromium.sh ]; then scripts/install_chromium.sh; fi
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -40,6 +41,10 @@ validate-policy: install
 
 bench: install
 	$(BIN)/python bench/inventory.py
+
+screenshots: install
+	scripts/install_chromium.sh
+	$(BIN)/python scripts/ui_screenshots.py
 
 clean:
 	rm -rf .demo .pytest_cache .ruff_cache

@@ -131,8 +131,8 @@ def measure(kind: str, case: str, url: str) -> dict[str, float | int | str]:
                 rows = sum(batch.num_rows for batch in batches)
             seconds = time.perf_counter() - began
         return {"seconds": seconds, "rss_mb": peak_rss_mb(), "cpu_seconds": cpu_seconds() - cpu_before, "rows": rows}
-    # A step process has imported the definitions (and with them pandas, which pyarrow would
-    # otherwise import lazily, ~0.5 s, on the first pa.array of Python objects) before it runs.
+    # A step process has imported the definitions before it runs (and pyarrow, where pandas is
+    # installed, imports it at the first pa.array of Python objects, ~0.5 s: not a dependency here).
     import heimdall_storage_pipeline.definitions  # noqa: F401
     from heimdall_storage_pipeline.core import references
     from heimdall_storage_pipeline.core.manifests import ManifestStore

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from heimdall_storage_pipeline.core.policy import PolicyError, format_duration, load_policy, policy_path_from_env
+from heimdall_storage_pipeline.core.settings import dagster_instance_problem, database_url_problem
+
+if TYPE_CHECKING:
+    from heimdall_storage_pipeline.core.plans import Plan
 
 
 def _validate_policy(args: argparse.Namespace) -> int:
@@ -38,9 +44,11 @@ def _demo(args: argparse.Namespace) -> int:
     from heimdall_storage_pipeline.local import DEMO_EXTRA_HINT, DEMO_PACKAGES
 
     try:
-        from heimdall_storage_pipeline.local.demo import run_demo
+        from heimdall_storage_pipeline.local.demo import print_env, run_demo
         from heimdall_storage_pipeline.local.seaweedfs import weed_binary
 
+        if args.print_env:
+            return print_env(workdir=args.workdir)
         weed_binary()
     except ModuleNotFoundError as exc:
         if exc.name not in DEMO_PACKAGES:
@@ -50,7 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:  # no 'weed' binary
         print(exc, file=sys.stderr)
         return 2
-    return run_demo(workdir=args.workdir, serve_ui=args.ui)
+    return run_demo(workdir=args.workdir, serve_ui=args.ui, ui_port=args.ui_port)
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -62,10 +70,16 @@ def _migrate(args: argparse.Namespace) -> int:
     if not args.database_url:
         print("no database: pass --database-url or set HEIMDALL_DATABASE_URL", file=sys.stderr)
         return 2
-    targets = [("heimdall", args.database_url)]
+    targets = [("heimdall", args.database_url, "--database-url (HEIMDALL_DATABASE_URL)")]
     if args.audit_database_url:
-        targets.append(("audit", args.audit_database_url))
-    for target, url in targets:
+        targets.append(("audit", args.audit_database_url,
+                        "--audit-database-url (HEIMDALL_AUDIT_DB_URL, else DAGSTER_PG_URL)"))
+    for _, url, setting in targets:
+        problem = database_url_problem(url, setting)
+        if problem:
+            print(f"FAILED {problem}", file=sys.stderr)
+            return 2
+    for target, url, _ in targets:
         try:
             engine = make_engine(url)
             try:
@@ -79,32 +93,57 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _find_plan_in_instance(plan_id: str) -> tuple[Plan, dict[str, object]]:
+    """The plan from $DAGSTER_HOME's instance; the instance's own failures become one line, no password."""
+    import dagster as dg
+
+    from heimdall_storage_pipeline.core.errors import StorageCleanupError
+    from heimdall_storage_pipeline.defs.cleanup.plans import find_plan
+    from heimdall_storage_pipeline.exporter.collector import describe_failure
+
+    # Dagster's PostgreSQL storage logs each retry of a failed connection at WARNING; the one line below says it.
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        with dg.DagsterInstance.get() as instance:
+            return find_plan(instance, plan_id)
+    except StorageCleanupError:
+        raise
+    except Exception as exc:  # Dagster's and its storage's errors, whatever their class
+        raise StorageCleanupError(f"cannot read the Dagster instance of DAGSTER_HOME: {describe_failure(exc)}") \
+            from None
+
+
 def _plan_show(args: argparse.Namespace) -> int:
     """Print a plan for review; optionally write its keys as CSV and the run config that applies it."""
-    import dagster as dg
+    import sqlalchemy as sa
     import yaml
 
     from heimdall_storage_pipeline.core.audit import plan_application
     from heimdall_storage_pipeline.core.clock import utc_now
-    from heimdall_storage_pipeline.core.errors import StorageCleanupError
+    from heimdall_storage_pipeline.core.errors import StorageCleanupError, database_error
     from heimdall_storage_pipeline.core.plans import write_plan_csv
     from heimdall_storage_pipeline.core.references import make_engine
-    from heimdall_storage_pipeline.defs.cleanup.plans import apply_config, describe_plan, find_plan
+    from heimdall_storage_pipeline.defs.cleanup.plans import apply_config, describe_plan
     from heimdall_storage_pipeline.defs.resources import manifest_store_from_env
 
-    if not os.environ.get("DAGSTER_HOME"):
-        print("DAGSTER_HOME is not set; point it at the pipeline's instance directory", file=sys.stderr)
+    problem = dagster_instance_problem()
+    audit_setting = "HEIMDALL_AUDIT_DB_URL" if os.environ.get("HEIMDALL_AUDIT_DB_URL") else "DAGSTER_PG_URL"
+    audit_url = os.environ.get(audit_setting)
+    if problem is None and audit_url:
+        problem = database_url_problem(audit_url, audit_setting)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
-    audit_url = os.environ.get("HEIMDALL_AUDIT_DB_URL") or os.environ.get("DAGSTER_PG_URL")
     try:
-        with dg.DagsterInstance.get() as instance:
-            plan, metadata = find_plan(instance, args.plan_id)
+        plan, metadata = _find_plan_in_instance(args.plan_id)
         store = manifest_store_from_env()
         applied = None
         if audit_url:
             engine = make_engine(audit_url)
             try:
                 applied = plan_application(engine, plan.plan_id)
+            except sa.exc.DBAPIError as exc:
+                raise database_error(engine, "read the plan applications", exc, f"check {audit_setting}") from None
             finally:
                 engine.dispose()
         report = describe_plan(plan, metadata, store, utc_now(), applied)
@@ -131,7 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=_validate_policy)
     demo = commands.add_parser("demo", help="seed embedded PostgreSQL + SeaweedFS and run the scan")
     demo.add_argument("--workdir", default=".demo", help="where the demo servers keep their data")
-    demo.add_argument("--ui", action="store_true", help="then serve the Dagster UI on 127.0.0.1:3000")
+    demo.add_argument("--ui", action="store_true", help="then serve the Dagster UI (dagster dev), reusing the world "
+                                                        "a completed demo left in --workdir")
+    demo.add_argument("--ui-port", type=int, default=3000, help="the UI's port on 127.0.0.1 (default 3000)")
+    demo.add_argument("--print-env", action="store_true",
+                      help="print `export NAME=value` lines (credentials included) that reach the servers of the "
+                           "demo running in --workdir; use as eval \"$(heimdall-storage demo --print-env)\"")
     demo.set_defaults(handler=_demo)
     migrate = commands.add_parser("migrate", help="apply the project's migrations: the outbox table and triggers "
                                                   "in Heimdall's database, and the deletion audit tables")

@@ -1,18 +1,21 @@
-"""``heimdall-storage validate-policy``: exit codes and messages, no server involved."""
+"""``heimdall-storage``: exit codes and one-line messages naming a missing or wrong setting."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from heimdall_storage_pipeline.cli import main
 from heimdall_storage_pipeline.core.policy import POLICY_ENV_VAR, default_policy_path
 
 CLI = str(Path(sys.executable).parent / "heimdall-storage")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def shipped_document() -> dict:
@@ -108,3 +111,81 @@ def test_installed_command_exit_codes_without_servers(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 1
     assert f"INVALID {missing}: policy file not found" in bad.stderr
+
+
+def _run(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env},
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.fixture
+def shipped_home(tmp_path: Path) -> Path:
+    """A DAGSTER_HOME holding the repository's dagster.yaml, as the README sets it up."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({}, "DAGSTER_HOME is not set; point it at the pipeline's instance directory (it holds dagster.yaml)"),
+        ({"DAGSTER_HOME": "{home}"}, "DAGSTER_PG_URL is not set; dagster.yaml reads it"),
+        ({"DAGSTER_HOME": "{home}/missing", "DAGSTER_PG_URL": "postgresql+psycopg2://u@h/d"},
+         "DAGSTER_HOME={home}/missing is not a directory; point it at the pipeline's instance directory"),
+        ({"DAGSTER_HOME": "{home}", "DAGSTER_PG_URL": "postgres://dagster:Pw-123@db/dagster"},
+         "DAGSTER_PG_URL starts with postgres://, which SQLAlchemy reads as psycopg 3 (not installed); "
+         "write postgresql+psycopg2://..."),
+        ({"DAGSTER_HOME": "{home}", "DAGSTER_PG_URL": "postgresql+psycopg2://u@h/d",
+          "HEIMDALL_AUDIT_DB_URL": "audit-db:5432"},
+         "HEIMDALL_AUDIT_DB_URL is not a database URL; write postgresql+psycopg2://user:password@host:5432/database"),
+    ],
+)
+def test_plan_show_names_a_missing_or_wrong_setting_in_one_line(
+    tmp_path: Path, shipped_home: Path, env: dict[str, str], line: str
+) -> None:
+    env = {name: value.format(home=shipped_home) for name, value in env.items()}
+    done = _run(["plan", "show", "heimdall-raw-iq:1a2b3c4d"], env, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [line.format(home=shipped_home)]
+    assert "Pw-123" not in done.stderr
+
+
+def test_plan_show_when_the_instance_database_is_missing(
+    tmp_path: Path, shipped_home: Path, pg_admin_url: str
+) -> None:
+    """Dagster gives up after its retries; one line names the cause, without the password."""
+    url = make_url(pg_admin_url).set(drivername="postgresql+psycopg2", database="no_such_db_surface",
+                                     password="Pw-123")
+    done = _run(["plan", "show", "heimdall-raw-iq:1a2b3c4d"],
+                {"DAGSTER_HOME": str(shipped_home), "DAGSTER_PG_URL": url.render_as_string(hide_password=False)},
+                tmp_path)
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("FAILED cannot read the Dagster instance of DAGSTER_HOME: ")
+    assert "no_such_db_surface" in line and "Pw-123" not in line
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--database-url", "heimdall-db"],
+         "FAILED --database-url (HEIMDALL_DATABASE_URL) is not a database URL; "
+         "write postgresql+psycopg2://user:password@host:5432/database"),
+        (["--database-url", "postgresql+psycopg2://u@127.0.0.1/h", "--audit-database-url", "sqlite:///a.db"],
+         "FAILED --audit-database-url (HEIMDALL_AUDIT_DB_URL, else DAGSTER_PG_URL) names a sqlite database, not "
+         "PostgreSQL; write postgresql+psycopg2://user:password@host:5432/database"),
+    ],
+)
+def test_migrate_names_a_wrong_url_in_one_line(tmp_path: Path, args: list[str], line: str) -> None:
+    done = _run(["migrate", *args], {}, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [line]
+
+
+def test_a_wrong_exporter_variable_does_not_break_other_commands(tmp_path: Path) -> None:
+    """The exporter's variables are read when the exporter starts, not when any command parses."""
+    env = {"HEIMDALL_EXPORTER_PORT": "eighty", "HEIMDALL_EXPORTER_CACHE_SECONDS": "x"}
+    done = _run(["validate-policy", str(default_policy_path())], env, tmp_path)
+    assert done.returncode == 0, done.stderr

@@ -34,6 +34,21 @@ def parse_utc(text: str, what: str = "timestamp") -> datetime:
     return ensure_utc(moment, what)
 
 
+def as_utc(value: object, what: str = "timestamp") -> datetime:
+    """A recorded time as an aware UTC datetime.
+
+    Materializations hold epoch seconds (``MetadataValue.timestamp``, read back as a float); those
+    recorded before times were typed hold ISO-8601 strings. Both, and datetimes, are accepted.
+    """
+    if isinstance(value, datetime):
+        return ensure_utc(value, what)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        return parse_utc(value, what)
+    raise ValueError(f"{what} {value!r} is not a time; expected epoch seconds or an ISO-8601 string")
+
+
 def isoformat_utc(moment: datetime) -> str:
     return ensure_utc(moment).isoformat().replace("+00:00", "Z")
 

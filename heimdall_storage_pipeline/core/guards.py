@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from heimdall_storage_pipeline.core.clock import ensure_utc, parse_utc
+from heimdall_storage_pipeline.core.clock import as_utc, ensure_utc
 from heimdall_storage_pipeline.core.errors import StaleInputError, StorageCleanupError
 from heimdall_storage_pipeline.core.health import share
 
@@ -29,8 +29,8 @@ def check_diff_usable(bucket: str, diff: dict[str, Any] | None, now: datetime, m
         raise StaleInputError(
             f"bucket {bucket!r} has no orphan_diff materialization; run storage_scan_job for it first"
         )
-    listed_at = parse_utc(str(diff["inventory_listed_at"]), "inventory_listed_at")
-    snapshot_at = parse_utc(str(diff["references_snapshot_at"]), "references_snapshot_at")
+    listed_at = as_utc(diff["inventory_listed_at"], "inventory_listed_at")
+    snapshot_at = as_utc(diff["references_snapshot_at"], "references_snapshot_at")
     if snapshot_at < listed_at:
         raise StaleInputError(
             f"the orphan_diff of {bucket!r} compares references read at {snapshot_at.isoformat()} with "

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from heimdall_storage_pipeline.core.clock import ensure_utc, parse_utc
+from heimdall_storage_pipeline.core.clock import as_utc, ensure_utc
 from heimdall_storage_pipeline.core.deletion import manifest_candidates
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.manifests import ManifestStore
@@ -72,7 +72,7 @@ class Plan:
             digest=str(metadata["plan_digest"]),
             keys=int(metadata["would_delete_count"]),
             bytes=int(metadata["would_delete_bytes"]),
-            created_at=parse_utc(str(metadata["completed_at"]), "completed_at"),
+            created_at=as_utc(metadata["completed_at"], "completed_at"),
             diff_manifest_uri=str(metadata["diff_manifest_uri"]),
         )
 

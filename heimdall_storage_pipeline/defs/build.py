@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dagster as dg
 
+from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA
 from heimdall_storage_pipeline.core.policy import StoragePolicy
+from heimdall_storage_pipeline.defs import metadata as md
 from heimdall_storage_pipeline.defs.automation.definitions import build_automation
 from heimdall_storage_pipeline.defs.cleanup.jobs import (
     ORPHAN_DELETIONS,
@@ -28,12 +30,12 @@ def build_definitions(
         partitions_def=partitions,
         group_name="storage_cleanup",
         description="What each cleanup run deleted, skipped and failed, per bucket.",
+        metadata={md.COLUMN_SCHEMA: md.column_schema(DELETIONS_SCHEMA)},
     )
     automation = build_automation(partitions)  # schedules, sensors, checks, prefix_cleanup_job
     executor = scale_out_executor()  # None: Dagster's default; HEIMDALL_EXECUTOR=celery: Celery workers
     return dg.Definitions(
         assets=[*build_scan_assets(partitions), orphan_deletions, *automation.assets],
-        asset_checks=automation.asset_checks,
         jobs=[
             build_scan_job(executor),
             delete_orphans_job if executor is None else delete_orphans_job.with_executor_def(executor),

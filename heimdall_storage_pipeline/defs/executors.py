@@ -11,6 +11,7 @@ and the rest in the instance's event log, which must be PostgreSQL-backed and sh
 """
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,11 +91,16 @@ def scale_out_executor() -> dg.ExecutorDefinition | None:
     if executor_kind() != CELERY_EXECUTOR:
         return None
     try:
+        from celery.exceptions import DuplicateTaskNameWarning
         from dagster_celery import celery_executor
     except ImportError as exc:  # an optional dependency until every deployment installs it
         raise ExecutorSelectionError(
             f"{EXECUTOR_ENV}=celery needs the dagster-celery package (pinned to Dagster's version)"
         ) from exc
+    # dagster-celery registers its execute_plan task again, the same callable, for every step it submits;
+    # Celery 5.5+ warns at each re-registration. The first registration serves them all.
+    warnings.filterwarnings("ignore", message="Task name 'execute_plan' is already registered",
+                            category=DuplicateTaskNameWarning)
     return celery_executor.configured(
         CelerySettings.from_env().executor_config(),
         name="heimdall_celery",

@@ -11,6 +11,7 @@ import dagster as dg
 
 from heimdall_storage_pipeline.core.errors import secrets_from_env
 from heimdall_storage_pipeline.core.policy import POLICY_ENV_VAR, PolicyError, load_policy
+from heimdall_storage_pipeline.core.settings import dagster_instance_problem
 from heimdall_storage_pipeline.exporter.collector import (
     DEFAULT_TIMEOUT_SECONDS,
     InstanceProvider,
@@ -25,6 +26,29 @@ PORT_ENV = "HEIMDALL_EXPORTER_PORT"
 BUCKETS_ENV = "HEIMDALL_EXPORTER_BUCKETS"
 CACHE_ENV = "HEIMDALL_EXPORTER_CACHE_SECONDS"
 TIMEOUT_ENV = "HEIMDALL_EXPORTER_TIMEOUT_SECONDS"
+DEFAULT_CACHE_SECONDS = 5.0
+
+
+class SettingError(ValueError):
+    """A flag or variable with a value the exporter cannot use; the message names it."""
+
+
+def _setting(given: float | None, flag: str, env: str, default: float, kind: type[int] | type[float],
+             allowed: tuple[float, float]) -> float:
+    """The flag's value, else the variable's, else the default; one line naming the setting if unusable."""
+    low, high = allowed
+    source, value = flag, given
+    if value is None and os.environ.get(env, "").strip():
+        source = env
+        try:
+            value = kind(os.environ[env].strip())
+        except ValueError:
+            raise SettingError(f"{env}={os.environ[env]!r} is not a number; use {low:g}..{high:g}") from None
+    if value is None:
+        return default
+    if not low <= value <= high:
+        raise SettingError(f"{source} {value:g} is out of range; use {low:g}..{high:g}")
+    return value
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -36,7 +60,6 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--port",
         type=int,
-        default=int(os.environ.get(PORT_ENV, DEFAULT_PORT)),
         help=f"port to bind, 0 for any free port (env {PORT_ENV}; default {DEFAULT_PORT})",
     )
     parser.add_argument(
@@ -53,13 +76,11 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache-seconds",
         type=float,
-        default=float(os.environ.get(CACHE_ENV, "5")),
-        help=f"reuse a snapshot for this long between scrapes (env {CACHE_ENV}; default 5)",
+        help=f"reuse a snapshot for this long between scrapes (env {CACHE_ENV}; default {DEFAULT_CACHE_SECONDS:g})",
     )
     parser.add_argument(
         "--timeout-seconds",
         type=float,
-        default=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_SECONDS)),
         help="answer 503 when the instance has not answered within this time "
         f"(env {TIMEOUT_ENV}; default {DEFAULT_TIMEOUT_SECONDS:g})",
     )
@@ -82,8 +103,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Dagster opens its storage through alembic, which announces every plugin at INFO.
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    if not os.environ.get("DAGSTER_HOME"):
-        log.error("DAGSTER_HOME is not set; point it at the pipeline's instance directory")
+    problem = dagster_instance_problem()
+    if problem:
+        log.error("%s", problem)
+        return 2
+    try:
+        port = int(_setting(args.port, "--port", PORT_ENV, DEFAULT_PORT, int, (0, 65535)))
+        cache_seconds = _setting(args.cache_seconds, "--cache-seconds", CACHE_ENV, DEFAULT_CACHE_SECONDS, float,
+                                 (0, 86400))
+        timeout_seconds = _setting(args.timeout_seconds, "--timeout-seconds", TIMEOUT_ENV, DEFAULT_TIMEOUT_SECONDS,
+                                   float, (0.1, 3600))
+    except SettingError as exc:
+        log.error("%s", exc)
         return 2
     buckets = list(args.bucket)
     if args.policy:
@@ -92,11 +123,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         except PolicyError as exc:
             log.error("%s", exc)
             return 2
-    provider = InstanceProvider(
-        dg.DagsterInstance.get, secrets=secrets_from_env(), timeout_seconds=args.timeout_seconds
-    )
-    source = SnapshotSource(provider, buckets, ttl_seconds=args.cache_seconds)
-    server = ExporterServer(provider, source, host=args.host, port=args.port)
+    provider = InstanceProvider(dg.DagsterInstance.get, secrets=secrets_from_env(), timeout_seconds=timeout_seconds)
+    source = SnapshotSource(provider, buckets, ttl_seconds=cache_seconds)
+    try:
+        server = ExporterServer(provider, source, host=args.host, port=port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s; choose another --port (%s) or --host (%s)",
+                  args.host, port, exc.strerror or exc, PORT_ENV, HOST_ENV)
+        return 2
     log.info("heimdall-storage exporter listening on %s", server.url)
     try:
         server.serve_forever()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from heimdall_storage_pipeline.exporter.state import (
 _GB = "in GB (GiB: 1024^3 bytes, as the predecessor)"
 log = logging.getLogger(__name__)
 _MAX_REASON = 500
+_UNSET_VARIABLE = re.compile(r'environment variable "([^"]+)" which is not set')
 DEFAULT_TIMEOUT_SECONDS = 5.0  # below prometheus.yml's scrape_timeout (10 s)
 T = TypeVar("T")
 
@@ -44,6 +46,10 @@ def _first_line(exc: BaseException) -> str:
 
 def describe_failure(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
     """One short, credential-free line for ``/healthz`` and logs, naming the root cause."""
+    unset = _UNSET_VARIABLE.search(str(exc))
+    if isinstance(exc, dg.DagsterInvalidConfigError) and unset:
+        # Dagster's own message is the repr of its config schema; the variable is what matters.
+        return f"{unset.group(1)} is not set; dagster.yaml reads it"
     reason = _first_line(exc)
     root = exc
     # Dagster wraps the driver's error ("too many retries"); the cause says what is wrong.

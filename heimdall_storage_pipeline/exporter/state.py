@@ -16,7 +16,7 @@ from typing import Any
 
 import dagster as dg
 
-from heimdall_storage_pipeline.core.clock import Clock, isoformat_utc, utc_now
+from heimdall_storage_pipeline.core.clock import Clock, as_utc, isoformat_utc, utc_now
 from heimdall_storage_pipeline.core.health import share
 
 BUCKET_INVENTORY = dg.AssetKey("bucket_inventory")
@@ -61,7 +61,7 @@ class Materialization:
     def text(self, key: str) -> str | None:
         value = self.metadata.get(key)
         if isinstance(value, float):  # MetadataValue.timestamp
-            return isoformat_utc(datetime.fromtimestamp(value, UTC))
+            return isoformat_utc(as_utc(value))
         return value if isinstance(value, str) else None
 
 

@@ -1,7 +1,7 @@
 """Heimdall's schema (the tables the shipped policy reads) and a seeded demo world.
 
-The DDL follows ../shared/heimdall-reference.md; tests and the demo use it so that the
-shipped policy's queries run against the real column names and types.
+The DDL follows Heimdall's own tables (the columns the cleanup reads, with their real names and
+types); tests and the demo use it so that the shipped policy's queries run against them.
 """
 
 from __future__ import annotations

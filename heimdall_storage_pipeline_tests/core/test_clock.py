@@ -7,7 +7,14 @@ from datetime import UTC, datetime, timedelta, timezone
 import pyarrow as pa
 import pytest
 
-from heimdall_storage_pipeline.core.clock import ensure_utc, isoformat_utc, parse_utc, utc_datetimes, utc_now
+from heimdall_storage_pipeline.core.clock import (
+    as_utc,
+    ensure_utc,
+    isoformat_utc,
+    parse_utc,
+    utc_datetimes,
+    utc_now,
+)
 
 
 def test_ensure_utc_refuses_naive_datetimes() -> None:
@@ -48,6 +55,21 @@ def test_isoformat_round_trip_keeps_microseconds() -> None:
     moment = datetime(2026, 1, 31, 3, 0, 0, 123456, tzinfo=UTC)
     assert isoformat_utc(moment) == "2026-01-31T03:00:00.123456Z"
     assert parse_utc(isoformat_utc(moment)) == moment
+
+
+def test_as_utc_reads_a_recorded_time_in_every_form_it_was_recorded() -> None:
+    """Typed metadata gives epoch seconds back; older materializations hold ISO-8601 strings."""
+    moment = datetime(2026, 11, 26, 3, 4, 5, 678901, tzinfo=UTC)
+    cest = timezone(timedelta(hours=2))
+    for recorded in (moment.timestamp(), isoformat_utc(moment), moment, moment.astimezone(cest)):
+        converted = as_utc(recorded, "listed_at")
+        assert converted == moment and converted.utcoffset() == timedelta(0)
+    assert as_utc(0) == datetime(1970, 1, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="no timezone"):
+        as_utc(datetime(2026, 1, 31, 3, 0), "listed_at")
+    for wrong in (None, True, ["2026-01-31T03:00:00Z"]):
+        with pytest.raises(ValueError, match=r"listed_at .* is not a time"):
+            as_utc(wrong, "listed_at")
 
 
 def test_utc_now_is_aware() -> None:

@@ -369,3 +369,14 @@ def test_policies_built_in_code_are_checked_values() -> None:
         CompanionRule("look-ahead", r"^(?=x)(.+)$", r"\1")
     with pytest.raises(ValueError, match="batch_size"):
         BucketPolicy(name="b", min_age=timedelta(days=1), references=(source,), batch_size=True)
+
+
+def test_the_shipped_policy_points_only_at_files_of_the_repository() -> None:
+    """Its comments name where the schema and the fields are explained; each must exist."""
+    repo = default_policy_path().resolve().parents[2]
+    named = re.findall(r"[\w./-]+\.(?:py|md|yaml)\b", default_policy_path().read_text())
+    assert named, "the shipped policy names no document"
+    for path in named:
+        target = (repo / path).resolve()
+        assert target.is_relative_to(repo) and target.is_file(), f"the shipped policy points at {path}, outside " \
+                                                                 f"the repository or missing"

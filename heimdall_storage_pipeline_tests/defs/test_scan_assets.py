@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from heimdall_storage_pipeline.core.clock import isoformat_utc, parse_utc, utc_now
+from heimdall_storage_pipeline.core.clock import as_utc, isoformat_utc, utc_now
 from heimdall_storage_pipeline.core.diff import compute_orphan_diff
 from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.core.policy import default_policy_path
@@ -199,7 +199,7 @@ def test_object_exactly_at_the_age_boundary(
     harness.materialize(["orphan_diff"], bucket, as_of=isoformat_utc(boundary - timedelta(microseconds=1)))
     just_before = harness.metadata("orphan_diff", bucket)
 
-    assert parse_utc(at_boundary["as_of"]) == boundary
+    assert as_utc(at_boundary["as_of"]) == boundary
     assert at_boundary["min_age_seconds"] == 1
     assert (at_boundary["eligible_orphan_count"], at_boundary["young_orphan_count"]) == (1, 0)
     assert orphan_rows(store_of(harness), at_boundary["manifest_uri"]) == {"orphan.npy": True}
@@ -225,9 +225,9 @@ def test_young_orphans_are_kept_and_health_is_computed(
     assert diff["orphan_share_bytes"] == pytest.approx(0.10)
     assert diff["orphan_share_count"] == pytest.approx(0.4)
     assert diff["health_status"] == "warning"
-    assert "| 0-1 d | 2 | 100 |" in diff["age_histogram"]
-    assert diff["largest_eligible_orphans"] == "_No eligible orphans._"
-    assert abs(parse_utc(diff["as_of"]) - utc_now()) < timedelta(minutes=5)
+    assert diff["age_histogram"].records[0].data == {"age": "0-1 d", "objects": 2, "size": "100 B", "bytes": 100}
+    assert diff["largest_eligible_orphans"].records == []
+    assert abs(as_utc(diff["as_of"]) - utc_now()) < timedelta(minutes=5)
     assert orphan_rows(store_of(harness), diff["manifest_uri"]) == {"new-1": False, "new-2": False}
 
 
@@ -258,15 +258,66 @@ def test_scan_metadata_is_complete_and_consistent(
         assert key in diff
     assert (inventory["object_count"], inventory["total_bytes"]) == (3, 530)
     assert store_of(harness).read_table(inventory["manifest_uri"]).num_rows == 3
-    assert parse_utc(inventory["listed_at"]) <= parse_utc(refs["snapshot_at"])
+    assert as_utc(inventory["listed_at"]) <= as_utc(refs["snapshot_at"])
     assert diff["inventory_listed_at"] == inventory["listed_at"]
     assert diff["references_snapshot_at"] == refs["snapshot_at"]
     assert diff["inventory_manifest_uri"] == inventory["manifest_uri"]
     assert diff["orphan_share_bytes"] == pytest.approx(520 / 530)
     assert diff["health_status"] == "critical"
-    table = diff["largest_eligible_orphans"]
-    assert table.index("`big.npy` | 500") < table.index("`small.npy` | 20")
-    assert "| 0-1 d | 2 | 520 |" in diff["age_histogram"]
+    assert [(r.data["key"], r.data["bytes"]) for r in diff["largest_eligible_orphans"].records] == [
+        ("big.npy", 500), ("small.npy", 20)]
+    assert diff["age_histogram"].records[0].data == {"age": "0-1 d", "objects": 2, "size": "520 B", "bytes": 520}
+
+
+def test_scan_metadata_is_typed_for_the_ui(
+    harness_factory: HarnessFactory, make_bucket: MakeBucket, seaweed: SeaweedFS, db_engine: sa.Engine
+) -> None:
+    """Times are timestamps, manifests paths with Dagster's row count and URI, sizes and shares readable."""
+    bucket = make_bucket("typed")
+    put_objects(seaweed.client(), bucket, ["ref.npy", "ref-2.npy"], size=10)
+    put_objects(seaweed.client(), bucket, ["big.npy"], size=3 * 1024)
+    source = key_source(make_reference_table(db_engine, "t_refs", ["ref.npy", "ref-2.npy", "ref.npy"]))
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [source]}})
+    harness.scan(bucket, as_of=far_future())
+    store = store_of(harness)
+
+    def entries(asset: str) -> dict[str, dg.MetadataValue]:
+        record = harness.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[bucket]), limit=1).records[0]
+        assert record.asset_materialization is not None
+        return dict(record.asset_materialization.metadata)
+
+    inventory, refs, diff = entries("bucket_inventory"), entries("referenced_keys"), entries("orphan_diff")
+    for values, keys in ((inventory, ("listing_started_at", "listed_at")),
+                         (refs, ("snapshot_at", "inventory_listed_at")),
+                         (diff, ("as_of", "inventory_listed_at", "references_snapshot_at"))):
+        for key in keys:
+            assert isinstance(values[key], dg.TimestampMetadataValue), key
+    assert diff["inventory_listed_at"] == inventory["listed_at"]
+    for values in (inventory, refs, diff):
+        uri = values["manifest_uri"]
+        assert isinstance(uri, dg.PathMetadataValue)
+        assert values["dagster/uri"].value == Path(uri.value).as_uri()
+        assert values["dagster/row_count"].value == store.read_table(uri.value).num_rows
+    assert (inventory["dagster/row_count"].value, diff["dagster/row_count"].value) == (3, 1)
+    assert isinstance(diff["references_manifest_uri"], dg.PathMetadataValue)
+    assert (inventory["total_bytes"].value, inventory["total_size"].value) == (3092, "3.0 KiB")
+    assert (diff["orphan_bytes"].value, diff["orphan_size"].value) == (3072, "3.0 KiB")
+    assert diff["eligible_orphan_size"].value == "3.0 KiB" and diff["young_orphan_size"].value == "0 B"
+    assert diff["orphan_share_bytes"].value == pytest.approx(3072 / 3092)
+    assert diff["orphan_share_bytes_percent"].value == "99.4 %"
+    assert diff["orphan_share_count_percent"].value == "33.3 %"
+    largest = diff["largest_eligible_orphans"]
+    assert isinstance(largest, dg.TableMetadataValue) and largest.schema.columns[0].name == "key"
+    assert largest.records[0].data["size"] == "3.0 KiB"
+    assert largest.records[0].data["last_modified"].endswith("Z")
+    assert isinstance(diff["age_histogram"], dg.TableMetadataValue)
+    # The catalog lists each manifest's columns.
+    specs = {spec.key.path[0]: spec for spec in harness.defs.resolve_all_asset_specs()}
+    columns = specs["bucket_inventory"].metadata["dagster/column_schema"].columns
+    assert [(c.name, c.type) for c in columns] == [
+        ("key", "string"), ("size", "int64"), ("last_modified", "timestamp[us, tz=UTC]"), ("etag", "string")]
+    assert [c.name for c in specs["orphan_deletions"].metadata["dagster/column_schema"].columns][-1] == "outcome"
 
 
 def test_empty_bucket(

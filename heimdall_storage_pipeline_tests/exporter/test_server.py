@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +43,8 @@ from heimdall_storage_pipeline_tests.exporter.support import (
 
 # Long enough for Dagster's PostgreSQL retries to give up, so the reason names the cause.
 PATIENT = 60.0
+REPO = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).parent / "heimdall-storage")
 
 
 def serve(
@@ -155,15 +162,75 @@ def test_exporter_subcommand_takes_flags_and_environment(monkeypatch: pytest.Mon
     add_exporter_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["exporter", "--port", "9101", "--bucket", "c"])
     assert (args.command, args.host, args.port, args.bucket) == ("exporter", "0.0.0.0", 9101, ["a", "b", "c"])
-    assert (args.cache_seconds, args.timeout_seconds, args.policy) == (5, 5, None)
+    assert (args.cache_seconds, args.timeout_seconds, args.policy) == (None, None, None)  # env or default at start
     assert args.func is run_from_args
     defaults = parser.parse_args(["exporter"])
-    assert (defaults.port, defaults.bucket) == (8001, ["a", "b"])
+    assert (defaults.port, defaults.bucket) == (None, ["a", "b"])
 
 
-def test_exporter_requires_dagster_home(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exporter_requires_dagster_home(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     assert run_exporter(["--port", "0"]) == 2
+    assert "DAGSTER_HOME is not set; point it at the pipeline's instance directory" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "line"),
+    [
+        ({"DAGSTER_PG_URL": None}, [], "DAGSTER_PG_URL is not set; dagster.yaml reads it"),
+        ({"DAGSTER_PG_URL": "postgresql://u:pw@127.0.0.1/d"}, [],
+         "DAGSTER_PG_URL starts with postgresql://, which SQLAlchemy reads as psycopg 3 (not installed); "
+         "write postgresql+psycopg2://..."),
+        ({"HEIMDALL_EXPORTER_PORT": "eighty"}, [], "HEIMDALL_EXPORTER_PORT='eighty' is not a number; use 0..65535"),
+        ({}, ["--port", "70000"], "--port 70000 is out of range; use 0..65535"),
+        ({"HEIMDALL_EXPORTER_CACHE_SECONDS": "-1"}, [],
+         "HEIMDALL_EXPORTER_CACHE_SECONDS -1 is out of range; use 0..86400"),
+        ({"HEIMDALL_EXPORTER_TIMEOUT_SECONDS": "soon"}, [],
+         "HEIMDALL_EXPORTER_TIMEOUT_SECONDS='soon' is not a number; use 0.1..3600"),
+    ],
+)
+def test_the_exporter_names_a_missing_or_wrong_setting_in_one_line(
+    tmp_path: Path, env: dict[str, str | None], args: list[str], line: str
+) -> None:
+    """As the README runs it: DAGSTER_HOME with the shipped dagster.yaml; one line, exit 2, no password."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DAGSTER_HOME": str(home),
+            "DAGSTER_PG_URL": postgres_url("unused")}
+    process_env = {k: v for k, v in {**base, **env}.items() if v is not None}
+    done = subprocess.run([CLI, "exporter", *args], env=process_env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 2, done.stderr
+    (logged,) = done.stderr.strip().splitlines()
+    assert logged.endswith(f"ERROR heimdall_storage_pipeline.exporter: {line}")
+    assert "pw@" not in logged and PG_PASSWORD not in logged
+
+
+def test_a_port_in_use_is_named_in_one_line(tmp_path: Path) -> None:
+    home = write_instance_home(tmp_path / "home")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([CLI, "exporter", "--port", str(port)], capture_output=True, text=True, timeout=120,
+                              check=False, env={"PATH": os.environ["PATH"], "DAGSTER_HOME": str(home)})
+    assert done.returncode == 2
+    (logged,) = done.stderr.strip().splitlines()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use; choose another --port" in logged
+
+
+def test_healthz_names_an_unset_variable_when_the_instance_is_opened_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.delenv("DAGSTER_PG_URL", raising=False)
+    with serve(lambda: dg.DagsterInstance.from_config(str(home))) as server:
+        status, body = http_json(f"{server.url}/healthz")
+    assert (status, body["reason"]) == (503, "cannot open the Dagster instance: DAGSTER_PG_URL is not set; "
+                                             "dagster.yaml reads it")
 
 
 def test_console_entry_serves_policy_buckets_and_logs_no_password(tmp_path: Path) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,8 +17,9 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from heimdall_storage_pipeline.core.clock import parse_utc
+from heimdall_storage_pipeline.core.clock import as_utc
 from heimdall_storage_pipeline.core.manifests import ManifestStore
+from heimdall_storage_pipeline.core.s3 import S3Settings, make_client
 from heimdall_storage_pipeline.defs.materializations import latest_metadata
 from heimdall_storage_pipeline.local import demo, heimdall_db
 from heimdall_storage_pipeline_tests.helpers import orphan_rows
@@ -139,7 +144,7 @@ def test_orphan_manifests_classify_every_seeded_object(demo_run: tuple[DemoRun, 
         assert not set(rows) & world.referenced[bucket], f"referenced objects listed as orphans in {bucket}"
         assert {key for key, eligible in rows.items() if eligible} == world.old_orphans[bucket]
         ages = store.read_table(diff["manifest_uri"], columns=["key", "last_modified"]).to_pylist()
-        young_ages = [parse_utc(diff["as_of"]) - row["last_modified"] for row in ages
+        young_ages = [as_utc(diff["as_of"]) - row["last_modified"] for row in ages
                       if row["key"] in world.young_orphans[bucket]]
         assert young_ages and all(age < min_age for age in young_ages)
         assert {key for key, eligible in rows.items() if not eligible} == world.young_orphans[bucket]
@@ -169,3 +174,60 @@ def test_demo_stops_what_it_started(demo_run: tuple[DemoRun, Path]) -> None:
     (seaweed,) = run.seaweed_processes
     assert seaweed.process is not None and seaweed.process.poll() is not None, "SeaweedFS still running"
     assert not (workdir / "postgres" / "postmaster.pid").exists(), "embedded PostgreSQL still running"
+
+
+def test_the_runs_log_to_a_file_and_the_report_to_stdout(demo_run: tuple[DemoRun, Path]) -> None:
+    run, workdir = demo_run
+    log = (workdir / demo.LOG_FILE).read_text()
+    assert log.count("RUN_SUCCESS") == len(BUCKETS) + 1  # three scans and the dry run
+    assert " - dagster - " not in run.output and "STEP_START" not in run.output
+    assert "heimdall-storage demo --print-env" in run.output
+
+
+def test_a_taken_ui_port_is_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert demo._serve_ui({}, tmp_path, port) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"port {port} on 127.0.0.1 is in use (another dagster dev?); stop it or pass --ui-port"]
+    assert not (tmp_path / demo.UI_LOG_FILE).exists()  # nothing was started
+
+
+# Last in this module: it starts the demo's servers again, from the world the demo above left.
+def test_make_dev_reuses_the_seeded_world_and_prints_its_environment(
+    demo_run: tuple[DemoRun, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, workdir = demo_run
+    cli = str(Path(sys.executable).parent / "heimdall-storage")
+    reached: dict[str, int] = {}
+
+    def reach_the_servers(env: dict[str, str], root: Path, port: int) -> int:
+        """Instead of dagster dev: what another terminal does with --print-env while the servers run."""
+        printed = subprocess.run([cli, "demo", "--print-env", "--workdir", str(root)], capture_output=True,
+                                 text=True, timeout=120, check=True).stdout
+        exported = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in printed.splitlines())
+        assert set(exported) == set(demo.ENV_NAMES) and exported == {name: env[name] for name in demo.ENV_NAMES}
+        client = make_client(S3Settings(endpoint=exported["MINIO_ENDPOINT"], access_key=exported["MINIO_ACCESS_KEY"],
+                                        secret_key=exported["MINIO_SECRET_KEY"]))
+        reached.update({bucket: sum(1 for _ in client.list_objects(bucket, recursive=True)) for bucket in BUCKETS})
+        return 0
+
+    monkeypatch.setattr(demo, "_serve_ui", reach_the_servers)
+    capture = tmp_path / "dev.txt"
+    with capture.open("w") as out, contextlib.redirect_stdout(out):
+        assert demo.run_demo(workdir=str(workdir), serve_ui=True) == 0
+    output = capture.read_text()
+    assert "Reusing the demo world seeded at" in output
+    assert len(run.worlds) == 1, "the world was seeded a second time"
+    world = run.world
+    for bucket in BUCKETS:  # not doubled
+        seeded = len(world.referenced[bucket]) + len(world.old_orphans[bucket]) + len(world.young_orphans[bucket])
+        assert reached[bucket] == seeded, bucket
+    assert report_rows(output) == report_rows(run.output)
+
+    stopped = subprocess.run([cli, "demo", "--print-env", "--workdir", str(workdir)], capture_output=True,
+                             text=True, timeout=120, check=False)
+    assert stopped.returncode == 1 and stopped.stdout == ""
+    assert stopped.stderr.strip() == f"no demo is running under {workdir}; start one with `make dev` (the servers " \
+                                     f"of `make demo` stop once it has printed its report)"

@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
+from heimdall_storage_pipeline.core.clock import as_utc, isoformat_utc, parse_utc, utc_now
 from heimdall_storage_pipeline.defs.materializations import latest_metadata
 from heimdall_storage_pipeline.local import demo, heimdall_db
 from heimdall_storage_pipeline.local.postgres import create_database, drop_database
@@ -99,8 +99,8 @@ def test_scan_plan_review_apply_from_the_cli(operator: Operator) -> None:
     for bucket in BUCKETS:
         diff = operator.metadata("orphan_diff", bucket)
         assert diff["eligible_orphan_count"] == len(operator.world.old_orphans[bucket]), bucket
-    assert operator.metadata("orphan_diff", BUCKETS[0])["as_of"] == yaml.safe_load(as_of.read_text())[
-        "ops"]["orphan_diff"]["config"]["as_of"]
+    assert as_utc(operator.metadata("orphan_diff", BUCKETS[0])["as_of"]) == parse_utc(yaml.safe_load(
+        as_of.read_text())["ops"]["orphan_diff"]["config"]["as_of"])
 
     # Plan: the shipped dry-run config succeeds, every bucket's verdict says a live run would refuse.
     operator.run("dagster", "job", "execute", *module, "-j", "delete_orphans_job",

@@ -1,7 +1,9 @@
-"""Asset checks on ``orphan_diff``, one evaluation per bucket partition, in the diff's own run.
+"""Asset checks on ``orphan_diff``, one evaluation per bucket partition, in the diff's own step.
 
-The checks read the figures the diff recorded in its materialization metadata; they
-compute nothing of their own, so the UI, the exporter and the checks cannot disagree.
+The checks read the figures the diff records in its materialization metadata; they compute
+nothing of their own, so the UI, the exporter and the checks cannot disagree. They are the
+diff's ``check_specs`` and the diff returns their results: a step of their own each cost a
+scan three more steps' events and three reads of the metadata just written.
 """
 
 import json
@@ -10,20 +12,13 @@ from typing import Any
 
 import dagster as dg
 
-from heimdall_storage_pipeline.defs.materializations import latest_metadata
+from heimdall_storage_pipeline.core.units import format_percent
 
 ORPHAN_DIFF = "orphan_diff"
 ORPHAN_RATIO_HEALTH = "orphan_ratio_health"
 REFERENCES_PRESENT = "references_present"
 DANGLING_REFERENCES = "dangling_references"
 BLOCKING_CHECKS = (REFERENCES_PRESENT,)
-
-
-def _diff_metadata(context: dg.AssetCheckExecutionContext) -> dict[str, Any]:
-    metadata = latest_metadata(context.instance, ORPHAN_DIFF, context.partition_key)
-    if metadata is None:
-        raise dg.Failure(f"no orphan_diff materialization for {context.partition_key}; run storage_scan_job")
-    return metadata
 
 
 def orphan_ratio_result(metadata: dict[str, Any]) -> dg.AssetCheckResult:
@@ -34,10 +29,11 @@ def orphan_ratio_result(metadata: dict[str, Any]) -> dg.AssetCheckResult:
         check_name=ORPHAN_RATIO_HEALTH,
         passed=status == "healthy",
         severity=dg.AssetCheckSeverity.ERROR if status == "critical" else dg.AssetCheckSeverity.WARN,
-        description=f"{share:.1%} of the bytes are orphaned: {status}",
+        description=f"{format_percent(share)} of the bytes are orphaned: {status}",
         metadata={
             "health_status": dg.MetadataValue.text(status),
             "orphan_share_bytes": dg.MetadataValue.float(share),
+            "orphan_share_bytes_percent": dg.MetadataValue.text(format_percent(share)),
             "object_count": dg.MetadataValue.int(int(metadata["object_count"])),
         },
     )
@@ -92,31 +88,25 @@ def dangling_references_result(metadata: dict[str, Any]) -> dg.AssetCheckResult:
     )
 
 
-def build_orphan_diff_checks(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
-    """The three checks, partitioned like the diff so the UI shows them per bucket."""
+def orphan_diff_check_specs(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetCheckSpec]:
+    """The diff's checks, partitioned like it so the UI shows them per bucket; ``references_present``
+    is blocking: the chain and the cleanup refuse a diff it failed."""
     with warnings.catch_warnings():
         # Partitioned asset checks are "preview" in Dagster 1.13; they are what shows a result per bucket.
         warnings.simplefilter("ignore", dg.PreviewWarning)
-        return _build_checks(partitions_def)
+        return [
+            dg.AssetCheckSpec(ORPHAN_RATIO_HEALTH, asset=ORPHAN_DIFF, partitions_def=partitions_def,
+                              description="Share of orphaned bytes: WARN at 10-25 %, ERROR above."),
+            dg.AssetCheckSpec(REFERENCES_PRESENT, asset=ORPHAN_DIFF, partitions_def=partitions_def, blocking=True,
+                              description="A non-empty bucket must have references; blocks cleanups when it fails."),
+            dg.AssetCheckSpec(DANGLING_REFERENCES, asset=ORPHAN_DIFF, partitions_def=partitions_def,
+                              description="Rows that point at objects that do not exist (WARN, with a sample)."),
+        ]
 
 
-def _build_checks(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
-    @dg.asset_check(asset=ORPHAN_DIFF, partitions_def=partitions_def,
-                    description="Share of orphaned bytes: WARN at 10-25 %, ERROR above.")
-    def orphan_ratio_health(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        return orphan_ratio_result(_diff_metadata(context))
-
-    @dg.asset_check(asset=ORPHAN_DIFF, partitions_def=partitions_def, blocking=True,
-                    description="A non-empty bucket must have references; blocks cleanups when it fails.")
-    def references_present(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        return references_present_result(_diff_metadata(context))
-
-    @dg.asset_check(asset=ORPHAN_DIFF, partitions_def=partitions_def,
-                    description="Rows that point at objects that do not exist (WARN, with a sample).")
-    def dangling_references(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        return dangling_references_result(_diff_metadata(context))
-
-    return [orphan_ratio_health, references_present, dangling_references]
+def orphan_diff_check_results(metadata: dict[str, Any]) -> list[dg.AssetCheckResult]:
+    """The three checks' results from the diff's metadata values."""
+    return [orphan_ratio_result(metadata), references_present_result(metadata), dangling_references_result(metadata)]
 
 
 def latest_diff_record(instance: dg.DagsterInstance, bucket: str) -> dg.EventLogRecord | None:

@@ -4,7 +4,6 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from heimdall_storage_pipeline.defs.automation.checks import build_orphan_diff_checks
 from heimdall_storage_pipeline.defs.automation.prefix_cleanup import prefix_cleanup_job
 from heimdall_storage_pipeline.defs.automation.retention import event_log_retention_job, weekly_event_log_retention
 from heimdall_storage_pipeline.defs.automation.schedules import build_schedules
@@ -20,7 +19,6 @@ from heimdall_storage_pipeline.defs.automation.sensors import (
 @dataclass(frozen=True)
 class Automation:
     assets: list[dg.AssetSpec]
-    asset_checks: list[dg.AssetChecksDefinition]
     jobs: list[dg.JobDefinition]
     schedules: list[dg.ScheduleDefinition]
     sensors: list[dg.SensorDefinition]
@@ -30,7 +28,6 @@ def build_automation(partitions_def: dg.PartitionsDefinition) -> Automation:
     """Schedules and sensors read their settings (HEIMDALL_*) here, at code-location load."""
     return Automation(
         assets=[RUN_FAILURES_SPEC],
-        asset_checks=build_orphan_diff_checks(partitions_def),
         jobs=[prefix_cleanup_job, event_log_retention_job],
         schedules=[*build_schedules(partitions_def), weekly_event_log_retention],
         sensors=[

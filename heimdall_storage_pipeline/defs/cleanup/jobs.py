@@ -9,7 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from heimdall_storage_pipeline.core.audit import BucketBusyError
-from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
+from heimdall_storage_pipeline.core.clock import as_utc, isoformat_utc, utc_now
 from heimdall_storage_pipeline.core.deletion import (
     DELETE_WORKERS,
     DeletionContext,
@@ -44,6 +44,7 @@ from heimdall_storage_pipeline.core.policy import (
 )
 from heimdall_storage_pipeline.core.purge import purge_dataset
 from heimdall_storage_pipeline.core.safety import SKIP_OUTCOMES, Outcome
+from heimdall_storage_pipeline.defs import metadata as md
 from heimdall_storage_pipeline.defs.automation.checks import blocking_check_failed
 from heimdall_storage_pipeline.defs.cleanup.plans import find_plan
 from heimdall_storage_pipeline.defs.materializations import ORPHAN_DELETIONS, latest_metadata, recent_metadata
@@ -154,8 +155,10 @@ def record_deletions(
         "candidates": dg.MetadataValue.int(report.candidates),
         "deleted_count": dg.MetadataValue.int(report.count(Outcome.DELETED)),
         "deleted_bytes": dg.MetadataValue.int(report.deleted_bytes),
+        "deleted_size": md.size(report.deleted_bytes),
         "would_delete_count": dg.MetadataValue.int(report.count(Outcome.WOULD_DELETE)),
         "would_delete_bytes": dg.MetadataValue.int(report.would_delete_bytes),
+        "would_delete_size": md.size(report.would_delete_bytes),
         **{o.value: dg.MetadataValue.int(report.count(o)) for o in SKIP_OUTCOMES},
         "failed_count": dg.MetadataValue.int(report.count(Outcome.FAILED)),
         "failed_sample": dg.MetadataValue.json(report.failures),
@@ -166,8 +169,9 @@ def record_deletions(
         "revalidation_seconds": dg.MetadataValue.float(round(report.revalidation_seconds, 4)),
         "delete_seconds": dg.MetadataValue.float(round(report.delete_seconds, 4)),
         "revalidated_again": dg.MetadataValue.int(report.revalidated_again),
-        "manifest_uri": dg.MetadataValue.text(report.manifest_uri),
-        "completed_at": dg.MetadataValue.text(isoformat_utc(utc_now())),
+        "manifest_uri": md.manifest(report.manifest_uri),
+        **md.manifest_entries(report.manifest_uri, report.candidates),
+        "completed_at": md.timestamp(utc_now()),
         **extra,
     }
     context.log_event(dg.AssetMaterialization(asset_key=ORPHAN_DELETIONS, partition=bucket, metadata=metadata))
@@ -182,7 +186,7 @@ def record_refusal(context: dg.OpExecutionContext, bucket: str, reason: str, con
         "refusal_reason": dg.MetadataValue.text(reason),
         "candidates": zero, "deleted_count": zero, "deleted_bytes": zero, "would_delete_count": zero,
         "would_delete_bytes": zero, **{o.value: zero for o in SKIP_OUTCOMES}, "failed_count": zero,
-        "completed_at": dg.MetadataValue.text(isoformat_utc(utc_now())),
+        "completed_at": md.timestamp(utc_now()),
     }
     if config.plan:
         metadata["plan_id"] = dg.MetadataValue.text(config.plan)
@@ -305,7 +309,7 @@ def _clean_bucket(
         candidates = candidates_from_orphans(ctx.store, str(diff["manifest_uri"]), config.max_objects)
         eligible = int(diff["eligible_orphan_count"])
         total = eligible if config.max_objects is None else min(eligible, config.max_objects)
-        source = f"the diff as of {diff['as_of']}"
+        source = f"the diff as of {isoformat_utc(as_utc(diff['as_of'], 'as_of'))}"
     context.log.info(
         f"{bucket.name}: {'dry run over' if config.dry_run else 'deleting'} {total} eligible orphans from {source}"
     )
@@ -318,8 +322,8 @@ def _clean_bucket(
         total=total,
     )
     extra = {
-        "diff_as_of": dg.MetadataValue.text(str(diff["as_of"])),
-        "diff_manifest_uri": dg.MetadataValue.text(str(diff["manifest_uri"])),
+        "diff_as_of": md.timestamp(diff["as_of"]),
+        "diff_manifest_uri": md.manifest(str(diff["manifest_uri"])),
         "refused": dg.MetadataValue.bool(False),
         "guard_verdict": dg.MetadataValue.text(verdict),
     }
@@ -337,19 +341,11 @@ def _plan_metadata(ctx: DeletionContext, bucket: str, run_id: str, report: Delet
     summary = summarize_plan(ctx.store, report.manifest_uri, utc_now())
     ctx.log(f"{bucket}: plan {plan_id}: {report.count(Outcome.WOULD_DELETE)} keys, {report.would_delete_bytes} "
             f"bytes ({verdict}); to delete exactly these keys, launch a live run with plan: {plan_id}")
-    largest_schema = dg.TableSchema(columns=[
-        dg.TableColumn("key", "string"), dg.TableColumn("size", "int"), dg.TableColumn("last_modified", "string")])
-    ages_schema = dg.TableSchema(columns=[
-        dg.TableColumn("age", "string"), dg.TableColumn("objects", "int"), dg.TableColumn("bytes", "int")])
     return {
         "plan_id": dg.MetadataValue.text(plan_id),
         "plan_digest": dg.MetadataValue.text(ctx.store.digest(report.manifest_uri)),
-        "plan_largest": dg.MetadataValue.table(
-            [dg.TableRecord({"key": c.key, "size": c.size, "last_modified": isoformat_utc(c.last_modified)})
-             for c in summary.largest], schema=largest_schema),
-        "plan_age_histogram": dg.MetadataValue.table(
-            [dg.TableRecord({"age": label, "objects": count, "bytes": size})
-             for label, count, size in summary.age_histogram], schema=ages_schema),
+        "plan_largest": md.largest_table((c.key, c.size, c.last_modified) for c in summary.largest),
+        "plan_age_histogram": md.age_table(summary.age_histogram),
     }
 
 

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import dagster as dg
 
-from heimdall_storage_pipeline.core.clock import isoformat_utc
+from heimdall_storage_pipeline.core.clock import as_utc, isoformat_utc
 from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.core.plans import Plan, PlanRefusedError, plan_bucket, summarize_plan
 from heimdall_storage_pipeline.defs.materializations import ORPHAN_DELETIONS
@@ -45,7 +45,8 @@ def describe_plan(plan: Plan, metadata: dict[str, object], store: ManifestStore,
         f"plan {plan.plan_id}",
         f"  bucket          {plan.bucket}",
         f"  made at         {isoformat_utc(plan.created_at)} ({now - plan.created_at} ago)",
-        f"  from the diff   as of {metadata.get('diff_as_of')}: {plan.diff_manifest_uri}",
+        f"  from the diff   as of {isoformat_utc(as_utc(metadata['diff_as_of'], 'diff_as_of'))}: "
+        f"{plan.diff_manifest_uri}",
         f"  keys            {plan.keys} ({plan.bytes} bytes)",
         f"  guard verdict   {metadata.get('guard_verdict', 'pass')}",
         f"  manifest        {plan.manifest_uri}",

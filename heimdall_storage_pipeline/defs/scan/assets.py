@@ -5,18 +5,23 @@ from datetime import timedelta
 import dagster as dg
 from pydantic import Field
 
-from heimdall_storage_pipeline.core.clock import check_as_of, isoformat_utc, parse_utc, utc_now
+from heimdall_storage_pipeline.core.clock import as_utc, check_as_of, parse_utc, utc_now
 from heimdall_storage_pipeline.core.diff import (
     check_snapshot_order,
     compute_orphan_diff,
     dumps_sample,
-    render_age_histogram,
-    render_largest_table,
 )
 from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
-from heimdall_storage_pipeline.core.manifests import ManifestStore
+from heimdall_storage_pipeline.core.manifests import (
+    INVENTORY_SCHEMA,
+    ORPHANS_SCHEMA,
+    REFERENCES_SCHEMA,
+    ManifestStore,
+)
 from heimdall_storage_pipeline.core.policy import format_duration
 from heimdall_storage_pipeline.core.references import describe_engine, read_references_to_manifest
+from heimdall_storage_pipeline.defs import metadata as md
+from heimdall_storage_pipeline.defs.automation.checks import orphan_diff_check_results, orphan_diff_check_specs
 from heimdall_storage_pipeline.defs.materializations import latest_metadata, require_metadata
 from heimdall_storage_pipeline.defs.resources import (
     ManifestStoreResource,
@@ -56,6 +61,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         group_name=SCAN_GROUP,
         kinds={"s3", "parquet"},
         pool="s3_listing",
+        metadata={md.COLUMN_SCHEMA: md.column_schema(INVENTORY_SCHEMA)},
         description="Every object of the bucket (key, size, last_modified UTC, etag) in a Parquet manifest.",
     )
     def bucket_inventory(
@@ -80,9 +86,11 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
             metadata={
                 "object_count": dg.MetadataValue.int(result.object_count),
                 "total_bytes": dg.MetadataValue.int(result.total_bytes),
-                "manifest_uri": dg.MetadataValue.text(result.manifest_uri),
-                "listing_started_at": dg.MetadataValue.text(isoformat_utc(result.started_at)),
-                "listed_at": dg.MetadataValue.text(isoformat_utc(result.listed_at)),
+                "total_size": md.size(result.total_bytes),
+                "manifest_uri": md.manifest(result.manifest_uri),
+                **md.manifest_entries(result.manifest_uri, result.object_count),
+                "listing_started_at": md.timestamp(result.started_at),
+                "listed_at": md.timestamp(result.listed_at),
                 "listing_seconds": dg.MetadataValue.float(round(result.listing_seconds, 4)),
                 "keys_per_second": dg.MetadataValue.float(round(result.keys_per_second, 1)),
                 "endpoint": dg.MetadataValue.text(s3.settings().endpoint_url),
@@ -95,6 +103,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         group_name=SCAN_GROUP,
         kinds={"postgres", "parquet"},
         pool="reference_db",
+        metadata={md.COLUMN_SCHEMA: md.column_schema(REFERENCES_SCHEMA)},
         deps=[bucket_inventory],
         description=(
             "Normalised keys the database references, read in one snapshot taken after the "
@@ -111,16 +120,17 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         bucket_policy = policy.load().bucket(bucket)
         inventory = require_metadata(context.instance, "bucket_inventory", bucket, "referenced_keys")
         engine = reference_db.engine()
+        store = manifests.store()
         context.log.info(
             f"reading the references of {bucket} from {describe_engine(engine)}: "
             + ", ".join(f"{source.name} (time limit {format_duration(source.statement_timeout)})"
                         for source in bucket_policy.references)
         )
         try:
-            result = read_references_to_manifest(engine, bucket_policy, manifests.store(), context.run.run_id)
+            result = read_references_to_manifest(engine, bucket_policy, store, context.run.run_id)
         finally:
             engine.dispose()
-        check_snapshot_order(parse_utc(inventory["listed_at"]), result.snapshot_at)
+        check_snapshot_order(as_utc(inventory["listed_at"], "listed_at"), result.snapshot_at)
         context.log.info(
             f"{result.referenced_count} distinct keys of {bucket} referenced "
             f"({result.other_bucket_reference_count} references to other buckets, "
@@ -133,11 +143,12 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
                 "other_bucket_reference_count": dg.MetadataValue.int(result.other_bucket_reference_count),
                 "unparseable_reference_count": dg.MetadataValue.int(result.unparseable_reference_count),
                 "unparseable_sample": dg.MetadataValue.text(dumps_sample(result.unparseable_sample)),
-                "snapshot_at": dg.MetadataValue.text(isoformat_utc(result.snapshot_at)),
-                "inventory_listed_at": dg.MetadataValue.text(inventory["listed_at"]),
+                "snapshot_at": md.timestamp(result.snapshot_at),
+                "inventory_listed_at": md.timestamp(inventory["listed_at"]),
                 "read_seconds": dg.MetadataValue.float(round(result.read_seconds, 4)),
                 "sources": dg.MetadataValue.text(", ".join(s.name for s in bucket_policy.references)),
-                "manifest_uri": dg.MetadataValue.text(result.manifest_uri),
+                "manifest_uri": md.manifest(result.manifest_uri),
+                **md.manifest_entries(result.manifest_uri, md.manifest_rows(store, result.manifest_uri)),
             }
         )
 
@@ -146,6 +157,8 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         group_name=SCAN_GROUP,
         kinds={"parquet"},
         deps=[referenced_keys],
+        metadata={md.COLUMN_SCHEMA: md.column_schema(ORPHANS_SCHEMA)},
+        check_specs=orphan_diff_check_specs(partitions_def),
         description=(
             "Objects no reference names, split into eligible (old enough) and young orphans, "
             "with the bucket's health and its dangling references."
@@ -161,7 +174,9 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         bucket_policy = policy.load().bucket(bucket)
         inventory = require_metadata(context.instance, "bucket_inventory", bucket, "orphan_diff")
         references = require_metadata(context.instance, "referenced_keys", bucket, "orphan_diff")
-        check_snapshot_order(parse_utc(inventory["listed_at"]), parse_utc(references["snapshot_at"]))
+        listed_at = as_utc(inventory["listed_at"], "listed_at")
+        snapshot_at = as_utc(references["snapshot_at"], "snapshot_at")
+        check_snapshot_order(listed_at, snapshot_at)
         as_of = check_as_of(parse_utc(config.as_of, "as_of"), utc_now()) if config.as_of else utc_now()
         result = compute_orphan_diff(
             bucket=bucket_policy,
@@ -176,36 +191,49 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
             f"{result.eligible_orphan_count} eligible, {result.young_orphan_count} young, "
             f"health {result.health_status}"
         )
+        metadata: dict[str, dg.MetadataValue] = {
+            "as_of": md.timestamp(result.as_of),
+            "min_age_seconds": dg.MetadataValue.int(int(bucket_policy.min_age.total_seconds())),
+            "object_count": dg.MetadataValue.int(result.object_count),
+            "total_bytes": dg.MetadataValue.int(result.total_bytes),
+            "total_size": md.size(result.total_bytes),
+            "referenced_count": dg.MetadataValue.int(result.referenced_count),
+            "orphan_count": dg.MetadataValue.int(result.orphan_count),
+            "orphan_bytes": dg.MetadataValue.int(result.orphan_bytes),
+            "orphan_size": md.size(result.orphan_bytes),
+            "eligible_orphan_count": dg.MetadataValue.int(result.eligible_orphan_count),
+            "eligible_orphan_bytes": dg.MetadataValue.int(result.eligible_orphan_bytes),
+            "eligible_orphan_size": md.size(result.eligible_orphan_bytes),
+            "young_orphan_count": dg.MetadataValue.int(result.young_orphan_count),
+            "young_orphan_bytes": dg.MetadataValue.int(result.young_orphan_bytes),
+            "young_orphan_size": md.size(result.young_orphan_bytes),
+            "unparseable_object_count": dg.MetadataValue.int(result.unparseable_object_count),
+            "unparseable_object_sample": dg.MetadataValue.text(
+                dumps_sample(result.unparseable_object_sample)
+            ),
+            "orphan_share_bytes": dg.MetadataValue.float(result.orphan_share_bytes),
+            "orphan_share_bytes_percent": md.percent(result.orphan_share_bytes),
+            "orphan_share_count": dg.MetadataValue.float(result.orphan_share_count),
+            "orphan_share_count_percent": md.percent(result.orphan_share_count),
+            "health_status": dg.MetadataValue.text(result.health_status),
+            "dangling_reference_count": dg.MetadataValue.int(result.dangling_reference_count),
+            "dangling_sample": dg.MetadataValue.text(dumps_sample(result.dangling_sample)),
+            "age_histogram": md.age_table(
+                (str(row["age"]), int(row["count"]), int(row["bytes"])) for row in result.age_histogram
+            ),
+            "largest_eligible_orphans": md.largest_table(
+                (str(row["key"]), int(row["size"]), row["last_modified"]) for row in result.largest_eligible
+            ),
+            "inventory_listed_at": md.timestamp(listed_at),
+            "references_snapshot_at": md.timestamp(snapshot_at),
+            "inventory_manifest_uri": md.manifest(inventory["manifest_uri"]),
+            "references_manifest_uri": md.manifest(references["manifest_uri"]),
+            "manifest_uri": md.manifest(result.manifest_uri),
+            **md.manifest_entries(result.manifest_uri, result.orphan_count),
+        }
         return dg.MaterializeResult(
-            metadata={
-                "as_of": dg.MetadataValue.text(isoformat_utc(result.as_of)),
-                "min_age_seconds": dg.MetadataValue.int(int(bucket_policy.min_age.total_seconds())),
-                "object_count": dg.MetadataValue.int(result.object_count),
-                "total_bytes": dg.MetadataValue.int(result.total_bytes),
-                "referenced_count": dg.MetadataValue.int(result.referenced_count),
-                "orphan_count": dg.MetadataValue.int(result.orphan_count),
-                "orphan_bytes": dg.MetadataValue.int(result.orphan_bytes),
-                "eligible_orphan_count": dg.MetadataValue.int(result.eligible_orphan_count),
-                "eligible_orphan_bytes": dg.MetadataValue.int(result.eligible_orphan_bytes),
-                "young_orphan_count": dg.MetadataValue.int(result.young_orphan_count),
-                "young_orphan_bytes": dg.MetadataValue.int(result.young_orphan_bytes),
-                "unparseable_object_count": dg.MetadataValue.int(result.unparseable_object_count),
-                "unparseable_object_sample": dg.MetadataValue.text(
-                    dumps_sample(result.unparseable_object_sample)
-                ),
-                "orphan_share_bytes": dg.MetadataValue.float(result.orphan_share_bytes),
-                "orphan_share_count": dg.MetadataValue.float(result.orphan_share_count),
-                "health_status": dg.MetadataValue.text(result.health_status),
-                "dangling_reference_count": dg.MetadataValue.int(result.dangling_reference_count),
-                "dangling_sample": dg.MetadataValue.text(dumps_sample(result.dangling_sample)),
-                "age_histogram": dg.MetadataValue.md(render_age_histogram(result.age_histogram)),
-                "largest_eligible_orphans": dg.MetadataValue.md(render_largest_table(result.largest_eligible)),
-                "inventory_listed_at": dg.MetadataValue.text(inventory["listed_at"]),
-                "references_snapshot_at": dg.MetadataValue.text(references["snapshot_at"]),
-                "inventory_manifest_uri": dg.MetadataValue.text(inventory["manifest_uri"]),
-                "references_manifest_uri": dg.MetadataValue.text(references["manifest_uri"]),
-                "manifest_uri": dg.MetadataValue.text(result.manifest_uri),
-            }
+            metadata=metadata,
+            check_results=orphan_diff_check_results({key: value.value for key, value in metadata.items()}),
         )
 
     return [bucket_inventory, referenced_keys, orphan_diff]

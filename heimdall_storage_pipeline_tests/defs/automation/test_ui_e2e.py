@@ -3,12 +3,14 @@
 A scan, a dry-run cleanup (a plan) and live runs applying that plan are launched with run config
 through DagsterGraphQLClient, as the launchpad does, queued by the repo's dagster.yaml
 (QueuedRunCoordinator), run by the daemon, and each cleanup's orphan_deletions metadata is read
-back from the shared PostgreSQL event log.
+back from the shared PostgreSQL event log. Headless Chromium loads the asset graph, the diff's and the
+plan's pages and finds them rendered: typed times, sizes, shares and tables, no error banner.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +27,7 @@ from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 from sqlalchemy.engine import make_url
 
 from heimdall_storage_pipeline.defs.materializations import latest_metadata
+from heimdall_storage_pipeline.local.browser import ERROR_MARKERS, dismiss_first_visit, rendered_text
 from heimdall_storage_pipeline.local.postgres import create_database, drop_database
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS, free_ports
 from heimdall_storage_pipeline_tests.conftest import key_source, write_policy
@@ -63,7 +66,7 @@ def _wait(what: str, deadline: float, probe: Callable[[], object], log: Path,
 def dagster_dev(
     tmp_path: Path, pg_admin_url: str, seaweed: SeaweedFS, database_url: str, monkeypatch: pytest.MonkeyPatch,
     make_bucket: Callable[[str], str], db_engine: sa.Engine,
-) -> Iterator[tuple[DagsterGraphQLClient, dg.DagsterInstance, str, Path]]:
+) -> Iterator[tuple[DagsterGraphQLClient, dg.DagsterInstance, str, Path, str]]:
     bucket = make_bucket("ui")
     refs = seed_bucket(seaweed.client(), bucket, referenced=6, orphans=2)
     query = make_reference_table(db_engine, "refs_ui", refs)
@@ -98,7 +101,8 @@ def dagster_dev(
         monkeypatch.setenv("DAGSTER_PG_URL", _psycopg2_url(dagster_db))
         instance = dg.DagsterInstance.from_config(str(home))
         try:
-            yield DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=60), instance, bucket, log
+            yield (DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=60), instance, bucket, log,
+                   f"http://127.0.0.1:{port}")
         finally:
             instance.dispose()
     finally:
@@ -129,11 +133,38 @@ def _until_done(client: DagsterGraphQLClient, instance: dg.DagsterInstance, run_
         pytest.fail(f"run {run_id} ended {status}:\n{events[-6000:]}")
 
 
+def _assert_the_browser_renders_the_lineage_and_metadata(base: str, bucket: str, plan_id: str) -> None:
+    """Headless Chromium loads the real pages: the asset graph, the diff's typed metadata, the plan."""
+    dismiss_first_visit(base)
+    pages = {
+        "lineage": rendered_text(f"{base}/assets/orphan_deletions?view=lineage&lineageScope=upstream&lineageDepth=4"),
+        "diff": rendered_text(f"{base}/assets/orphan_diff?partition={bucket}"),
+        "plan": rendered_text(f"{base}/assets/orphan_deletions?partition={bucket}"),
+    }
+    for name, text in pages.items():
+        assert not [marker for marker in ERROR_MARKERS if marker in text], f"{name} page shows an error: {text[:3000]}"
+    for asset in ("bucket_inventory", "referenced_keys", "orphan_diff", "orphan_deletions", "storage_scan"):
+        assert f"| {asset} |" in pages["lineage"], f"{asset} is not in the asset graph: {pages['lineage'][:3000]}"
+    diff = pages["diff"]
+    assert "| Row count | 2 |" in diff  # dagster/row_count: the orphan manifest's rows
+    assert re.search(r"\| as_of \| [^|]+ \| [A-Z][a-z]{2} \d{1,2}(, \d{4})?, \d{1,2}:\d{2}:\d{2} [AP]M UTC \|",
+                     diff), diff[:3000]
+    assert re.search(r"\| orphan_share_bytes_percent \| [^|]+ \| \d+\.\d % \|", diff)
+    assert re.search(r"\| total_size \| [^|]+ \| \d+(\.\d)? (B|KiB) \|", diff)
+    # The tables render as tables: their column headers, then a row of cells.
+    assert re.search(r"\| age_histogram \| [^|]+ \| Show schema \| age \| objects \| size \| bytes \| 0-1 d \|", diff)
+    assert re.search(r"\| largest_eligible_orphans \| [^|]+ \| Show schema \| key \| size \| bytes \| last_modified \|",
+                     diff)
+    plan = pages["plan"]
+    assert "| plan_id | " in plan and f"| {plan_id} |" in plan
+    assert re.search(r"\| plan_largest \| [^|]+ \| Show schema \| key \| size \| bytes \| last_modified \|", plan)
+
+
 @pytest.mark.timeout(600)
 def test_scan_plan_and_apply_through_the_ui_server(
-    dagster_dev: tuple[DagsterGraphQLClient, dg.DagsterInstance, str, Path], seaweed: SeaweedFS
+    dagster_dev: tuple[DagsterGraphQLClient, dg.DagsterInstance, str, Path, str], seaweed: SeaweedFS
 ) -> None:
-    client, instance, bucket, log = dagster_dev
+    client, instance, bucket, log, base = dagster_dev
     scan_id = _launch(client, log, "storage_scan_job",
                       {"ops": {"orphan_diff": {"config": {"as_of": soon()}}}}, {"dagster/partition": bucket})
     _until_done(client, instance, scan_id, log)
@@ -152,6 +183,7 @@ def test_scan_plan_and_apply_through_the_ui_server(
     assert deletions["candidates"] == 2 and deletions["would_delete_count"] == 2 and deletions["deleted_count"] == 0
     # A dry run: every object is still there.
     assert sum(1 for _ in seaweed.client().list_objects(bucket, recursive=True)) == 8
+    _assert_the_browser_renders_the_lineage_and_metadata(base, bucket, deletions["plan_id"])
 
     # The dry run is a plan; the launchpad's config names it in a live run, which deletes its keys once.
     apply = {"ops": {"delete_orphans": {"config": {"dry_run": False, "plan": deletions["plan_id"]}}}}

@@ -110,7 +110,7 @@ def test_a_dry_run_tells_what_each_guard_would_do_and_succeeds(world: World) -> 
     assert dry["plan_id"] == f"{world.bucket}:{result.run_id[:8]}" and len(dry["plan_digest"]) == 64
     assert _exported(world)[:3] == (0.0, 1.0, False)
     assert len(dry["plan_largest"].records) == 6 and len(dry["plan_age_histogram"].records) == 6
-    assert dry["plan_age_histogram"].records[0].data == {"age": "0-1 d", "objects": 6, "bytes": 42}
+    assert dry["plan_age_histogram"].records[0].data == {"age": "0-1 d", "objects": 6, "size": "42 B", "bytes": 42}
 
     live = world.harness.delete(raise_on_error=False, dry_run=False)
     assert not live.success and "max_delete_fraction" in _failure_text(live) and "plan:" in _failure_text(live)

@@ -1,0 +1,21 @@
+"""Figures as a person reads them: sizes in binary units, shares as percentages."""
+
+from __future__ import annotations
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_bytes(num_bytes: int) -> str:
+    """``512 B``, ``1.5 KiB``, ``244.0 GiB``: powers of 1024, like the exporter's GB."""
+    size, unit = float(num_bytes), 0
+    while abs(size) >= 1024 and unit < len(_UNITS) - 1:
+        size /= 1024
+        unit += 1
+    return f"{num_bytes} B" if unit == 0 else f"{size:.1f} {_UNITS[unit]}"
+
+
+def format_percent(fraction: float) -> str:
+    """A share 0..1 as ``93.0 %``; a non-zero share that would round to zero reads ``< 0.1 %``."""
+    if 0 < fraction < 0.0005:
+        return "< 0.1 %"
+    return f"{100 * fraction:.1f} %"
