@@ -30,6 +30,8 @@ SAMPLE_SIZE = 10
 LARGEST_SHOWN = 10
 # Orphan age histogram edges, in days; the last bin is open-ended.
 AGE_BINS_DAYS = (1, 7, 30, 60, 90)
+AGE_BIN_LABELS = (*(f"{low}-{high} d" for low, high in zip((0, *AGE_BINS_DAYS), AGE_BINS_DAYS, strict=False)),
+                  f">= {AGE_BINS_DAYS[-1]} d")
 # DuckDB's budgets, past which it spills; the process peaks well above them (docs/performance.md).
 # DuckDB sometimes fails with an out-of-memory error instead of spilling: the diff then runs again
 # with the next budget.
@@ -258,29 +260,13 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
 
 def _age_histogram(ages: list[dict[str, Any]]) -> list[dict[str, int | str]]:
     """Orphan counts and bytes per age bin from those per whole day of age; future objects fall in none."""
-    edges = (0, *AGE_BINS_DAYS)
-    labels = [f"{low}-{high} d" for low, high in zip(edges, AGE_BINS_DAYS, strict=False)] + [f">= {edges[-1]} d"]
-    bins: list[dict[str, int | str]] = [{"age": label, "count": 0, "bytes": 0} for label in labels]
+    bins: list[dict[str, int | str]] = [{"age": label, "count": 0, "bytes": 0} for label in AGE_BIN_LABELS]
     for row in ages:
         if row["days"] is not None and row["days"] >= 0:
             slot = bins[bisect_right(AGE_BINS_DAYS, row["days"])]
             slot["count"] = int(slot["count"]) + row["count"]
             slot["bytes"] = int(slot["bytes"]) + row["bytes"]
     return bins
-
-
-def render_largest_table(rows: list[dict[str, int | str]]) -> str:
-    if not rows:
-        return "_No eligible orphans._"
-    lines = ["| key | size (bytes) | last modified (UTC) |", "| --- | ---: | --- |"]
-    lines += [f"| `{r['key']}` | {r['size']} | {r['last_modified']} |" for r in rows]
-    return "\n".join(lines)
-
-
-def render_age_histogram(rows: list[dict[str, int | str]]) -> str:
-    lines = ["| orphan age | objects | bytes |", "| --- | ---: | ---: |"]
-    lines += [f"| {r['age']} | {r['count']} | {r['bytes']} |" for r in rows]
-    return "\n".join(lines)
 
 
 def dumps_sample(sample: list[str]) -> str:

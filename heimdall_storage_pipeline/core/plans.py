@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from heimdall_storage_pipeline.core.clock import as_utc, ensure_utc
 from heimdall_storage_pipeline.core.deletion import manifest_candidates
+from heimdall_storage_pipeline.core.diff import AGE_BIN_LABELS, AGE_BINS_DAYS
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.core.safety import Candidate, Outcome
@@ -28,7 +29,6 @@ from heimdall_storage_pipeline.core.safety import Candidate, Outcome
 # <bucket>:<the dry run's run id, first 8 hex digits>; a bucket name holds no ':'.
 _PLAN_ID = re.compile(r"^(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]):(?P<run>[0-9a-f]{8})$")
 LARGEST_SHOWN = 10
-AGE_BINS_DAYS = (1, 7, 30, 60, 90)  # the plan's age histogram, as the diff's; the last bin is open
 
 
 class PlanRefusedError(StorageCleanupError):
@@ -112,11 +112,6 @@ class PlanSummary:
     age_histogram: list[tuple[str, int, int]]  # (label, objects, bytes)
 
 
-def _age_label(index: int) -> str:
-    low = (0, *AGE_BINS_DAYS)[index]
-    return f"{low}-{AGE_BINS_DAYS[index]} d" if index < len(AGE_BINS_DAYS) else f">= {low} d"
-
-
 def summarize_plan(store: ManifestStore, manifest_uri: str, now: datetime) -> PlanSummary:
     """The largest would-delete keys and their age histogram at ``now``, one streamed, vectorised pass."""
     largest: pa.Table | None = None
@@ -136,8 +131,8 @@ def summarize_plan(store: ManifestStore, manifest_uri: str, now: datetime) -> Pl
     ordered = [] if largest is None else largest.sort_by([("size", "descending"), ("key", "descending")]).to_pylist()
     return PlanSummary(
         largest=[Candidate(r["key"], r["size"], ensure_utc(r["last_modified"]), r["etag"]) for r in ordered],
-        age_histogram=[(_age_label(index), int(count), int(size))
-                       for index, (count, size) in enumerate(zip(counts, sizes, strict=True))],
+        age_histogram=[(label, int(count), int(size))
+                       for label, count, size in zip(AGE_BIN_LABELS, counts, sizes, strict=True)],
     )
 
 
