@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
@@ -45,6 +46,9 @@ deletion_audit = sa.Table(
     sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("deleted_at", sa.DateTime(timezone=True)),
     sa.Column("plan_id", sa.Text),  # the plan a live run applied, if any
+    sa.Column("version_ids", postgresql.ARRAY(sa.Text)),  # the versions deleted, on a versioned bucket
+    sa.Column("quarantine_bucket", sa.Text),  # where a quarantined object was moved
+    sa.Column("quarantine_key", sa.Text),
 )
 # Batches whose rows may still be pending: written in the intent's transaction, removed in the
 # one that gives the last of its rows a final status. At most a few rows per running deletion.
@@ -69,10 +73,12 @@ plan_applications = sa.Table(
 _INSERT_PENDING = f"""
 WITH intent AS (
   INSERT INTO {deletion_audit.name} (run_id, job, bucket, key, size, etag, last_modified, status, intent_at,
-                                     plan_id)
-  SELECT :run_id, :job, :bucket, c.key, c.size, c.etag, c.last_modified, 'pending', :at, :plan_id
+                                     plan_id, version_ids, quarantine_bucket, quarantine_key)
+  SELECT :run_id, :job, :bucket, c.key, c.size, c.etag, c.last_modified, 'pending', :at, :plan_id,
+         string_to_array(nullif(c.versions, ''), ' '), :quarantine_bucket, nullif(c.moved_to, '')
   FROM unnest(CAST(:keys AS text[]), CAST(:sizes AS bigint[]), CAST(:etags AS text[]),
-              CAST(:modified AS timestamptz[])) AS c(key, size, etag, last_modified)
+              CAST(:modified AS timestamptz[]), CAST(:versions AS text[]), CAST(:moved_to AS text[]))
+       AS c(key, size, etag, last_modified, versions, moved_to)
   RETURNING key, id
 ), opened AS (
   INSERT INTO {open_intents.name} (first_id, last_id, bucket)
@@ -206,8 +212,12 @@ class AuditLog:
         return True
 
     def record_intent(self, *, run_id: str, job: str, bucket: str, candidates: Iterable[Candidate],
-                      at: datetime, plan_id: str | None = None) -> dict[str, int]:
-        """Record ``candidates`` as pending, as one open intent; returns each key's audit row id."""
+                      at: datetime, plan_id: str | None = None,
+                      quarantine: Callable[[str], tuple[str, str]] | None = None) -> dict[str, int]:
+        """Record ``candidates`` as pending, as one open intent; returns each key's audit row id.
+
+        ``quarantine`` gives each key's quarantine bucket and key when the objects are moved, not deleted.
+        """
         candidates = list(candidates)
         if not candidates:
             return {}
@@ -220,6 +230,9 @@ class AuditLog:
                 "sizes": array_literal(str(c.size) for c in candidates),
                 "etags": array_literal(c.etag for c in candidates),
                 "modified": array_literal(ensure_utc(c.last_modified).isoformat() for c in candidates),
+                "versions": array_literal(" ".join(c.version_ids) for c in candidates),
+                "quarantine_bucket": quarantine(candidates[0].key)[0] if quarantine else None,
+                "moved_to": array_literal(quarantine(c.key)[1] if quarantine else "" for c in candidates),
             }).all())
 
     def finish(self, marks: Iterable[Mark], *, intents: Iterable[int] = ()) -> None:

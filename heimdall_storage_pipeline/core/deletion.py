@@ -23,10 +23,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from itertools import islice
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
@@ -42,9 +45,9 @@ from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
 from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy
 from heimdall_storage_pipeline.core.references import read_only_snapshot
-from heimdall_storage_pipeline.core.revalidation import referenced_among, stat_objects
+from heimdall_storage_pipeline.core.revalidation import Version, fresh_versions, referenced_among, stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client, s3_errors
-from heimdall_storage_pipeline.core.safety import Candidate, Outcome, deletion_verdict
+from heimdall_storage_pipeline.core.safety import Candidate, Outcome, age_cutoff, deletion_verdict
 
 DELETE_WORKERS = 4  # DeleteObjects requests in flight at once; S3 servers take parallel requests well
 # A batch's DeleteObjects starts at most this long after its re-validation, or it is re-validated
@@ -91,7 +94,7 @@ def too_many_failures(failed: int, batch_size: int) -> bool:
     return failed > MAX_FAILED_SHARE * batch_size
 
 
-def batched(items: Iterable[Candidate], size: int) -> Iterator[list[Candidate]]:
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
@@ -254,6 +257,9 @@ def delete_candidates(
     # the server carries the delete out (REVALIDATION_MAX_AGE before sending, plus this).
     client = make_client(ctx.s3, read_timeout=DELETE_REQUEST_TIMEOUT)
     lister = ListObjectsV2(ctx.s3, bucket.name)
+    with s3_errors(ctx.s3, bucket.name):
+        # Asked now, not taken from the scan: a delete without version ids frees nothing on a versioned bucket.
+        versioned = lister.versioning() != "Off"
     if ctx.audit is not None and not dry_run:
         with s3_errors(ctx.s3, bucket.name):
             report.reconciled = ctx.audit.reconcile(
@@ -317,7 +323,7 @@ def delete_candidates(
                     wait([f for f in in_flight if not f.done()] or in_flight, return_when=FIRST_COMPLETED)
                     settle_finished()
                 in_flight.append(pool.submit(_process_batch, ctx, bucket, batch, client, lister, slots,
-                                             checks, dry_run=dry_run, age_exempt=age_exempt))
+                                             checks, dry_run=dry_run, age_exempt=age_exempt, versioned=versioned))
             while in_flight:
                 settle_oldest()
             if logged is not None and logged[1] < report.batches:
@@ -362,10 +368,14 @@ def _process_batch(
     *,
     dry_run: bool,
     age_exempt: bool,
+    versioned: bool = False,
 ) -> BatchResult:
     began = time.perf_counter()
     with checks:
         rows, deletable = _revalidate(ctx, bucket, batch, client, lister, age_exempt)
+        if versioned and deletable:
+            changed, deletable = _with_versions(ctx, bucket.name, deletable, lister)
+            rows += changed
     checked = time.perf_counter()
     result = BatchResult(rows=rows, revalidation_seconds=checked - began)
     if dry_run:
@@ -445,6 +455,26 @@ def _revalidate(
     return skipped, deletable
 
 
+def _with_versions(ctx: DeletionContext, bucket: str, batch: list[Candidate], lister: ListObjectsV2
+                   ) -> tuple[list[tuple[Candidate, str]], list[Candidate]]:
+    """Each candidate with every version of its key (and their bytes), if its latest version is the one checked."""
+    with s3_errors(ctx.s3, bucket):
+        versions = fresh_versions(lister, [c.key for c in batch])
+    skipped: list[tuple[Candidate, str]] = []
+    ready: list[Candidate] = []
+    for candidate in batch:
+        found = versions[candidate.key]
+        latest = next((v for v in found if v.is_latest), None)
+        if latest is None or latest.delete_marker:
+            skipped.append((candidate, Outcome.SKIPPED_MISSING.value))
+        elif latest.etag != candidate.etag.strip('"'):
+            skipped.append((candidate, Outcome.SKIPPED_CHANGED.value))
+        else:
+            ready.append(replace(candidate, size=sum(v.size for v in found),
+                                 version_ids=tuple(v.version_id for v in found)))
+    return skipped, ready
+
+
 def _keys_by_outcome(rows: list[tuple[Candidate, str]]) -> dict[str, list[str]]:
     grouped: dict[str, list[str]] = {}
     for candidate, outcome in rows:
@@ -457,8 +487,10 @@ _REFUSED_AS = {"PreconditionFailed": Outcome.SKIPPED_CHANGED, "NoSuchKey": Outco
 
 
 def _delete_objects(ctx: DeletionContext, deletable: list[Candidate]) -> list[DeleteObject]:
-    return [DeleteIfUnchanged(c.key, etag=c.etag) if ctx.conditional_deletes else DeleteObject(c.key)
-            for c in deletable]
+    # A version id names exactly the version checked: no ETag condition needed.
+    return [DeleteObject(c.key, version_id) for c in deletable for version_id in c.version_ids] + [
+        DeleteIfUnchanged(c.key, etag=c.etag) if ctx.conditional_deletes else DeleteObject(c.key)
+        for c in deletable if not c.version_ids]
 
 
 def _delete(
@@ -518,3 +550,68 @@ def manifest_candidates(
 def candidates_from_orphans(store: ManifestStore, uri: str, max_objects: int | None = None) -> Iterator[Candidate]:
     """Eligible orphans of an orphan manifest, streamed."""
     return manifest_candidates(store, uri, "eligible", lambda eligible: eligible, max_objects)
+
+
+@dataclass
+class NoncurrentReport:
+    """What the noncurrent pass over a versioned bucket removed (or, in a dry run, would remove)."""
+
+    dry_run: bool
+    versions: int = 0  # noncurrent versions, delete markers excluded
+    bytes: int = 0
+    delete_markers: int = 0
+    failed_keys: int = 0
+
+
+def expired_versions(versions: list[Version], cutoff: datetime) -> list[Version]:
+    """The versions noncurrent since ``cutoff`` or earlier, and a latest delete marker left with nothing behind."""
+    old = [v for v in versions if not v.is_latest and v.noncurrent_since is not None and v.noncurrent_since <= cutoff]
+    rest = [v for v in versions if v not in old]
+    return old + rest if len(rest) == 1 and rest[0].delete_marker else old
+
+
+def keys_with_noncurrent(store: ManifestStore, versions_uri: str) -> Iterator[str]:
+    """Keys of a versions manifest with a noncurrent version or a delete marker, once each, in listing order."""
+    last = None
+    for batch in store.iter_batches(versions_uri, columns=["key", "is_latest", "delete_marker"]):
+        rows = batch.filter(pc.or_(pc.invert(batch.column("is_latest")), batch.column("delete_marker")))
+        for key in rows.column("key").to_pylist():
+            if key != last:  # a key's versions are listed together
+                last = key
+                yield key
+
+
+def delete_noncurrent(ctx: DeletionContext, bucket: BucketPolicy, keys: Iterable[str], *, dry_run: bool,
+                      batch_size: int) -> NoncurrentReport:
+    """Remove the versions noncurrent for ``bucket.noncurrent_min_age`` and the delete markers left alone.
+
+    Each batch's versions are listed fresh and removed by version id, so a current version is never
+    touched; audited under ``<run id>/noncurrent``, one row per key with its version ids.
+    """
+    report = NoncurrentReport(dry_run)
+    if bucket.noncurrent_min_age is None:
+        return report
+    client = make_client(ctx.s3, read_timeout=DELETE_REQUEST_TIMEOUT)
+    lister = ListObjectsV2(ctx.s3, bucket.name)
+    for batch in batched(keys, batch_size):
+        with s3_errors(ctx.s3, bucket.name):
+            found = fresh_versions(lister, batch)
+        cutoff = age_cutoff(ctx.clock(), bucket.noncurrent_min_age)
+        chosen = {key: expired for key in batch if (expired := expired_versions(found[key], cutoff))}
+        candidates = [Candidate(key, sum(v.size for v in vs), max(v.last_modified for v in vs), "",
+                                tuple(v.version_id for v in vs)) for key, vs in chosen.items()]
+        errors: dict[str, DeleteError] = {}
+        if candidates and not dry_run:
+            assert ctx.audit is not None
+            ids = ctx.audit.record_intent(run_id=f"{ctx.run_id}/noncurrent"[:64], job=ctx.job, bucket=bucket.name,
+                                          candidates=candidates, at=ctx.clock())
+            with s3_errors(ctx.s3, bucket.name):
+                errors = delete_batch(client, bucket.name, _delete_objects(ctx, candidates), ctx.log, ctx.sleep)
+            ctx.audit.finish(_outcomes(candidates, ids, errors, ctx.clock)[1], intents=[min(ids.values())])
+        for key, versions in chosen.items():
+            report.failed_keys += key in errors
+            if key not in errors:
+                report.versions += sum(not v.delete_marker for v in versions)
+                report.bytes += sum(v.size for v in versions)
+                report.delete_markers += sum(v.delete_marker for v in versions)
+    return report

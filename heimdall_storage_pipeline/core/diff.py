@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from bisect import bisect_right
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from tempfile import TemporaryDirectory
@@ -62,6 +62,10 @@ class OrphanDiffResult:
     age_histogram: list[dict[str, int | str]]
     largest_eligible: list[dict[str, int | str]]
     manifest_uri: str
+    # A versioned bucket's other bytes on disk, from its inventory: noncurrent versions and delete markers.
+    noncurrent_versions: int = 0
+    noncurrent_bytes: int = 0
+    delete_markers: int = 0
 
     @property
     def orphan_share_bytes(self) -> float:
@@ -73,7 +77,8 @@ class OrphanDiffResult:
 
     @property
     def health_status(self) -> str:
-        return health_status(self.orphan_share_bytes)
+        # Over all bytes on disk: noncurrent versions are waste as much as orphans.
+        return health_status(share(self.orphan_bytes + self.noncurrent_bytes, self.total_bytes + self.noncurrent_bytes))
 
 
 def check_snapshot_order(inventory_listed_at: datetime, references_snapshot_at: datetime) -> None:
@@ -153,6 +158,7 @@ def compute_orphan_diff(
     as_of: datetime,
     run_id: str,
     work_dir: str | None = None,
+    versions: dict[str, int] | None = None,
 ) -> OrphanDiffResult:
     """Write the orphan manifest for ``bucket`` and return its figures.
 
@@ -162,7 +168,8 @@ def compute_orphan_diff(
     cannot parse is reported, never deleted. Orphans are written in inventory order.
 
     ``work_dir`` holds DuckDB's spill files and local copies of S3 manifests while the diff runs
-    (default: the system temporary directory).
+    (default: the system temporary directory). ``versions`` carries a versioned bucket's
+    ``noncurrent_versions``, ``noncurrent_bytes`` and ``delete_markers`` into the result.
     """
     # DuckDB allocates outside Arrow's pool: hand back what earlier steps freed in it first.
     pa.default_memory_pool().release_unused()
@@ -171,8 +178,8 @@ def compute_orphan_diff(
     *smaller, largest = MEMORY_LIMITS
     for memory_limit in smaller:
         with suppress(duckdb.OutOfMemoryException):
-            return attempt(memory_limit)
-    return attempt(largest)
+            return replace(attempt(memory_limit), **(versions or {}))
+    return replace(attempt(largest), **(versions or {}))
 
 
 def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_uri: str, references_uri: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,7 +17,7 @@ from heimdall_storage_pipeline.core.list_objects_v2 import (
     ListObjectsV2,
     listing_batches,
 )
-from heimdall_storage_pipeline.core.manifests import INVENTORY_SCHEMA, ManifestStore
+from heimdall_storage_pipeline.core.manifests import INVENTORY_SCHEMA, VERSIONS_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.s3 import S3Settings, s3_errors
 
 LISTING_CHUNK = 50_000  # rows buffered before a Parquet row group is written
@@ -31,6 +32,11 @@ class InventoryResult:
     started_at: datetime
     listed_at: datetime  # when the listing finished; references must be read after this
     listing_seconds: float
+    versioning: str = "Off"  # Enabled, Suspended or Off (never enabled)
+    versions_manifest_uri: str = ""  # every version and delete marker, for a versioned bucket
+    noncurrent_versions: int = 0  # versions that are not the latest (delete markers excluded)
+    noncurrent_bytes: int = 0
+    delete_markers: int = 0
 
     @property
     def keys_per_second(self) -> float:
@@ -50,6 +56,8 @@ def list_bucket_to_manifest(
 
     ``max_keys`` stays at S3's 1000 unless the server honours more (SeaweedFS does); with
     ``workers`` > 1 the bucket is listed in prefix shards at once (see ``listing_batches``).
+    A versioned (or suspended) bucket is read with one ListObjectVersions instead: every version goes
+    to a versions manifest, the current ones to the inventory.
     """
     if max_keys < 1:
         raise ValueError(f"max_keys must be positive, got {max_keys}")
@@ -59,12 +67,20 @@ def list_bucket_to_manifest(
     object_count = total_bytes = 0
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
+    figures: dict[str, object] = {}
     with s3_errors(settings, bucket):
         lister = ListObjectsV2(settings, bucket)
         # A missing bucket, refused credentials or a server that is not S3 fail before a manifest is opened.
         next(lister.pages(max_keys=1))
+        figures["versioning"] = lister.versioning()
         with store.writer(uri, INVENTORY_SCHEMA) as writer:
-            for batch in listing_batches(lister, max_keys=max_keys, workers=workers):
+            if figures["versioning"] != "Off":
+                # Current versions (the inventory) come from the version listing itself.
+                batches = _versions_to_manifest(lister, store, store.new_uri("versions", bucket, started_at, run_id),
+                                                figures, max_keys)
+            else:
+                batches = listing_batches(lister, max_keys=max_keys, workers=workers)
+            for batch in batches:
                 object_count += batch.num_rows
                 total_bytes += pc.sum(batch.column(1)).as_py() or 0
                 pending.append(batch)
@@ -83,4 +99,24 @@ def list_bucket_to_manifest(
         started_at=started_at,
         listed_at=clock(),
         listing_seconds=seconds,
+        **figures,  # type: ignore[arg-type]
     )
+
+
+def _versions_to_manifest(lister: ListObjectsV2, store: ManifestStore, uri: str, figures: dict[str, object],
+                          max_keys: int) -> Iterator[pa.RecordBatch]:
+    """Write every version to the versions manifest at ``uri``; yield the current versions as inventory rows."""
+    noncurrent = noncurrent_bytes = markers = 0
+    with store.writer(uri, VERSIONS_SCHEMA) as writer:
+        for page in lister.version_pages(max_keys=max_keys):
+            versions = page.versions
+            writer.write_batch(versions)
+            latest, marker = versions.column("is_latest"), versions.column("delete_marker")
+            old = versions.filter(pc.and_(pc.invert(latest), pc.invert(marker)))
+            noncurrent += old.num_rows
+            noncurrent_bytes += pc.sum(old.column("size")).as_py() or 0
+            markers += pc.sum(marker.cast(pa.int64())).as_py() or 0
+            current = versions.filter(pc.and_(latest, pc.invert(marker)))
+            yield pa.record_batch([current.column(name) for name in INVENTORY_SCHEMA.names], schema=INVENTORY_SCHEMA)
+    figures.update(versions_manifest_uri=uri, noncurrent_versions=noncurrent, noncurrent_bytes=noncurrent_bytes,
+                   delete_markers=markers)

@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -269,3 +269,34 @@ def stat_objects(
         with ThreadPoolExecutor(max_workers=threads) as pool:
             stats.update(zip(unsettled, pool.map(lambda k: _stat_one(client, bucket, k), unsettled), strict=True))
     return stats
+
+
+class Version(NamedTuple):
+    version_id: str
+    size: int
+    last_modified: datetime
+    etag: str
+    is_latest: bool
+    delete_marker: bool
+    noncurrent_since: datetime | None  # when the next newer version replaced it; None for the latest
+
+
+def _versions_of(lister: ListObjectsV2, key: str) -> list[Version]:
+    found: list[Version] = []
+    # With '/' as delimiter, keys under ``key/`` fold into one prefix: only ``key`` and its siblings are listed.
+    for page in lister.version_pages(prefix=key, delimiter="/"):
+        rows = page.versions.filter(pc.equal(page.versions.column("key"), key))
+        for row, modified in zip(rows.to_pylist(), utc_datetimes(rows.column("last_modified")), strict=True):
+            # The server lists a key's versions newest first: each was replaced by the one before it.
+            found.append(Version(row["version_id"], row["size"], modified, row["etag"], row["is_latest"],
+                                 row["delete_marker"], None if row["is_latest"] else found[-1].last_modified
+                                 if found else modified))
+        if rows.num_rows < page.versions.num_rows:  # listed past ``key``
+            break
+    return found
+
+
+def fresh_versions(lister: ListObjectsV2, keys: list[str], threads: int = STAT_THREADS) -> dict[str, list[Version]]:
+    """Every version and delete marker of each key, newest first (ListObjectVersions per key, in parallel)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return dict(zip(keys, pool.map(lambda key: _versions_of(lister, key), keys), strict=True))

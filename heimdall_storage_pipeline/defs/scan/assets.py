@@ -1,6 +1,7 @@
 """The scan: bucket_inventory -> referenced_keys -> orphan_diff, one partition per bucket."""
 
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -55,6 +56,16 @@ def _prune_old_manifests(
     return len(removed)
 
 
+VERSION_FIGURES = ("noncurrent_versions", "noncurrent_bytes", "delete_markers")
+
+
+def _versioning_metadata(figures: dict[str, Any]) -> dict[str, dg.MetadataValue]:
+    """The bucket's versioning state and the bytes it keeps besides current objects."""
+    return {"versioning": dg.MetadataValue.text(str(figures["versioning"])),
+            **{name: dg.MetadataValue.int(int(figures[name])) for name in VERSION_FIGURES},
+            "noncurrent_size": md.size(int(figures["noncurrent_bytes"]))}
+
+
 def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     @dg.asset(
         partitions_def=partitions_def,
@@ -95,6 +106,9 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
                 "keys_per_second": dg.MetadataValue.float(round(result.keys_per_second, 1)),
                 "endpoint": dg.MetadataValue.text(s3.settings().endpoint_url),
                 "pruned_manifests": dg.MetadataValue.int(pruned),
+                **_versioning_metadata(vars(result)),
+                **({"versions_manifest_uri": md.manifest(result.versions_manifest_uri)}
+                   if result.versions_manifest_uri else {}),
             }
         )
 
@@ -185,6 +199,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
             references_uri=references["manifest_uri"],
             as_of=as_of,
             run_id=context.run.run_id,
+            versions={name: int(inventory.get(name, 0)) for name in VERSION_FIGURES},
         )
         context.log.info(
             f"{bucket}: {result.orphan_count} orphans ({result.orphan_bytes} bytes), "
@@ -216,6 +231,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
             "orphan_share_count": dg.MetadataValue.float(result.orphan_share_count),
             "orphan_share_count_percent": md.percent(result.orphan_share_count),
             "health_status": dg.MetadataValue.text(result.health_status),
+            **_versioning_metadata({"versioning": inventory.get("versioning", "Off"), **vars(result)}),
             "dangling_reference_count": dg.MetadataValue.int(result.dangling_reference_count),
             "dangling_sample": dg.MetadataValue.text(dumps_sample(result.dangling_sample)),
             "age_histogram": md.age_table(
