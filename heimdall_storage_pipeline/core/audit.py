@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 from heimdall_storage_pipeline.core.clock import ensure_utc
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.migrations import apply_migrations
+from heimdall_storage_pipeline.core.quarantine import Moved
 from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
 
 # The tables' layout is in migrations/audit/*.sql; these describe them for queries.
@@ -88,7 +89,7 @@ SELECT key, id FROM intent
 """
 # Every open intent of the bucket, with its rows that are still pending (none: a.id is NULL).
 _PENDING = f"""
-SELECT o.first_id, a.id, a.run_id, a.key
+SELECT o.first_id, a.id, a.run_id, a.key, a.quarantine_bucket, a.quarantine_key
 FROM {open_intents.name} AS o
 LEFT JOIN {deletion_audit.name} AS a ON a.id BETWEEN o.first_id AND o.last_id AND a.status = 'pending'
 WHERE o.bucket = :bucket
@@ -144,6 +145,7 @@ class PendingDeletion:
     id: int
     run_id: str
     key: str
+    quarantine: tuple[str, str] | None = None  # where a move was copying the object to
 
 
 @dataclass(frozen=True)
@@ -258,20 +260,50 @@ class AuditLog:
         """The pending rows of ``bucket`` and the open intents (first row ids) that hold them."""
         with self.engine.connect() as connection:
             found = connection.execute(sa.text(_PENDING), {"bucket": bucket}).all()
-        rows = {row.id: PendingDeletion(id=row.id, run_id=row.run_id, key=row.key)
+        rows = {row.id: PendingDeletion(id=row.id, run_id=row.run_id, key=row.key,
+                                        quarantine=(row.quarantine_bucket, row.quarantine_key)
+                                        if row.quarantine_key else None)
                 for row in found if row.id is not None}
         return list(rows.values()), sorted({row.first_id for row in found})
 
     def reconcile(self, bucket: str, stat: Callable[[list[str]], dict[str, FreshStat | None]],
-                  at: datetime) -> dict[str, int]:
-        """Settle ``pending`` rows left by a run that died mid-batch, and close their intents."""
+                  at: datetime, discard: Callable[[list[tuple[str, str]]], None] | None = None) -> dict[str, int]:
+        """Settle ``pending`` rows left by a run that died mid-batch, and close their intents.
+
+        A move to quarantine that died between copy and delete left its original: ``discard`` removes
+        the copy, so that the next run moves the object once, re-validated.
+        """
         pending, intents = self.pending(bucket)
         stats = stat(sorted({p.key for p in pending})) if pending else {}
         gone = [row.id for row in pending if stats[row.key] is None]
         still_there = [row.id for row in pending if stats[row.key] is not None]
+        copies = [row.quarantine for row in pending if row.quarantine and stats[row.key] is not None]
+        if copies and discard is not None:
+            discard(copies)
         self.finish([Mark(gone, "deleted", at),
                      Mark(still_there, "not_deleted", None, "run ended before the delete")], intents=intents)
         return {"deleted": len(gone), "not_deleted": len(still_there)}
+
+    def moved(self, bucket: str, *, keys: list[str] | None = None, run_id: str | None = None,
+              plan_id: str | None = None) -> list[Moved]:
+        """The objects of ``bucket`` moved to quarantine (and not restored): the latest move of each of
+        ``keys``, or every move of a cleanup run or of the run that applied a plan."""
+        a = deletion_audit.c
+        query = sa.select(a.id, a.key, a.size, a.etag, a.quarantine_bucket, a.quarantine_key).where(
+            a.bucket == bucket, a.status == "deleted", a.quarantine_key.is_not(None))
+        if keys is not None:
+            query = query.where(a.key.in_(keys)).distinct(a.key).order_by(a.key, a.id.desc())
+        else:
+            query = query.where(a.run_id == run_id if run_id else a.plan_id == plan_id).order_by(a.id)
+        with self.engine.connect() as connection:
+            return [Moved(row.id, row.key, row.size, row.etag, (row.quarantine_bucket, row.quarantine_key))
+                    for row in connection.execute(query)]
+
+    def mark_restored(self, audit_id: int, at: datetime) -> None:
+        """The moved object is back under its key (``deleted_at`` keeps when it had been moved)."""
+        with self.engine.begin() as connection:
+            connection.execute(sa.update(deletion_audit).where(deletion_audit.c.id == audit_id)
+                               .values(status="restored", error=f"restored at {ensure_utc(at).isoformat()}"))
 
     def deleted_keys(self, bucket: str) -> set[str]:
         with self.engine.connect() as connection:

@@ -44,6 +44,7 @@ from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
 from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy
+from heimdall_storage_pipeline.core.quarantine import copy_to_quarantine, discard_copies
 from heimdall_storage_pipeline.core.references import read_only_snapshot
 from heimdall_storage_pipeline.core.revalidation import Version, fresh_versions, referenced_among, stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client, s3_errors
@@ -263,7 +264,8 @@ def delete_candidates(
     if ctx.audit is not None and not dry_run:
         with s3_errors(ctx.s3, bucket.name):
             report.reconciled = ctx.audit.reconcile(
-                bucket.name, lambda keys: stat_objects(client, bucket.name, keys, lister), ctx.clock()
+                bucket.name, lambda keys: stat_objects(client, bucket.name, keys, lister), ctx.clock(),
+                discard=lambda locations: discard_copies(client, locations),
             )
         if any(report.reconciled.values()):
             ctx.log(f"{bucket.name}: settled pending audit rows of an earlier run: {report.reconciled}")
@@ -383,24 +385,38 @@ def _process_batch(
     elif deletable:
         assert ctx.audit is not None
         # The intent is written before the wait for a slot, so that the slot holds only the request.
-        audit_ids = ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket.name,
-                                            candidates=deletable, at=ctx.clock(), plan_id=ctx.plan_id)
+        quarantine = bucket.quarantine
+        moved_to = (lambda key: quarantine.location(bucket.name, key)) if quarantine else None
+        audit_ids = ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket.name, candidates=deletable,
+                                            at=ctx.clock(), plan_id=ctx.plan_id, quarantine=moved_to)
         marks: list[Mark] = []
+        copied: set[str] = set()
 
         def still_deletable(objects: list[DeleteObject]) -> list[DeleteObject]:
-            """Before each request, the first or a retry: a check older than the bound is made again."""
+            """Before each request, the first or a retry: a check older than the bound is made again;
+            with a quarantine, what is still deletable is copied there first."""
             nonlocal deletable, checked
-            if time.perf_counter() - checked <= REVALIDATION_MAX_AGE:
-                return objects
-            again = time.perf_counter()
-            skipped, deletable = _revalidate(ctx, bucket, deletable, client, lister, age_exempt)
-            checked = again
-            rows.extend(skipped)
-            result.revalidated_again += len(skipped) + len(deletable)
-            result.revalidation_seconds += time.perf_counter() - again
-            marks.extend(Mark([audit_ids[key] for key in keys], "not_deleted", error=f"{outcome} when checked again")
-                         for outcome, keys in _keys_by_outcome(skipped).items())
-            return _delete_objects(ctx, deletable)
+            if time.perf_counter() - checked > REVALIDATION_MAX_AGE:
+                again = time.perf_counter()
+                skipped, deletable = _revalidate(ctx, bucket, deletable, client, lister, age_exempt)
+                checked = again
+                rows.extend(skipped)
+                result.revalidated_again += len(skipped) + len(deletable)
+                result.revalidation_seconds += time.perf_counter() - again
+                marks.extend(Mark([audit_ids[key] for key in keys], "not_deleted",
+                                  error=f"{outcome} when checked again")
+                             for outcome, keys in _keys_by_outcome(skipped).items())
+                objects = _delete_objects(ctx, deletable)
+            if quarantine is not None:
+                failed = copy_to_quarantine(client, bucket.name, quarantine,
+                                            [c for c in deletable if c.key not in copied])
+                copied.update(c.key for c in deletable if c.key not in failed)
+                rows.extend((c, Outcome.FAILED.value) for c in deletable if c.key in failed)
+                result.failures.update(failed)
+                marks.extend(Mark([audit_ids[key]], "failed", error=error) for key, error in failed.items())
+                deletable = [c for c in deletable if c.key not in failed]
+                objects = _delete_objects(ctx, deletable)
+            return objects
 
         with slots:  # one of ctx.workers DeleteObjects requests in flight
             errors = _delete(ctx, bucket.name, deletable, client, result, still_deletable)
@@ -408,6 +424,10 @@ def _process_batch(
         # its final status in the transaction that closes the intent.
         outcomes, final = _outcomes(deletable, audit_ids, errors, ctx.clock)
         rows += outcomes
+        if moved_to is not None:  # copies whose original stayed go again: no object is kept twice
+            deleted = {c.key for c, outcome in outcomes if outcome == Outcome.DELETED.value}
+            with s3_errors(ctx.s3, bucket.name):
+                discard_copies(client, [moved_to(key) for key in copied - deleted])
         ctx.audit.finish(marks + final, intents=[min(audit_ids.values())])
     return result
 
@@ -502,7 +522,7 @@ def _delete(
     with s3_errors(ctx.s3, bucket):
         errors = delete_batch(client, bucket, _delete_objects(ctx, deletable), ctx.log, ctx.sleep, before_attempt)
     result.delete_seconds = time.perf_counter() - delete_began
-    result.failures = {key: str(error) for key, error in errors.items() if error.code not in _REFUSED_AS}
+    result.failures.update({key: str(error) for key, error in errors.items() if error.code not in _REFUSED_AS})
     return errors
 
 

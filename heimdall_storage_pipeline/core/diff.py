@@ -118,7 +118,7 @@ def _connect(spill_directory: str, memory_limit: str) -> duckdb.DuckDBPyConnecti
 
 
 def _create_views(connection: duckdb.DuckDBPyConnection, inventory: str, references: str,
-                  rules: tuple[CompanionRule, ...]) -> None:
+                  rules: tuple[CompanionRule, ...], quarantine_prefix: str = "") -> None:
     """``listed`` (inventory rows with their normalised key, NULL when unparseable), ``referenced``
     (reference keys with their position) and ``companions`` (the keys the companion rules keep)."""
     companions = " UNION ALL ".join(
@@ -132,7 +132,9 @@ def _create_views(connection: duckdb.DuckDBPyConnection, inventory: str, referen
                -- keys needing normalisation are rare: only they pay for the Python call
                CASE WHEN regexp_matches(key, {_sql_string(NEEDS_NORMALISATION_PATTERN)})
                     THEN normalize_key(key) ELSE key END AS normalised
-        FROM read_parquet({_sql_string(inventory)}, file_row_number = true);
+        FROM read_parquet({_sql_string(inventory)}, file_row_number = true)
+        -- objects moved to the bucket's own quarantine prefix are no orphans
+        WHERE {f"NOT starts_with(key, {_sql_string(quarantine_prefix)})" if quarantine_prefix else "true"};
         CREATE VIEW referenced AS
         SELECT file_row_number AS position, key
         FROM read_parquet({_sql_string(references)}, file_row_number = true) WHERE key IS NOT NULL;
@@ -188,7 +190,9 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
         inventory = store.local_file(inventory_uri, temporary)
         references = store.local_file(references_uri, temporary)
         with _connect(temporary, memory_limit) as connection:
-            _create_views(connection, inventory, references, bucket.companions)
+            quarantine = bucket.quarantine.location(bucket.name, "") if bucket.quarantine else None
+            _create_views(connection, inventory, references, bucket.companions,
+                          quarantine[1] if quarantine and quarantine[0] == bucket.name else "")
             connection.execute("""
                 CREATE TABLE unique_references AS SELECT key, min(position) AS first FROM referenced GROUP BY key
             """)
