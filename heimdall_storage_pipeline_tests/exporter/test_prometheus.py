@@ -45,6 +45,8 @@ ALERTS = (
     "StorageCleanupDeletionsFailing",
     "StorageCleanupRefused",
     "StorageDanglingReferences",
+    "StorageNoncurrentVersionsHigh",
+    "StorageQuarantineHigh",
     "HeimdallStorageExporterDown",
 )
 
