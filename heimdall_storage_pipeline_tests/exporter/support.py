@@ -114,6 +114,8 @@ def record_scan(
             "listed_at": dg.MetadataValue.text(as_of),
             "listing_seconds": dg.MetadataValue.float(1.5),
             "keys_per_second": dg.MetadataValue.float(objects / 1.5),
+            "versioning": dg.MetadataValue.text("Off"),
+            **{name: dg.MetadataValue.int(0) for name in ("noncurrent_versions", "noncurrent_bytes", "delete_markers")},
         },
         "referenced_keys": {
             "referenced_count": dg.MetadataValue.int(objects - orphans + dangling),
@@ -157,6 +159,7 @@ def record_cleanup(
     dry_run: bool = False,
     failed: int = 0,
     skipped: Mapping[str, int] | None = None,
+    quarantined: tuple[int, int, float] | None = None,  # objects, bytes, oldest (epoch seconds)
 ) -> None:
     skips = {"referenced": 0, "missing": 0, "changed": 0, "young": 0, **(skipped or {})}
     record(
@@ -173,6 +176,9 @@ def record_cleanup(
             "guards_overridden": dg.MetadataValue.bool(False),
             "seconds": dg.MetadataValue.float(0.5),
             "manifest_uri": dg.MetadataValue.text(f"file:///manifests/{bucket}/deletions.parquet"),
+            **({"quarantined_objects": dg.MetadataValue.int(quarantined[0]),
+                "quarantined_bytes": dg.MetadataValue.int(quarantined[1]),
+                "quarantine_oldest": dg.MetadataValue.timestamp(quarantined[2])} if quarantined else {}),
         },
     )
 

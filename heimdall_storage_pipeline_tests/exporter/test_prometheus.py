@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,7 +149,7 @@ def test_real_prometheus_scrapes_the_exporter(tmp_path: Path, instance_home: Pat
             dangling=1,
         )
         record_scan(instance, "bucket-b", objects=50, total_bytes=2 * GIB, orphans=0, orphan_bytes=0)
-        record_cleanup(instance, "bucket-a", deleted=10, deleted_bytes=GIB)
+        record_cleanup(instance, "bucket-a", deleted=10, deleted_bytes=GIB, quarantined=(10, GIB, time.time()))
 
         exporter_port = free_port()
         args = ["--port", str(exporter_port), "--bucket", "bucket-never", "--cache-seconds", "0"]

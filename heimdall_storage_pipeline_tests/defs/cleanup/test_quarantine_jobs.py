@@ -60,7 +60,8 @@ def test_a_whole_cleanup_run_is_restored_in_one_launch_after_a_dry_run(
     assert {o.object_name for o in client.list_objects(holding, recursive=True)} == {f"{bucket}/c.npy"}
     # Restored moves are marked in the audit log: a second launch finds nothing left to restore but c.npy.
     restore(harness, bucket=bucket, run_id=cleanup.run_id, dry_run=False)
-    assert observation(harness, bucket)["restore_refused"] == 1 and observation(harness, bucket)["restore_restored"] == 0
+    seen = observation(harness, bucket)
+    assert (seen["restore_refused"], seen["restore_restored"]) == (1, 0)
 
 
 def test_restore_needs_exactly_one_selection(harness_factory, make_bucket):
