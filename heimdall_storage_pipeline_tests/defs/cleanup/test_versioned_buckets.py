@@ -10,6 +10,7 @@ from minio.commonconfig import ENABLED
 from minio.versioningconfig import VersioningConfig
 
 from heimdall_storage_pipeline.core.clock import utc_now
+from heimdall_storage_pipeline.defs.automation.checks import orphan_ratio_result
 from heimdall_storage_pipeline_tests.conftest import key_source
 from heimdall_storage_pipeline_tests.core.test_versions import figures, put, server_versions
 
@@ -83,3 +84,10 @@ def test_with_noncurrent_min_age_the_bucket_keeps_only_current_referenced_versio
     after = harness.scan(bucket)
     assert {name: after[name] for name in before} == figures(server_versions(client, bucket)) == {
         "noncurrent_versions": 0, "noncurrent_bytes": 0, "delete_markers": 0}
+
+
+
+def test_the_health_check_names_the_share_with_noncurrent_versions(harness_factory, make_bucket, seaweed, db_engine):
+    harness, bucket, _ = _world(harness_factory, make_bucket, seaweed, db_engine)
+    result = orphan_ratio_result(harness.scan(bucket))
+    assert result.description == "76.9 % of the bytes are orphaned, 88.5 % with noncurrent versions: critical"
