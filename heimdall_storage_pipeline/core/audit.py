@@ -292,7 +292,7 @@ class AuditLog:
         query = sa.select(a.id, a.key, a.size, a.etag, a.quarantine_bucket, a.quarantine_key).where(
             a.bucket == bucket, a.status == "deleted", a.quarantine_key.is_not(None))
         if keys is not None:
-            query = query.where(a.key.in_(keys)).distinct(a.key).order_by(a.key, a.id.desc())
+            query = query.where(a.key.in_(keys)).ext(postgresql.distinct_on(a.key)).order_by(a.key, a.id.desc())
         else:
             query = query.where(a.run_id == run_id if run_id else a.plan_id == plan_id).order_by(a.id)
         with self.engine.connect() as connection:

@@ -19,8 +19,10 @@ from minio.error import S3Error
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
 from heimdall_storage_pipeline.core.clock import utc_datetimes
+from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
 from heimdall_storage_pipeline.core.policy import Quarantine
+from heimdall_storage_pipeline.core.revalidation import stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings
 from heimdall_storage_pipeline.core.safety import Candidate
 
@@ -61,8 +63,10 @@ def discard_copies(client: Minio, locations: Iterable[tuple[str, str]]) -> None:
     for where, objects in by_bucket.items():
         errors = list(client.remove_objects(where, objects))
         if errors:
-            raise S3Error(None, errors[0].code, errors[0].message, None, None, None,  # type: ignore[arg-type]
-                          bucket_name=where, object_name=errors[0].name)
+            raise StorageCleanupError(
+                f"could not remove {len(errors)} quarantine copies in {where} whose originals stayed (first: "
+                f"{errors[0].name}: {errors[0].code}); delete them by hand or let keep_days expire them"
+            )
 
 
 def rule_id(bucket: str) -> str:
@@ -138,13 +142,8 @@ class Moved:
 
 
 def _stat(client: Minio, bucket: str, key: str) -> tuple[str, int] | None:
-    try:
-        stat = client.stat_object(bucket, key)
-    except S3Error as exc:
-        if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
-            return None
-        raise
-    return (stat.etag or "").strip('"'), stat.size or 0
+    found = stat_objects(client, bucket, [key])[key]
+    return None if found is None else (found.etag, found.size)
 
 
 def restore_one(client: Minio, bucket: str, moved: Moved, *, dry_run: bool) -> str:

@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from minio.commonconfig import ENABLED, Filter
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
+from minio.versioningconfig import VersioningConfig
 
 from heimdall_storage_pipeline.core.audit import AuditLog
 from heimdall_storage_pipeline.core.clock import utc_now
@@ -163,6 +164,8 @@ def test_restore_is_byte_identical_and_never_overwrites_a_newer_object(rig, seaw
     audit = AuditLog(rig.engine)
     moved = audit.moved(bucket, run_id=run_id)
     assert sorted(m.key for m in moved) == sorted(key for key in bodies if "orphan" in key)
+    assert [(m.key, m.quarantine) for m in audit.moved(bucket, keys=["data/orphan-1.npy", "data/kept.npy"])] == [
+        ("data/orphan-1.npy", (bucket, "q/data/orphan-1.npy"))]
     dry = {m.key: restore_one(client, bucket, m, dry_run=True) for m in moved}
     assert dry["data/orphan-1.npy"] == dry["data/orphan-2.npy"] == "would_restore"
     assert dry["data/orphan-0.npy"].startswith("refused: a newer object sits at 'data/orphan-0.npy'")
@@ -174,3 +177,17 @@ def test_restore_is_byte_identical_and_never_overwrites_a_newer_object(rig, seaw
         assert client.stat_object(bucket, key).metadata["X-Amz-Meta-Origin"] == "sensor-7"
     listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
     assert listed == set(bodies) | {"q/data/orphan-0.npy"}  # the refused one stays in quarantine
+
+
+def test_on_a_versioned_bucket_a_move_keeps_the_current_version_and_frees_every_other(rig, seaweed, make_bucket):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, _ = _world(rig, seaweed, make_bucket, quarantine, orphans=1)
+    client.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
+    client.put_object(bucket, "data/orphan-0.npy", io.BytesIO(b"second"), 6)
+    rig.offset = OLD
+    report = rig.delete(policy, rig.scan(policy))
+    assert (report.outcomes["deleted"], report.deleted_bytes) == (1, 100 + 6)
+    versions = sorted((o.object_name, o.is_latest) for o in client.list_objects(bucket, include_version=True,
+                                                                                  recursive=True))
+    assert versions == [("data/kept.npy", "true"), ("q/data/orphan-0.npy", "true")]
+    assert _read(client, bucket, "q/data/orphan-0.npy") == b"second"

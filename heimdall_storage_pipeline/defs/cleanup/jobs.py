@@ -363,6 +363,9 @@ def _quarantine_figures(ctx: DeletionContext, bucket: BucketPolicy, dry_run: boo
                                    delete=lambda on, objects: delete_batch(client, on, objects, ctx.log, ctx.sleep))
     ctx.log(f"{bucket.name}: {figures.objects} objects ({figures.bytes} bytes) in quarantine at {where}/{prefix}; "
             f"{figures.expired} past keep_days {'would be ' if dry_run else ''}removed")
+    if figures.errors:
+        ctx.log(f"{bucket.name}: some expired quarantine copies could not be removed (the next run retries): "
+                f"{figures.errors[:3]}")
     return {
         "quarantine_location": dg.MetadataValue.text(f"{where}/{prefix}"),
         "quarantined_objects": dg.MetadataValue.int(figures.objects),
