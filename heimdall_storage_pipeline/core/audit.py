@@ -289,10 +289,11 @@ class AuditLog:
         """The objects of ``bucket`` moved to quarantine (and not restored): the latest move of each of
         ``keys``, or every move of a cleanup run or of the run that applied a plan."""
         a = deletion_audit.c
-        query = sa.select(a.id, a.key, a.size, a.etag, a.quarantine_bucket, a.quarantine_key).where(
-            a.bucket == bucket, a.status == "deleted", a.quarantine_key.is_not(None))
+        moved = (a.bucket == bucket, a.status == "deleted", a.quarantine_key.is_not(None))
+        query = sa.select(a.id, a.key, a.size, a.etag, a.quarantine_bucket, a.quarantine_key).where(*moved)
         if keys is not None:
-            query = query.where(a.key.in_(keys)).ext(postgresql.distinct_on(a.key)).order_by(a.key, a.id.desc())
+            latest = sa.select(sa.func.max(a.id)).where(*moved, a.key.in_(keys)).group_by(a.key)
+            query = query.where(a.id.in_(latest)).order_by(a.key)
         else:
             query = query.where(a.run_id == run_id if run_id else a.plan_id == plan_id).order_by(a.id)
         with self.engine.connect() as connection:
