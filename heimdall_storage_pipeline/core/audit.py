@@ -232,9 +232,11 @@ class AuditLog:
                 "sizes": array_literal(str(c.size) for c in candidates),
                 "etags": array_literal(c.etag for c in candidates),
                 "modified": array_literal(ensure_utc(c.last_modified).isoformat() for c in candidates),
-                "versions": array_literal(" ".join(c.version_ids) for c in candidates),
+                # NULL arrays (unnest pads them with NULLs) where no key has versions or a quarantine.
+                "versions": array_literal(" ".join(c.version_ids) for c in candidates)
+                if any(c.version_ids for c in candidates) else None,
                 "quarantine_bucket": quarantine(candidates[0].key)[0] if quarantine else None,
-                "moved_to": array_literal(quarantine(c.key)[1] if quarantine else "" for c in candidates),
+                "moved_to": array_literal(quarantine(c.key)[1] for c in candidates) if quarantine else None,
             }).all())
 
     def finish(self, marks: Iterable[Mark], *, intents: Iterable[int] = ()) -> None:
