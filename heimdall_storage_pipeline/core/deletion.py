@@ -41,7 +41,7 @@ from heimdall_storage_pipeline.core.clock import Clock, utc_datetimes, utc_now
 from heimdall_storage_pipeline.core.companions import owners_under
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
-from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
+from heimdall_storage_pipeline.core.list_objects_v2 import VERSIONED, ListObjectsV2
 from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy
 from heimdall_storage_pipeline.core.quarantine import copy_to_quarantine, discard_copies
@@ -260,7 +260,7 @@ def delete_candidates(
     lister = ListObjectsV2(ctx.s3, bucket.name)
     with s3_errors(ctx.s3, bucket.name):
         # Asked now, not taken from the scan: a delete without version ids frees nothing on a versioned bucket.
-        versioned = lister.versioning() != "Off"
+        versioned = lister.versioning() in VERSIONED
     if ctx.audit is not None and not dry_run:
         with s3_errors(ctx.s3, bucket.name):
             report.reconciled = ctx.audit.reconcile(

@@ -35,6 +35,7 @@ PREFETCH_PAGES = 4  # pages listed ahead of the caller per worker: bounds memory
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _TIMESTAMP = INVENTORY_SCHEMA.field("last_modified").type
 _FIELDS = ("Key", "Size", "LastModified", "ETag")
+VERSIONED = ("Enabled", "Suspended")  # states whose deletes need version ids to free bytes
 
 
 @dataclass(frozen=True)
@@ -189,12 +190,13 @@ class ListObjectsV2:
             query["continuation-token"] = page.next_token
 
     def versioning(self) -> str:
-        """``Enabled``, ``Suspended`` or ``Off`` (never enabled, or a server without versioning)."""
+        """``Enabled``, ``Suspended``, ``Off`` (never enabled, or a server without versioning) or ``Unknown``
+        (the key may not ask: the bucket is then listed and cleaned as an unversioned one, as before)."""
         try:
             body = self.get({"versioning": ""})
         except S3Error as exc:
-            if exc.code in ("NotImplemented", "HTTP501"):
-                return "Off"
+            if exc.code in ("NotImplemented", "HTTP501", "AccessDenied"):
+                return "Unknown" if exc.code == "AccessDenied" else "Off"
             raise
         root = etree.fromstring(body, etree.XMLParser(resolve_entities=False, no_network=True))
         return root.findtext(root.tag[: root.tag.find("}") + 1] + "Status") or "Off"

@@ -14,6 +14,7 @@ from heimdall_storage_pipeline.core.clock import Clock, utc_now
 from heimdall_storage_pipeline.core.list_objects_v2 import (
     DEFAULT_WORKERS,
     S3_MAX_KEYS,
+    VERSIONED,
     ListObjectsV2,
     listing_batches,
 )
@@ -74,7 +75,7 @@ def list_bucket_to_manifest(
         next(lister.pages(max_keys=1))
         figures["versioning"] = lister.versioning()
         with store.writer(uri, INVENTORY_SCHEMA) as writer:
-            if figures["versioning"] != "Off":
+            if figures["versioning"] in VERSIONED:
                 # Current versions (the inventory) come from the version listing itself.
                 batches = _versions_to_manifest(lister, store, store.new_uri("versions", bucket, started_at, run_id),
                                                 figures, max_keys)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import urllib3
 from minio import Minio
 from minio.commonconfig import ENABLED
+from minio.error import S3Error
 from minio.versioningconfig import VersioningConfig
 
 from heimdall_storage_pipeline.core.deletion import delete_noncurrent, keys_with_noncurrent
@@ -171,3 +173,19 @@ def test_noncurrent_versions_go_only_past_noncurrent_min_age_and_current_ones_st
     rows = rig.audit_rows(bucket)
     assert {(r.key, r.status, len(r.version_ids)) for r in rows} == {("data/dead.npy", "deleted", 4),
                                                                     ("data/kept.npy", "deleted", 2)}
+
+
+def test_a_key_that_may_not_ask_for_versioning_lists_the_bucket_as_before(rig, seaweed, make_bucket, monkeypatch):
+    bucket = make_bucket("noask")
+    put(seaweed.client(), bucket, "x.npy", 3)
+    real_get = ListObjectsV2.get
+
+    def denied(self: ListObjectsV2, query: dict[str, str]) -> bytes:
+        if "versioning" in query:
+            response = urllib3.HTTPResponse(body=b"", status=403)
+            raise S3Error(response, "AccessDenied", "denied", bucket, "req", "host", bucket_name=bucket)
+        return real_get(self, query)
+
+    monkeypatch.setattr(ListObjectsV2, "get", denied)
+    result = list_bucket_to_manifest(rig.s3, bucket, rig.store, "run")
+    assert (result.versioning, result.object_count, result.versions_manifest_uri) == ("Unknown", 1, "")

@@ -388,7 +388,7 @@ def _versioned_cleanup(context: dg.OpExecutionContext, ctx: DeletionContext, buc
                        config: DeleteOrphansConfig, orphans: DeletionReport) -> dict[str, Any]:
     """On a versioned bucket: the noncurrent pass, or, without ``noncurrent_min_age``, a note on what stays."""
     inventory = latest_metadata(context.instance, "bucket_inventory", bucket.name) or {}
-    if inventory.get("versioning", "Off") == "Off" or "versions_manifest_uri" not in inventory:
+    if "versions_manifest_uri" not in inventory:
         return {}
     if bucket.noncurrent_min_age is None:
         context.log.warning(versioning_note(bucket.name, inventory))
