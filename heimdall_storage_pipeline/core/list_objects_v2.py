@@ -201,11 +201,11 @@ class ListObjectsV2:
         root = etree.fromstring(body, etree.XMLParser(resolve_entities=False, no_network=True))
         return root.findtext(root.tag[: root.tag.find("}") + 1] + "Status") or "Off"
 
-    def version_pages(self, prefix: str = "", max_keys: int = S3_MAX_KEYS, delimiter: str = ""
-                      ) -> Iterator[VersionsPage]:
-        """The pages of one ListObjectVersions, following the key and version-id markers."""
+    def version_pages(self, prefix: str = "", max_keys: int = S3_MAX_KEYS, delimiter: str = "",
+                      key_marker: str = "") -> Iterator[VersionsPage]:
+        """The pages of one ListObjectVersions (after ``key_marker``), following the key and version-id markers."""
         query = {"versions": "", "encoding-type": "url", "max-keys": str(max_keys), "prefix": prefix,
-                 "delimiter": delimiter}
+                 "delimiter": delimiter, **({"key-marker": key_marker} if key_marker else {})}
         while True:
             try:
                 page = parse_versions_page(self.get(query))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -57,8 +56,8 @@ def list_bucket_to_manifest(
 
     ``max_keys`` stays at S3's 1000 unless the server honours more (SeaweedFS does); with
     ``workers`` > 1 the bucket is listed in prefix shards at once (see ``listing_batches``).
-    A versioned (or suspended) bucket is read with one ListObjectVersions instead: every version goes
-    to a versions manifest, the current ones to the inventory.
+    A versioned (or suspended) bucket is also read with ListObjectVersions into a versions manifest
+    and its figures; the inventory stays the current objects' listing, sharded as for any bucket.
     """
     if max_keys < 1:
         raise ValueError(f"max_keys must be positive, got {max_keys}")
@@ -75,13 +74,7 @@ def list_bucket_to_manifest(
         next(lister.pages(max_keys=1))
         figures["versioning"] = lister.versioning()
         with store.writer(uri, INVENTORY_SCHEMA) as writer:
-            if figures["versioning"] in VERSIONED:
-                # Current versions (the inventory) come from the version listing itself.
-                batches = _versions_to_manifest(lister, store, store.new_uri("versions", bucket, started_at, run_id),
-                                                figures, max_keys)
-            else:
-                batches = listing_batches(lister, max_keys=max_keys, workers=workers)
-            for batch in batches:
+            for batch in listing_batches(lister, max_keys=max_keys, workers=workers):
                 object_count += batch.num_rows
                 total_bytes += pc.sum(batch.column(1)).as_py() or 0
                 pending.append(batch)
@@ -91,6 +84,9 @@ def list_bucket_to_manifest(
                     writer.write_table(pa.Table.from_batches(pending, INVENTORY_SCHEMA))
                     pending, pending_rows = [], 0
             writer.write_table(pa.Table.from_batches(pending, INVENTORY_SCHEMA))
+        if figures["versioning"] in VERSIONED:
+            figures.update(_list_versions(lister, store, store.new_uri("versions", bucket, started_at, run_id),
+                                          max_keys))
     seconds = time.perf_counter() - began
     return InventoryResult(
         bucket=bucket,
@@ -104,20 +100,16 @@ def list_bucket_to_manifest(
     )
 
 
-def _versions_to_manifest(lister: ListObjectsV2, store: ManifestStore, uri: str, figures: dict[str, object],
-                          max_keys: int) -> Iterator[pa.RecordBatch]:
-    """Write every version to the versions manifest at ``uri``; yield the current versions as inventory rows."""
+def _list_versions(lister: ListObjectsV2, store: ManifestStore, uri: str, max_keys: int) -> dict[str, object]:
+    """Every version and delete marker into the versions manifest at ``uri``, and their figures."""
     noncurrent = noncurrent_bytes = markers = 0
     with store.writer(uri, VERSIONS_SCHEMA) as writer:
         for page in lister.version_pages(max_keys=max_keys):
-            versions = page.versions
-            writer.write_batch(versions)
-            latest, marker = versions.column("is_latest"), versions.column("delete_marker")
-            old = versions.filter(pc.and_(pc.invert(latest), pc.invert(marker)))
+            writer.write_batch(page.versions)
+            latest, marker = page.versions.column("is_latest"), page.versions.column("delete_marker")
+            old = page.versions.filter(pc.and_(pc.invert(latest), pc.invert(marker)))
             noncurrent += old.num_rows
             noncurrent_bytes += pc.sum(old.column("size")).as_py() or 0
             markers += pc.sum(marker.cast(pa.int64())).as_py() or 0
-            current = versions.filter(pc.and_(latest, pc.invert(marker)))
-            yield pa.record_batch([current.column(name) for name in INVENTORY_SCHEMA.names], schema=INVENTORY_SCHEMA)
-    figures.update(versions_manifest_uri=uri, noncurrent_versions=noncurrent, noncurrent_bytes=noncurrent_bytes,
-                   delete_markers=markers)
+    return {"versions_manifest_uri": uri, "noncurrent_versions": noncurrent, "noncurrent_bytes": noncurrent_bytes,
+            "delete_markers": markers}
