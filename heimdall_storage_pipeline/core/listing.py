@@ -32,7 +32,7 @@ class InventoryResult:
     started_at: datetime
     listed_at: datetime  # when the listing finished; references must be read after this
     listing_seconds: float
-    versioning: str = "Off"  # Enabled, Suspended or Off (never enabled)
+    versioning: str = "Off"  # Enabled, Suspended, Off (never enabled) or Unknown (the key may not ask)
     versions_manifest_uri: str = ""  # every version and delete marker, for a versioned bucket
     noncurrent_versions: int = 0  # versions that are not the latest (delete markers excluded)
     noncurrent_bytes: int = 0
