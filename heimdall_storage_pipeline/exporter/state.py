@@ -24,7 +24,8 @@ REFERENCED_KEYS = dg.AssetKey("referenced_keys")
 ORPHAN_DIFF = dg.AssetKey("orphan_diff")
 ORPHAN_DELETIONS = dg.AssetKey("orphan_deletions")
 
-JOB_NAMES = ("storage_scan_job", "delete_orphans_job", "purge_dataset_job", "prefix_cleanup_job")
+JOB_NAMES = ("storage_scan_job", "delete_orphans_job", "purge_dataset_job", "prefix_cleanup_job",
+             "restore_quarantined_job")
 UNKNOWN = "unknown"
 # Worst last: the overall status is the worst of the buckets'. A bucket never scanned ranks above
 # healthy because nobody can say it is healthy.
