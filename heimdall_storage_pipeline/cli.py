@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from heimdall_storage_pipeline.core.policy import PolicyError, format_duration, load_policy, policy_path_from_env
 from heimdall_storage_pipeline.core.settings import dagster_instance_problem, database_url_problem
+from heimdall_storage_pipeline.core.units import format_bytes
 
 if TYPE_CHECKING:
     from heimdall_storage_pipeline.core.plans import Plan
@@ -30,6 +31,8 @@ def _validate_policy(args: argparse.Namespace) -> int:
             failed += 1
             continue
         print(f"OK {path}")
+        print(f"  capacity: {format_bytes(policy.capacity_bytes)} ({policy.capacity_bytes} bytes)"
+              if policy.capacity_bytes else "  capacity: not set (no days-until-full forecast)")
         for bucket in policy.buckets:
             state = "enabled" if bucket.enabled else "disabled"
             sources = ", ".join(

@@ -31,6 +31,7 @@ def test_validate_the_shipped_policy(
     assert f"OK {default_policy_path()}" in out
     assert "heimdall-raw-iq: enabled, min age 60d, batch 1000" in out
     assert "sources: synthetic_iq_samples.iq_storage_paths (timeout 10m)" in out
+    assert "capacity: 466.0 GiB (500363689984 bytes)" in out
 
 
 def test_validate_prints_durations_readably(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,6 +51,10 @@ def test_validate_prints_durations_readably(tmp_path: Path, capsys: pytest.Captu
     assert "heimdall-audio-chunks: enabled, min age 12h, batch" in out
     assert "heimdall-raw-iq: enabled, min age 1m 30s, batch" in out
     assert "measurements.iq_data_location (timeout 1h 30m)" in out
+    document.pop("capacity_bytes")
+    path.write_text(yaml.safe_dump(document))
+    assert main(["validate-policy", str(path)]) == 0
+    assert "capacity: not set (no days-until-full forecast)" in capsys.readouterr().out
 
 
 def test_validate_lists_every_problem_on_its_own_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
