@@ -71,10 +71,12 @@ class Forecast:
     latest: float
 
 
-def history_frame(table: pa.Table) -> pd.DataFrame:
-    """The history table as a frame, one row per bucket and day (the latest row when a day repeats)."""
+def history_frame(table: pa.Table, until: date | None = None) -> pd.DataFrame:
+    """The history table up to ``until`` as a frame, one row per bucket and day (the latest when a day repeats)."""
     frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     frame["day"] = pd.to_datetime(frame["day"])
+    if until is not None:
+        frame = frame[frame["day"] <= pd.Timestamp(until)]
     return frame.sort_values(["bucket", "day", "scanned_at"]).drop_duplicates(["bucket", "day"], keep="last")
 
 
@@ -120,10 +122,8 @@ def _sum(values: list[float | None]) -> float | None:
     return sum(known) if known else None
 
 
-def trends(frame: pd.DataFrame, until: date | None = None) -> list[Trend]:
-    """Each bucket's trend on its latest day up to ``until``, then the ``total`` (sums of the buckets')."""
-    if until is not None:
-        frame = frame[frame["day"] <= pd.Timestamp(until)]
+def trends(frame: pd.DataFrame) -> list[Trend]:
+    """Each bucket's trend on its latest day, then the ``total`` (sums of the buckets')."""
     found = [_trend(str(bucket), _daily(rows)) for bucket, rows in frame.groupby("bucket", sort=True)]
     if not found:
         return []

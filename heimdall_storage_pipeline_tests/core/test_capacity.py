@@ -40,7 +40,7 @@ def history(skip: set[tuple[str, int]] = frozenset()) -> pa.Table:
 
 
 def trends_on(day: int, table: pa.Table | None = None) -> dict[str, capacity.Trend]:
-    found = capacity.trends(capacity.history_frame(table or history()), until=START + timedelta(days=day))
+    found = capacity.trends(capacity.history_frame(table or history(), until=START + timedelta(days=day)))
     return {trend.bucket: trend for trend in found}
 
 
@@ -107,7 +107,7 @@ def test_forecast_interval_from_the_7_and_30_day_rates() -> None:
 
 def test_no_growth_never_fills_and_one_day_has_no_rate() -> None:
     flat = history().filter(pa.compute.equal(history().column("bucket"), "b"))
-    one_day = capacity.trends(capacity.history_frame(flat), until=START)
+    one_day = capacity.trends(capacity.history_frame(flat, until=START))
     assert one_day[0].growth_7d is None and capacity.forecast(one_day[-1], 10**15) is None
     shrinking = pa.Table.from_pylist(
         [{"day": START + timedelta(days=d), "bucket": "s", "total_bytes": 100 - d, "deleted_bytes": 0}
