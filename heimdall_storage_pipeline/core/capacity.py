@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from heimdall_storage_pipeline.core.manifests import TIMESTAMP
+from heimdall_storage_pipeline.core.units import format_bytes
 
 HISTORY_SCHEMA = pa.schema([
     ("day", pa.date32()),
@@ -156,6 +157,19 @@ def forecast(total: Trend, capacity_bytes: int) -> Forecast | None:
                     earliest=_days(free, max(rates)), latest=_days(free, min(rates)))
 
 
+def forecast_text(outlook: Forecast | None, capacity_bytes: int | None) -> str:
+    if capacity_bytes is None:
+        return "no forecast: set capacity_bytes in the policy"
+    if outlook is None:
+        return "no forecast yet: it needs two days of history"
+    if math.isinf(outlook.earliest):
+        return f"not filling at this trend ({format_bytes(outlook.free_bytes)} free)"
+    latest = "never at the slower rate" if math.isinf(outlook.latest) else f"{outlook.latest:.1f}"
+    between = f" (between {outlook.earliest:.1f} and {latest})" if outlook.earliest != outlook.latest else ""
+    return (f"full in {outlook.days:.1f} days{between}; "
+            f"{format_bytes(outlook.free_bytes)} free of {format_bytes(outlook.capacity_bytes)}")
+
+
 def daily_totals(frame: pd.DataFrame) -> pd.DataFrame:
     """Stored and orphaned bytes of all buckets per day (missing days interpolated per bucket)."""
     daily = pd.concat([_daily(rows) for _, rows in frame.groupby("bucket")])
@@ -180,6 +194,7 @@ def chart_png(frame: pd.DataFrame, capacity_bytes: int | None = None, outlook: F
         end = totals.index[-1] + pd.Timedelta(days=outlook.days)
         axes.plot([totals.index[-1], end], [totals["total_bytes"].iloc[-1], capacity_bytes / 1024**3],
                   color="tab:blue", linestyle="--", label=f"full in {outlook.days:.0f} days")
+    axes.set_title("Stored vs orphaned bytes, all buckets")
     axes.set_ylabel("GiB")
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)

@@ -97,18 +97,6 @@ def _trend_record(trend: capacity.Trend) -> dg.TableRecord:
     })
 
 
-def forecast_text(outlook: capacity.Forecast | None, capacity_bytes: int | None) -> str:
-    if capacity_bytes is None:
-        return "no forecast: set capacity_bytes in the policy"
-    if outlook is None:
-        return "no forecast yet: it needs two days of history"
-    if math.isinf(outlook.earliest):
-        return f"not filling at this trend ({format_bytes(outlook.free_bytes)} free)"
-    latest = "never at the slower rate" if math.isinf(outlook.latest) else f"{outlook.latest:.1f}"
-    return (f"full in {outlook.days:.1f} days (between {outlook.earliest:.1f} and {latest}); "
-            f"{format_bytes(outlook.free_bytes)} free of {format_bytes(outlook.capacity_bytes)}")
-
-
 def history_metadata(frame: Any, capacity_bytes: int | None) -> dict[str, dg.MetadataValue]:
     """The trends, forecast and chart as typed metadata; numbers under stable keys for plots and the exporter."""
     found = capacity.trends(frame)
@@ -126,7 +114,7 @@ def history_metadata(frame: Any, capacity_bytes: int | None) -> dict[str, dg.Met
         "orphan_inflow_norm_bytes_per_day": _rate(total.inflow_norm),
         "leaking_buckets": dg.MetadataValue.text(", ".join(t.bucket for t in found[:-1] if t.leak)),
         "trends": dg.MetadataValue.table([_trend_record(t) for t in found], schema=_TRENDS_SCHEMA),
-        "forecast": dg.MetadataValue.text(forecast_text(outlook, capacity_bytes)),
+        "forecast": dg.MetadataValue.text(capacity.forecast_text(outlook, capacity_bytes)),
     }
     if total.orphan_bytes is not None:
         metadata["orphan_bytes"] = dg.MetadataValue.int(total.orphan_bytes)

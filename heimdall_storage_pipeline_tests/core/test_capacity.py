@@ -11,6 +11,7 @@ import math
 from datetime import UTC, date, datetime, timedelta
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from heimdall_storage_pipeline.core import capacity
@@ -106,7 +107,7 @@ def test_forecast_interval_from_the_7_and_30_day_rates() -> None:
 
 
 def test_no_growth_never_fills_and_one_day_has_no_rate() -> None:
-    flat = history().filter(pa.compute.equal(history().column("bucket"), "b"))
+    flat = history().filter(pc.equal(history().column("bucket"), "b"))
     one_day = capacity.trends(capacity.history_frame(flat, until=START))
     assert one_day[0].growth_7d is None and capacity.forecast(one_day[-1], 10**15) is None
     shrinking = pa.Table.from_pylist(
@@ -121,7 +122,7 @@ def test_history_round_trip_and_chart(tmp_path) -> None:
     store = ManifestStore(str(tmp_path))
     table = history()
     for day in (START, START + timedelta(days=1)):
-        store.write_table(store.history_uri(day), table.filter(pa.compute.equal(table.column("day"), day)))
+        store.write_table(store.history_uri(day), table.filter(pc.equal(table.column("day"), day)))
     assert store.read_history(capacity.HISTORY_SCHEMA).num_rows == 4
     assert ManifestStore(str(tmp_path / "none")).read_history(capacity.HISTORY_SCHEMA).num_rows == 0
     frame = capacity.history_frame(table)
