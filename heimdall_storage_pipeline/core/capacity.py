@@ -177,25 +177,32 @@ def daily_totals(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def chart_png(frame: pd.DataFrame, capacity_bytes: int | None = None, outlook: Forecast | None = None) -> bytes:
-    """A PNG of stored vs orphaned bytes over time (GiB), with the capacity and the forecast when known."""
+    """A PNG of stored vs orphaned bytes over time, with the capacity and the forecast when known."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
     from matplotlib.figure import Figure
 
-    totals = daily_totals(frame) / 1024**3
+    totals = daily_totals(frame)
+    # The largest binary unit that keeps the figures at 1 or more: GiB for Heimdall, KiB for the demo.
+    power = max(0, min(4, int(math.log(max(totals["total_bytes"].max(), capacity_bytes or 1, 1), 1024))))
+    unit, scale = ("B", "KiB", "MiB", "GiB", "TiB")[power], 1024**power
+    totals = totals / scale
     figure = Figure(figsize=(8, 3.6), dpi=80, layout="constrained")
     axes = figure.subplots()
     axes.plot(totals.index, totals["total_bytes"], label="stored", color="tab:blue")
     axes.fill_between(totals.index, totals["orphan_bytes"].fillna(0), color="tab:red", alpha=0.4, label="orphaned")
     if capacity_bytes:
-        axes.axhline(capacity_bytes / 1024**3, color="black", linestyle=":", label="capacity")
-    if outlook is not None and 0 < outlook.days < 3 * 365:
-        end = totals.index[-1] + pd.Timedelta(days=outlook.days)
-        axes.plot([totals.index[-1], end], [totals["total_bytes"].iloc[-1], capacity_bytes / 1024**3],
-                  color="tab:blue", linestyle="--", label=f"full in {outlook.days:.0f} days")
+        axes.axhline(capacity_bytes / scale, color="black", linestyle=":", label="capacity")
+    if outlook is not None and capacity_bytes:
+        last, stored = totals.index[-1], totals["total_bytes"].iloc[-1]
+        for days, style, label in ((outlook.days, "--", "full in {:.0f} days"),
+                                   (outlook.earliest, ":", "earliest: {:.0f} days")):
+            if 0 < days < 3 * 365 and (style == "--" or days < outlook.days):
+                axes.plot([last, last + pd.Timedelta(days=days)], [stored, capacity_bytes / scale],
+                          color="tab:blue", linestyle=style, label=label.format(days))
     axes.set_title("Stored vs orphaned bytes, all buckets")
-    axes.set_ylabel("GiB")
+    axes.set_ylabel(unit)
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)
     axes.legend(loc="upper left")
