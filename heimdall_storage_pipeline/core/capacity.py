@@ -39,6 +39,7 @@ HISTORY_SCHEMA = pa.schema([
 ])
 TOTAL = "total"  # the trend of all buckets together
 LEAK_FACTOR = 2.0
+RATES = ("growth_7d", "growth_30d", "inflow_7d", "inflow_30d", "inflow_norm")  # Trend's bytes-per-day figures
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,7 @@ def trends(frame: pd.DataFrame) -> list[Trend]:
     total = Trend(
         bucket=TOTAL, day=day, stored_bytes=sum(t.stored_bytes for t in current),
         orphan_bytes=None if orphans is None else int(orphans),
-        **{name: _sum([getattr(t, name) for t in current])
-           for name in ("growth_7d", "growth_30d", "inflow_7d", "inflow_30d", "inflow_norm")},
+        **{name: _sum([getattr(t, name) for t in current]) for name in RATES},
     )
     return [*found, total]
 

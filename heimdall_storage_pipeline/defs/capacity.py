@@ -31,8 +31,7 @@ _TRENDS_SCHEMA = dg.TableSchema(columns=[
     dg.TableColumn("stored", "string", description="binary units"),
     dg.TableColumn("stored_bytes", "int"),
     dg.TableColumn("orphan_bytes", "int"),
-    *(dg.TableColumn(name, "float", description="bytes per day")
-      for name in ("growth_7d", "growth_30d", "inflow_7d", "inflow_30d", "inflow_norm")),
+    *(dg.TableColumn(name, "float", description="bytes per day") for name in capacity.RATES),
     dg.TableColumn("leak", "bool", description="7-day orphan inflow above twice its norm"),
 ])
 
@@ -99,9 +98,9 @@ def _rate(value: float | None) -> dg.MetadataValue:
 def _trend_record(trend: capacity.Trend) -> dg.TableRecord:
     return dg.TableRecord({
         "bucket": trend.bucket, "stored": format_bytes(trend.stored_bytes), "stored_bytes": trend.stored_bytes,
-        "orphan_bytes": trend.orphan_bytes, "growth_7d": trend.growth_7d, "growth_30d": trend.growth_30d,
-        "inflow_7d": trend.inflow_7d, "inflow_30d": trend.inflow_30d, "inflow_norm": trend.inflow_norm,
-        "leak": trend.leak,
+        "orphan_bytes": trend.orphan_bytes, "leak": trend.leak,
+        **{name: None if rate is None else round(rate, 1)
+           for name, rate in ((name, getattr(trend, name)) for name in capacity.RATES)},
     })
 
 
