@@ -162,6 +162,8 @@ def forecast_text(outlook: Forecast | None, capacity_bytes: int | None) -> str:
         return "no forecast: set capacity_bytes in the policy"
     if outlook is None:
         return "no forecast yet: it needs two days of history"
+    if outlook.free_bytes <= 0:
+        return f"full: the buckets hold {format_bytes(-outlook.free_bytes)} more than {format_bytes(capacity_bytes)}"
     if math.isinf(outlook.earliest):
         return f"not filling at this trend ({format_bytes(outlook.free_bytes)} free)"
     latest = "never at the slower rate" if math.isinf(outlook.latest) else f"{outlook.latest:.1f}"

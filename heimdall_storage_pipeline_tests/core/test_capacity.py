@@ -103,7 +103,11 @@ def test_forecast_interval_from_the_7_and_30_day_rates() -> None:
     assert outlook.days == pytest.approx(free / (358 / 30 + 2))  # 62.0 days at the 30-day rate
     assert outlook.earliest == pytest.approx(free / 17)  # 50.8 days at the last week's
     assert outlook.latest == outlook.days
-    assert capacity.forecast(total, 2000 * GIB).days == 0  # already over
+    over = capacity.forecast(total, 2000 * GIB)
+    assert over is not None and over.days == over.earliest == 0
+    assert capacity.forecast_text(over, 2000 * GIB) == "full: the buckets hold 136.0 GiB more than 2.0 TiB"
+    assert capacity.forecast_text(outlook, 3000 * GIB) == (
+        "full in 62.0 days (between 50.8 and 62.0); 864.0 GiB free of 2.9 TiB")
 
 
 def test_no_growth_never_fills_and_one_day_has_no_rate() -> None:
