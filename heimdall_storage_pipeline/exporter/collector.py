@@ -268,8 +268,12 @@ def snapshot_metrics(snapshot: StorageSnapshot) -> list[Metric]:
     )
     capacity_bytes = GaugeMetricFamily(
         "heimdall_storage_capacity_bytes", "The policy's capacity_bytes: the disk that holds the buckets.")
+    history_recorded = GaugeMetricFamily(
+        "heimdall_storage_history_timestamp_seconds",
+        "When the newest day of storage_history was recorded (Unix time): the growth and forecast are as of then.")
     history = snapshot.capacity
     if history is not None:
+        history_recorded.add_metric([], history.recorded_at)
         for bucket, rates in history.rates.items():
             for family, window, value in ((growth, "7d", rates["growth_7d"]), (growth, "30d", rates["growth_30d"]),
                                           (inflow, "7d", rates["inflow_7d"]), (inflow, "30d", rates["inflow_30d"])):
@@ -398,6 +402,7 @@ def snapshot_metrics(snapshot: StorageSnapshot) -> list[Metric]:
         norm,
         days_until_full,
         capacity_bytes,
+        history_recorded,
         GaugeMetricFamily(
             "heimdall_storage_exporter_collect_seconds",
             "Time the exporter took to read the latest snapshot from the Dagster instance.",

@@ -121,6 +121,7 @@ class CapacityFigures:
     """The latest day of ``storage_history``: rates per bucket (bytes per day) and the days until full."""
 
     day: str
+    recorded_at: float  # when that day's storage_history was recorded, epoch seconds
     rates: Mapping[str, Mapping[str, float | None]]  # bucket -> growth_7d, ..., inflow_norm
     capacity_bytes: int | None = None
     days_until_full: Mapping[str, float] = field(default_factory=dict)  # expected, earliest, latest; inf: never
@@ -251,7 +252,8 @@ def latest_capacity(instance: dg.DagsterInstance) -> CapacityFigures | None:
                               ("latest", "days_until_full_latest")):
             value = found.number(key)
             days[estimate] = math.inf if value is None else value
-    return CapacityFigures(day=day, rates=rates, capacity_bytes=found.count("capacity_bytes"), days_until_full=days)
+    return CapacityFigures(day=day, recorded_at=found.timestamp, rates=rates,
+                           capacity_bytes=found.count("capacity_bytes"), days_until_full=days)
 
 
 @dataclass

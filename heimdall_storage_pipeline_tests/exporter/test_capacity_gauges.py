@@ -42,6 +42,8 @@ def test_gauges_from_the_newest_day(instance: dg.DagsterInstance) -> None:
     assert expected == pytest.approx(40 / (358 / 30 + 2), abs=0.01)
     assert value("heimdall_storage_days_until_full", estimate="expected") == recorded["days_until_full"]
     assert value("heimdall_storage_capacity_bytes") == CAPACITY
+    newest = instance.fetch_materializations(dg.AssetKey("storage_history"), limit=2).records[1]  # day 66's
+    assert value("heimdall_storage_history_timestamp_seconds") == newest.timestamp
     assert recorded["leaking_buckets"] == "a"
     assert sample("heimdall_storage_growth_bytes_per_day", bucket="total", window="7d") not in metrics
 

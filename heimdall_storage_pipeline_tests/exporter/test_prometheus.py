@@ -50,6 +50,7 @@ ALERTS = (
     "StorageDiskFullSoon",
     "StorageDiskFullImminent",
     "StorageOrphanInflowAboveNorm",
+    "StorageForecastStale",
 )
 
 
