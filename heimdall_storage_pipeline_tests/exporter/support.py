@@ -104,6 +104,7 @@ def record_scan(
     dangling: int = 0,
     unparseable: int = 0,
     as_of: str = "2026-11-01T03:00:00Z",
+    versions: tuple[int, int, int] | None = None,  # a versioned bucket's noncurrent versions, bytes, delete markers
 ) -> dict[str, dict[str, Any]]:
     """Record the three scan assets of a bucket as the scan does; return their metadata."""
     orphan_share = share(orphan_bytes, total_bytes)
@@ -115,8 +116,9 @@ def record_scan(
             "listed_at": dg.MetadataValue.text(as_of),
             "listing_seconds": dg.MetadataValue.float(1.5),
             "keys_per_second": dg.MetadataValue.float(objects / 1.5),
-            "versioning": dg.MetadataValue.text("Off"),
-            **{name: dg.MetadataValue.int(0) for name in ("noncurrent_versions", "noncurrent_bytes", "delete_markers")},
+            "versioning": dg.MetadataValue.text("Enabled" if versions else "Off"),
+            **{name: dg.MetadataValue.int(count) for name, count in
+               zip(("noncurrent_versions", "noncurrent_bytes", "delete_markers"), versions or (), strict=False)},
         },
         "referenced_keys": {
             "referenced_count": dg.MetadataValue.int(objects - orphans + dangling),

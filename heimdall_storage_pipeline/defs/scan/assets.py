@@ -12,6 +12,7 @@ from heimdall_storage_pipeline.core.diff import (
     compute_orphan_diff,
     dumps_sample,
 )
+from heimdall_storage_pipeline.core.list_objects_v2 import VERSIONED
 from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
 from heimdall_storage_pipeline.core.manifests import (
     INVENTORY_SCHEMA,
@@ -60,7 +61,10 @@ VERSION_FIGURES = ("noncurrent_versions", "noncurrent_bytes", "delete_markers")
 
 
 def _versioning_metadata(figures: dict[str, Any]) -> dict[str, dg.MetadataValue]:
-    """The bucket's versioning state and the bytes it keeps besides current objects."""
+    """The bucket's versioning state and, for a versioned bucket, the bytes it keeps besides current objects
+    (left out otherwise: storage_history and the exporter read their absence as "not known")."""
+    if figures["versioning"] not in VERSIONED:
+        return {"versioning": dg.MetadataValue.text(str(figures["versioning"]))}
     return {"versioning": dg.MetadataValue.text(str(figures["versioning"])),
             **{name: dg.MetadataValue.int(int(figures[name])) for name in VERSION_FIGURES},
             "noncurrent_size": md.size(int(figures["noncurrent_bytes"]))}
