@@ -67,6 +67,7 @@ class SeaweedFS:
     # The filer POSTs every change here ([notification.webhook] of a notification.toml in weed's directory).
     webhook_url: str | None = None
     webhook_token: str = ""
+    webhook_max_retries: int = 3  # the filer drops an event after these; 0 loses whatever a stopped receiver misses
 
     @property
     def endpoint(self) -> str:
@@ -117,7 +118,8 @@ class SeaweedFS:
         ]
         if self.webhook_url:
             notification = self.workdir / "notification.toml"
-            notification.write_text(webhook_notification_toml(self.webhook_url, self.webhook_token))
+            notification.write_text(webhook_notification_toml(
+                self.webhook_url, self.webhook_token, self.webhook_max_retries))
             notification.chmod(0o600)
         with open(logs / "weed.out", "ab") as out:
             # weed reads notification.toml from the directory it starts in.
@@ -161,7 +163,7 @@ class SeaweedFS:
             self.process.wait(timeout=10)
 
 
-def webhook_notification_toml(endpoint: str, bearer_token: str = "") -> str:
+def webhook_notification_toml(endpoint: str, bearer_token: str = "", max_retries: int = 3) -> str:
     """A notification.toml that makes the filer POST each change to ``endpoint``."""
     return (
         "[notification.webhook]\n"
@@ -169,7 +171,8 @@ def webhook_notification_toml(endpoint: str, bearer_token: str = "") -> str:
         f"endpoint = {json.dumps(endpoint)}\n"
         f"bearer_token = {json.dumps(bearer_token)}\n"
         "timeout_seconds = 10\n"
-        "max_retries = 3\n"
+        f"max_retries = {max_retries}\n"
+        "buffer_size = 100000\n"
         'event_types = ["create", "update", "delete", "rename"]\n'
     )
 
