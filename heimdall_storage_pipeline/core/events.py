@@ -196,8 +196,7 @@ class EventLog:
                     {"bucket": bucket}).one_or_none()
                 if row is None:
                     continue  # no stream opened for it: not a policy bucket of this receiver
-                seq, high_water = row
-                latest = high_water
+                seq, latest = row
                 for event in by_bucket[bucket]:
                     inserted = connection.execute(sa.text(
                         f"INSERT INTO {EVENTS} (bucket, seq, event_id, key, deleted, size, etag, last_modified, "
@@ -208,12 +207,12 @@ class EventLog:
                         continue
                     seq, stored = seq + 1, stored + 1
                     if event.occurred_at is not None:
-                        if high_water is not None and event.occurred_at < high_water - tolerance:
+                        if latest is not None and event.occurred_at < latest - tolerance:
                             connection.execute(sa.text(
                                 f"UPDATE {STREAMS} SET epoch = epoch + 1, gap_at = now(), gap_reason = :reason "
                                 f"WHERE bucket = :bucket"), {"bucket": bucket, "reason": (
                                     f"an event of {event.occurred_at.isoformat()} arrived after one of "
-                                    f"{high_water.isoformat()}: the sender re-sent late and may have dropped others")})
+                                    f"{latest.isoformat()}: the sender re-sent late and may have dropped others")})
                         latest = max(latest or event.occurred_at, event.occurred_at)
                 connection.execute(sa.text(
                     f"UPDATE {STREAMS} SET last_seq = :seq, high_water = :latest WHERE bucket = :bucket"),

@@ -109,7 +109,7 @@ def test_incremental_inventory_follows_webhooks_and_a_gap_is_reconciled(world: W
     # Creates, overwrites, deletes, and keys created and deleted (or overwritten and deleted) in between.
     fresh = [f"new/{i:04d}.bin" for i in range(300)]
     start = world.seq()
-    events = world.change(creates=fresh + ["new/plus+one.bin"], overwrites=initial[:200] + odd)
+    events = world.change(creates=[*fresh, "new/plus+one.bin"], overwrites=initial[:200] + odd)
     events += world.change(deletes=initial[200:400] + fresh[:50] + initial[:20] + ["with space/a b.bin"])
     world.settle(start, events)
     incremental, check = world.inventory()
