@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -134,12 +135,61 @@ def make_handler(receiver: EventReceiver) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve(receiver: EventReceiver, host: str, port: int, stop: threading.Event | None = None) -> None:
+@dataclass(frozen=True)
+class AmqpSource:
+    """Where MinIO's AMQP target (notify_amqp) publishes: its exchange and routing key, and our queue."""
+
+    url: str
+    exchange: str = "bucketevents"
+    exchange_type: str = "fanout"
+    routing_key: str = "bucketlogs"
+    queue: str = "heimdall-storage-events"
+
+
+def consume_amqp(receiver: EventReceiver, source: AmqpSource, stop: threading.Event) -> None:
+    """Store each message's notification, then acknowledge it: RabbitMQ keeps what is not stored yet."""
+    from kombu import Connection, Exchange, Queue
+
+    def on_message(message: Any) -> None:
+        status, answer = receiver.receive(message.body if isinstance(message.body, bytes) else message.body.encode())
+        if status == 200:
+            message.ack()
+        elif status == 503:
+            stop.wait(1.0)  # the event log is down: back off, then let RabbitMQ deliver it again
+            message.requeue()
+        else:
+            log.warning("dropped an AMQP message that is not a notification: %s", answer["error"])
+            message.reject()
+
+    queue = Queue(source.queue, Exchange(source.exchange, type=source.exchange_type, durable=True),
+                  routing_key=source.routing_key, durable=True)
+    where = redact(source.url)
+    while not stop.is_set():
+        try:
+            with Connection(source.url, connect_timeout=10) as connection, \
+                    connection.Consumer(queue, on_message=on_message) as consumer:
+                consumer.qos(prefetch_count=100)
+                log.info("consuming queue %s (exchange %s) at %s", source.queue, source.exchange, where)
+                while not stop.is_set():
+                    try:
+                        connection.drain_events(timeout=1)
+                    except TimeoutError:
+                        continue
+        except Exception as exc:  # kombu's and the socket's errors alike: reconnect
+            log.error("AMQP at %s: %s; reconnecting", where, _one_line(exc))
+            stop.wait(2.0)
+
+
+def serve(receiver: EventReceiver, host: str, port: int, stop: threading.Event | None = None,
+          amqp: AmqpSource | None = None) -> None:
     server = ThreadingHTTPServer((host, port), make_handler(receiver))
     server.daemon_threads = True
     stop = stop or threading.Event()
     receiver.start()
     threading.Thread(target=server.serve_forever, name="heimdall-events-http", daemon=True).start()
+    if amqp is not None:
+        threading.Thread(target=consume_amqp, args=(receiver, amqp, stop), name="heimdall-events-amqp",
+                         daemon=True).start()
     log.info("receiving bucket events for %s on http://%s:%d/", ", ".join(sorted(receiver.buckets)), host,
              server.server_address[1])
     try:
@@ -165,6 +215,15 @@ def add_events_command(commands: Any) -> argparse.ArgumentParser:
                         help="where events are stored (default: $HEIMDALL_AUDIT_DB_URL, else $DAGSTER_PG_URL)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                         help=f"larger notifications are refused with 413 (default {DEFAULT_MAX_BODY})")
+    parser.add_argument("--amqp-url", default=os.environ.get("HEIMDALL_EVENTS_AMQP_URL"),
+                        help="also consume MinIO's AMQP target from RabbitMQ, e.g. "
+                             "amqp://user:password@127.0.0.1:5672// (default: $HEIMDALL_EVENTS_AMQP_URL)")
+    parser.add_argument("--amqp-exchange", default="bucketevents", help="notify_amqp's exchange (default bucketevents)")
+    parser.add_argument("--amqp-exchange-type", default="fanout", help="notify_amqp's exchange_type (default fanout)")
+    parser.add_argument("--amqp-routing-key", default="bucketlogs",
+                        help="notify_amqp's routing_key (default bucketlogs)")
+    parser.add_argument("--amqp-queue", default="heimdall-storage-events",
+                        help="the durable queue this receiver binds and consumes (default heimdall-storage-events)")
     parser.add_argument("--heartbeat-seconds", type=float, default=DEFAULT_HEARTBEAT_SECONDS,
                         help="how often the receiver says it is alive; silent for 3 of these, inventories list in full")
     return parser
@@ -209,7 +268,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        serve(receiver, args.host, int(args.port), stop)
+        amqp = AmqpSource(args.amqp_url, args.amqp_exchange, args.amqp_exchange_type, args.amqp_routing_key,
+                          args.amqp_queue) if args.amqp_url else None
+        serve(receiver, args.host, int(args.port), stop, amqp)
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc.strerror}; choose another --port", file=sys.stderr)
         return 2

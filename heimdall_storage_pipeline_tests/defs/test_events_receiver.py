@@ -4,6 +4,7 @@ missed create, a missed delete and a duplicated event get nothing deleted that s
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -23,7 +24,13 @@ from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS, free_ports
 from heimdall_storage_pipeline.receiver import EventReceiver
 from heimdall_storage_pipeline_tests.cleanup_support import listed_keys, put
 from heimdall_storage_pipeline_tests.conftest import ScanHarness, key_source, write_policy
-from heimdall_storage_pipeline_tests.events_support import Receiver, minio_notification, minio_record, stream
+from heimdall_storage_pipeline_tests.events_support import (
+    Receiver,
+    minio_notification,
+    minio_record,
+    stream,
+    wait_for,
+)
 
 TOKEN = "events-test-token-7f3a"
 
@@ -155,3 +162,39 @@ def test_missed_and_duplicated_minio_events_get_nothing_deleted_wrongly(setup, s
     assert "orphan/announced file+1.bin" not in remaining
     assert {f"kept/{i}.npy" for i in range(6)} <= remaining
     assert {"orphan/missed-create.bin", "orphan/missed-overwrite.bin"} <= remaining
+
+
+def test_minio_amqp_target_through_rabbitmq(seaweed: SeaweedFS, make_bucket, database_url: str,
+                                             tmp_path: Path) -> None:
+    """MinIO's notify_amqp publishes each notification to an exchange; the receiver's queue gets them."""
+    from kombu import Connection, Exchange, Queue
+
+    bucket, name = make_bucket("amqp"), f"heimdall-test-{secrets.token_hex(4)}"
+    policy = write_policy(tmp_path, {bucket: {"min_age": "1s", "references": [key_source("SELECT 'x'")]}})
+    url = "amqp://guest:guest@127.0.0.1:5672//"
+    receiver = Receiver(free_ports(1)[0], policy, database_url, TOKEN, tmp_path / "receiver.log", extra=(
+        "--amqp-url", url, "--amqp-exchange", name, "--amqp-routing-key", "bucketlogs", "--amqp-queue", name)).start()
+    exchange = Exchange(name, type="fanout", durable=True)
+    try:
+        wait_for(lambda: f"consuming queue {name}" in (tmp_path / "receiver.log").read_text(), "the AMQP consumer")
+        created = minio_notification(minio_record(bucket, "a b+c.bin", "s3:ObjectCreated:Put", utc_now(), 3, "e1"))
+        deleted = minio_notification(minio_record(bucket, "old.bin", "s3:ObjectRemoved:Delete", utc_now()))
+        with Connection(url) as connection:
+            producer = connection.Producer(exchange=exchange, routing_key="bucketlogs")
+            for body in (json.dumps(created), "not a notification", json.dumps(created), json.dumps(deleted)):
+                producer.publish(body, content_type="application/json", delivery_mode=2)
+        wait_for(lambda: (stream(database_url, bucket) or None) and stream(database_url, bucket).last_seq == 2,
+                 "two events through RabbitMQ")
+        engine = sa.create_engine(database_url)
+        table = EventLog(engine).read(bucket, 0, 2)
+        engine.dispose()
+        assert table.column("key").to_pylist() == ["a b+c.bin", "old.bin"]
+        assert table.column("deleted").to_pylist() == [False, True]
+        receiver.stop()
+        assert "dropped an AMQP message that is not a notification" in (tmp_path / "receiver.log").read_text()
+        assert "guest:guest" not in (tmp_path / "receiver.log").read_text()
+    finally:
+        receiver.stop()
+        with Connection(url) as connection:
+            Queue(name, exchange, channel=connection.channel()).delete()
+            exchange(connection.channel()).delete()
