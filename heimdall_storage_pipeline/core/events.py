@@ -87,9 +87,10 @@ def parse_events(body: bytes) -> list[ObjectEvent]:
 
 def _s3_record(record: dict[str, Any]) -> list[ObjectEvent]:
     name = str(record["eventName"]).removeprefix("s3:")
-    if name not in _MINIO_PUTS | _MINIO_DELETES:
-        return []  # reads, tagging, retention, replication: the listing does not change
     obj = record["s3"]["object"]
+    key = unquote_plus(str(obj["key"]))
+    if name not in _MINIO_PUTS | _MINIO_DELETES or key.endswith("/"):
+        return []  # reads, tagging, retention, replication; "folder/" markers, which listings skip
     occurred = parse_utc(str(record["eventTime"]), "eventTime")
     sequencer = str(obj.get("sequencer") or "")
     try:
@@ -97,18 +98,19 @@ def _s3_record(record: dict[str, Any]) -> list[ObjectEvent]:
     except ValueError:
         version = int(occurred.timestamp() * 1e9)
     return [ObjectEvent(
-        bucket=str(record["s3"]["bucket"]["name"]), key=unquote_plus(str(obj["key"])), deleted=name in _MINIO_DELETES,
+        bucket=str(record["s3"]["bucket"]["name"]), key=key, deleted=name in _MINIO_DELETES,
         size=int(obj.get("size") or 0), etag=str(obj.get("eTag") or "").strip('"'), last_modified=occurred,
         version_ns=version, occurred_at=occurred, event_id=_digest(record), source="s3",
     )]
 
 
-def _filer_object(path: str) -> tuple[str, str] | None:
-    parts = path.split("/", 3)  # '', 'buckets', bucket, key
-    if len(parts) < 4 or parts[0] or parts[1] != "buckets" or parts[2].startswith(".") or not parts[3]:
+def _filer_object(path: str | None, entry: dict[str, Any] | None) -> tuple[str, str] | None:
+    """``(bucket, key)`` of an S3 object's filer entry, else None (the filer's own paths, directories)."""
+    parts = (path or "").split("/", 3)  # '', 'buckets', bucket, key
+    if not entry or len(parts) < 4 or parts[0] or parts[1] != "buckets" or parts[2].startswith(".") or not parts[3]:
         return None
-    if parts[3].startswith(".uploads/"):
-        return None  # multipart parts in progress: the object appears at completion
+    if parts[3].startswith(".uploads/") or entry.get("is_directory"):
+        return None  # multipart parts in progress; directories, "folder/" markers included, which listings skip
     return parts[2], parts[3]
 
 
@@ -116,12 +118,10 @@ def _filer_event(document: dict[str, Any]) -> list[ObjectEvent]:
     kind, path, message = document["event_type"], str(document["key"]), document["message"]
     old, new = message.get("old_entry"), message.get("new_entry")
     new_path = posixpath.join(message.get("new_parent_path") or posixpath.dirname(path), new["name"]) if new else None
+    before, after = _filer_object(path, old), _filer_object(new_path, new)
     identity, events = _digest(document), []
-    for entry, at, deleted in ((old, path, True), (new, new_path, False)):
-        if not entry or entry.get("is_directory") or (deleted and new_path == path) or not at:
-            continue
-        where = _filer_object(at)
-        if where is None:
+    for entry, where, deleted in ((old, before, True), (new, after, False)):
+        if where is None or (deleted and where == after):
             continue
         attributes, extended = entry.get("attributes") or {}, entry.get("extended") or {}
         mtime = int(attributes.get("mtime") or 0)
@@ -279,8 +279,13 @@ _MERGED = """
 """
 
 
-def _connect(events: pa.Table) -> duckdb.DuckDBPyConnection:
-    connection = duckdb.connect(config={"preserve_insertion_order": False, "autoinstall_known_extensions": False})
+MERGE_MEMORY_LIMIT = "256MB"  # the rest spills to the work directory; the scan's memory budget holds
+
+
+def _connect(events: pa.Table, work: str) -> duckdb.DuckDBPyConnection:
+    connection = duckdb.connect(config={
+        "preserve_insertion_order": False, "autoinstall_known_extensions": False,
+        "memory_limit": MERGE_MEMORY_LIMIT, "temp_directory": work})
     connection.register("events", events)
     connection.execute(_LATEST)
     return connection
@@ -288,7 +293,7 @@ def _connect(events: pa.Table) -> duckdb.DuckDBPyConnection:
 
 def merge_events(store: ManifestStore, base_uri: str, events: pa.Table, uri: str) -> tuple[int, int]:
     """Write at ``uri`` the manifest ``base_uri`` with ``events`` applied; returns its objects and bytes."""
-    with tempfile.TemporaryDirectory(prefix="heimdall-events-") as work, _connect(events) as connection:
+    with tempfile.TemporaryDirectory(prefix="heimdall-events-") as work, _connect(events, work) as connection:
         merged = f"{work}/merged.parquet"
         connection.execute(f"COPY ({_MERGED}) TO '{merged}' (FORMAT parquet, COMPRESSION zstd)",
                            [store.local_file(base_uri, work)])
@@ -313,7 +318,7 @@ def inventory_drift(store: ManifestStore, listing_uri: str, base_uri: str, event
                     in_flight: Iterable[str] = ()) -> Drift:
     """Keys the full listing and ``base_uri`` + ``events`` disagree on, except ``in_flight`` (changed while
     the listing ran, so either side may be right)."""
-    with tempfile.TemporaryDirectory(prefix="heimdall-drift-") as work, _connect(events) as connection:
+    with tempfile.TemporaryDirectory(prefix="heimdall-drift-") as work, _connect(events, work) as connection:
         connection.register("in_flight", pa.table({"key": pa.array(sorted(set(in_flight)), pa.string())}))
         connection.execute(f"CREATE TEMP TABLE derived AS SELECT key FROM ({_MERGED}) "
                            f"WHERE key NOT IN (SELECT key FROM in_flight)", [store.local_file(base_uri, work)])

@@ -76,9 +76,11 @@ def test_seaweedfs_filer_events_become_object_events() -> None:
                                 new=_entry("new", 1, mtime, ETAG), new_parent="/buckets/b1/dir"))
     assert [(e.key, e.deleted) for e in moved] == [("old", True), ("dir/new", False)]
     assert len({e.event_id for e in moved}) == 2
-    # Directories, the filer's own paths and multipart parts in progress are not objects.
+    # Directories ("folder/" markers too, which listings skip), the filer's own paths and multipart parts in
+    # progress are not objects.
     directory = {"name": "a", "is_directory": True, "attributes": {"mtime": mtime}}
-    for body in (_filer("create", "/buckets/b1/a", new=directory),
+    marker = {**_entry("f", 0, mtime, "d41d8cd98f00b204e9800998ecf8427e"), "is_directory": True}
+    for body in (_filer("create", "/buckets/b1/a", new=directory), _filer("create", "/buckets/b1/f", new=marker),
                  _filer("create", "/buckets/.system/owners/x", new=_entry("x", 0, mtime, ETAG)),
                  _filer("create", "/buckets/b1/.uploads/u1/0001.part", new=_entry("0001.part", 5, mtime, ETAG)),
                  _filer("create", "/topics/t", new=_entry("t", 5, mtime, ETAG))):
@@ -90,7 +92,8 @@ def test_minio_records_become_object_events() -> None:
         minio_record("b1", "with space/a+b%.bin", "s3:ObjectCreated:Put", T0, 7, '"abc"'),
         minio_record("b1", "k", "s3:ObjectRemoved:Delete", T0 + timedelta(seconds=1)),
         minio_record("b1", "k", "s3:ObjectAccessed:Get", T0),
-        minio_record("b1", "k", "s3:ObjectCreated:PutTagging", T0, 7, "abc"))
+        minio_record("b1", "k", "s3:ObjectCreated:PutTagging", T0, 7, "abc"),
+        minio_record("b1", "folder/", "s3:ObjectCreated:Put", T0, 0, "d41d8cd98f00b204e9800998ecf8427e"))
     put, delete = parse_events(json.dumps(body).encode())
     assert (put.key, put.size, put.etag, put.deleted, put.last_modified) == ("with space/a+b%.bin", 7, "abc", False, T0)
     assert put.version_ns == int(T0.timestamp() * 1e9) and put.source == "s3"
