@@ -14,7 +14,7 @@ import dagster as dg
 import sqlalchemy as sa
 
 from heimdall_storage_pipeline.core.clock import as_utc, utc_now
-from heimdall_storage_pipeline.core.errors import StorageCleanupError
+from heimdall_storage_pipeline.core.errors import StorageCleanupError, redact
 from heimdall_storage_pipeline.core.events import (
     FULL,
     INCREMENTAL,
@@ -64,11 +64,15 @@ def drift_check_result(metadata: dict[str, Any], error_above: int) -> dg.AssetCh
     )
 
 
+def _first_line(exc: BaseException) -> str:
+    return redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
 def _stream(context: dg.AssetExecutionContext, events: EventLog, bucket: str) -> StreamState | None:
     try:
         return events.state(bucket)
     except sa.exc.SQLAlchemyError as exc:
-        context.log.warning(f"cannot read the event stream of {bucket}, listing in full: {str(exc).splitlines()[0]}")
+        context.log.warning(f"cannot read the event stream of {bucket}, listing in full: {_first_line(exc)}")
         return None
 
 
@@ -85,7 +89,7 @@ def take_inventory(context: dg.AssetExecutionContext, s3: S3Settings, store: Man
             try:
                 return _incremental(context, store, events, stream, previous, reason)
             except (StorageCleanupError, sa.exc.SQLAlchemyError) as exc:
-                reason = f"the incremental inventory failed ({str(exc).splitlines()[0]})"
+                reason = f"the incremental inventory failed ({_first_line(exc)})"
         context.log.info(f"{bucket.name}: full listing: {reason}")
         return _full(context, s3, store, events, bucket.name, previous, reason)
     finally:
@@ -146,7 +150,7 @@ def _full(context: dg.AssetExecutionContext, s3: S3Settings, store: ManifestStor
         events.prune(bucket, int(previous["cursor"]))
     except (StorageCleanupError, sa.exc.SQLAlchemyError) as exc:
         context.log.warning(f"{bucket}: cannot compare with the event-maintained inventory: "
-                            f"{str(exc).splitlines()[0]}")
+                            f"{_first_line(exc)}")
         return result, metadata
     level = context.log.warning if drift.count else context.log.info
     level(f"{bucket}: reconciliation: {drift.missing} listed keys the events missed, {drift.extra} keys the "
