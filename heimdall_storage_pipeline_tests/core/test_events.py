@@ -215,3 +215,22 @@ def test_the_merge_is_last_writer_wins_whatever_the_arrival_order(tmp_path: Path
                                 ("newer", 1, T0, "e0")])
     drift = inventory_drift(store, listing, base, events, in_flight=["kept"])
     assert (drift.missing, drift.extra, drift.sample) == (1, 2, ["surprise", "created", "stale-delete"])
+
+
+def test_the_policy_sets_how_often_a_full_listing_reconciles_and_the_drift_error_threshold() -> None:
+    from heimdall_storage_pipeline.core.policy import PolicyError, parse_policy
+
+    def bucket(**settings: object) -> dict:
+        return {"buckets": {"b1-bucket": {"min_age": "30d", "references": [{"query": "SELECT k FROM t"}],
+                                          **settings}}}
+
+    default = parse_policy(bucket(), "p.yaml").bucket("b1-bucket")
+    assert (default.full_listing_every, default.drift_error_keys) == (timedelta(days=1), 100)
+    tuned = parse_policy(bucket(full_listing_every="6h", drift_error_keys=0), "p.yaml").bucket("b1-bucket")
+    assert (tuned.full_listing_every, tuned.drift_error_keys) == (timedelta(hours=6), 0)
+    with pytest.raises(PolicyError) as raised:
+        parse_policy(bucket(full_listing_every="30s", drift_error_keys=-1), "p.yaml")
+    assert str(raised.value).splitlines() == [
+        "p.yaml: buckets.b1-bucket.full_listing_every: 30s is too short; use at least 1m, e.g. '1d'",
+        "p.yaml: buckets.b1-bucket.drift_error_keys: must not be negative, got -1",
+    ]
