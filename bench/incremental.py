@@ -75,7 +75,7 @@ def main() -> int:
         ensure_buckets(seaweed, {bucket: args.objects}, data_dir / MARKER, work)
         apply_migrations(engine, "audit")
         events = EventLog(engine)
-        events.open_streams([bucket], "bench", alive_seconds=3600)
+        events.mark_gap([bucket], "bench", alive_seconds=3600)
         base = list_bucket_to_manifest(seaweed.settings(), bucket, store, "bench-base")
         print(f"base: {base.object_count:,} objects listed in {base.listing_seconds:.2f} s", flush=True)
 

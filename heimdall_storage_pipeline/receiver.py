@@ -77,7 +77,7 @@ class EventReceiver:
             raise
 
     def start(self) -> None:
-        self.events.open_streams(self.buckets, f"the receiver started at {utc_now().isoformat()}", self.alive_seconds)
+        self.events.mark_gap(self.buckets, f"the receiver started at {utc_now().isoformat()}", self.alive_seconds)
 
     def heartbeat(self) -> None:
         try:

@@ -156,14 +156,9 @@ class EventLog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def open_streams(self, buckets: Iterable[str], reason: str, alive_seconds: float) -> None:
-        """A receiver starts: whatever happened while none listened is unknown, so each stream's epoch moves."""
-        self._gap(buckets, reason, alive_seconds)
-
-    def mark_gap(self, buckets: Iterable[str], reason: str) -> None:
-        self._gap(buckets, reason, None)
-
-    def _gap(self, buckets: Iterable[str], reason: str, alive_seconds: float | None) -> None:
+    def mark_gap(self, buckets: Iterable[str], reason: str, alive_seconds: float | None = None) -> None:
+        """Events may have been lost: each stream's epoch moves. A starting receiver (``alive_seconds``)
+        opens its streams so: what happened while none listened is unknown."""
         alive = "now() + make_interval(secs => :alive)" if alive_seconds is not None else "now()"
         with self.engine.begin() as connection:
             for bucket in sorted(set(buckets)):

@@ -128,7 +128,7 @@ def _event(key: str, at: datetime, deleted: bool = False, occurred: datetime | N
 
 def test_event_log_numbers_each_bucket_without_holes_and_ignores_re_deliveries(event_log: EventLog) -> None:
     assert event_log.state("b1") is None
-    event_log.open_streams(["b1", "b2"], "the receiver started", alive_seconds=60)
+    event_log.mark_gap(["b1", "b2"], "the receiver started", alive_seconds=60)
     first = event_log.state("b1")
     assert (first.epoch, first.last_seq, first.alive, first.gap_reason) == (1, 0, True, "the receiver started")
     assert event_log.append([_event("a", T0), _event("b", T0), _event("a", T0)]) == 2  # the third is the first again
@@ -143,14 +143,14 @@ def test_event_log_numbers_each_bucket_without_holes_and_ignores_re_deliveries(e
         event_log.read("b1", 0, 3)
     assert event_log.read("b1", 0, 3, strict=False).num_rows == 2
     # A restart moves the epoch; a silent receiver is not alive.
-    event_log.open_streams(["b1"], "the receiver started again", alive_seconds=60)
+    event_log.mark_gap(["b1"], "the receiver started again", alive_seconds=60)
     assert event_log.state("b1").epoch == 2
     event_log.heartbeat(["b1"], 0)
     assert not event_log.state("b1").alive
 
 
 def test_an_event_far_out_of_order_is_a_gap(event_log: EventLog) -> None:
-    event_log.open_streams(["b1"], "started", alive_seconds=60)
+    event_log.mark_gap(["b1"], "started", alive_seconds=60)
     event_log.append([_event("a", T0, occurred=T0), _event("b", T0, occurred=T0 - timedelta(minutes=1))])
     assert event_log.state("b1").epoch == 1  # within the tolerance: webhooks are sent concurrently
     event_log.append([_event("c", T0, occurred=T0 - timedelta(minutes=10))])

@@ -82,7 +82,7 @@ def test_events_it_could_not_store_become_a_gap_once_the_database_is_back(databa
     engine = sa.create_engine(database_url)
     apply_migrations(engine, "audit")
     log = EventLog(engine)
-    log.open_streams(["b1"], "started", alive_seconds=60)
+    log.mark_gap(["b1"], "started", alive_seconds=60)
     dead = sa.create_engine("postgresql+psycopg2://nobody@127.0.0.1:1/none", connect_args={"connect_timeout": 2})
     receiver = EventReceiver(EventLog(dead), {"b1"})
     body = minio_notification(minio_record("b1", "k", "s3:ObjectCreated:Put", utc_now(), 1, "e"))
