@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -53,24 +54,30 @@ class EventReceiver:
         try:
             events = parse_events(body)
         except EventFormatError as exc:
+            self.lost(self.buckets)
             return 400, {"error": str(exc)}
         kept = [event for event in events if event.bucket in self.buckets]
         try:
             self._record_gaps()
             stored = self.events.append(kept) if kept else 0
         except sa.exc.SQLAlchemyError as exc:
-            with self._lock:
-                self._unrecorded_gaps.update(event.bucket for event in kept)
+            self.lost(event.bucket for event in kept)
             log.error("cannot store %d event(s): %s", len(kept), _one_line(exc))
             return 503, {"error": "the event log is unavailable; retry later"}
         return 200, {"stored": stored, "duplicates": len(kept) - stored, "ignored": len(events) - len(kept)}
+
+    def lost(self, buckets: Iterable[str]) -> None:
+        """Events of these buckets were refused or not stored: their streams get a gap (at the next write)."""
+        with self._lock:
+            self._unrecorded_gaps.update(buckets)
 
     def _record_gaps(self) -> None:
         with self._lock:
             lost, self._unrecorded_gaps = self._unrecorded_gaps, set()
         try:
             if lost:
-                self.events.mark_gap(lost, f"the receiver could not store events at {utc_now().isoformat()}")
+                self.events.mark_gap(lost, f"the receiver refused or could not store events at "
+                                           f"{utc_now().isoformat()}")
         except sa.exc.SQLAlchemyError:
             with self._lock:
                 self._unrecorded_gaps |= lost
@@ -125,7 +132,8 @@ def make_handler(receiver: EventReceiver) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return self._answer(411, {"error": "a Content-Length is required"})
             if int(length) > receiver.max_body:
-                self.close_connection = True  # the body is not read
+                self.close_connection = True  # the body is not read: whatever it announced is lost
+                receiver.lost(receiver.buckets)
                 return self._answer(413, {"error": f"the body is larger than {receiver.max_body} bytes"})
             self._answer(*receiver.receive(self.rfile.read(int(length))))
 
