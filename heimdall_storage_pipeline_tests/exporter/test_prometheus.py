@@ -45,6 +45,7 @@ ALERTS = (
     "StorageCleanupDeletionsFailing",
     "StorageCleanupRefused",
     "StorageDanglingReferences",
+    "StorageInventoryDrift",
     "HeimdallStorageExporterDown",
 )
 
