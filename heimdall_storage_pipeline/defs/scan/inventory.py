@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import dagster as dg
+import duckdb
 import sqlalchemy as sa
 
 from heimdall_storage_pipeline.core.clock import as_utc, utc_now
@@ -88,7 +89,7 @@ def take_inventory(context: dg.AssetExecutionContext, s3: S3Settings, store: Man
         if mode == INCREMENTAL and previous is not None and stream is not None:
             try:
                 return _incremental(context, store, events, stream, previous, reason)
-            except (StorageCleanupError, sa.exc.SQLAlchemyError) as exc:
+            except (StorageCleanupError, sa.exc.SQLAlchemyError, duckdb.Error) as exc:
                 reason = f"the incremental inventory failed ({_first_line(exc)})"
         context.log.info(f"{bucket.name}: full listing: {reason}")
         return _full(context, s3, store, events, bucket.name, previous, reason)
@@ -148,7 +149,7 @@ def _full(context: dg.AssetExecutionContext, s3: S3Settings, store: ManifestStor
         derived = events.read(bucket, int(previous["cursor"]), stream.last_seq, strict=False)
         drift = inventory_drift(store, result.manifest_uri, str(previous["manifest_uri"]), derived, in_flight)
         events.prune(bucket, int(previous["cursor"]))
-    except (StorageCleanupError, sa.exc.SQLAlchemyError) as exc:
+    except (StorageCleanupError, sa.exc.SQLAlchemyError, duckdb.Error) as exc:
         context.log.warning(f"{bucket}: cannot compare with the event-maintained inventory: "
                             f"{_first_line(exc)}")
         return result, metadata
