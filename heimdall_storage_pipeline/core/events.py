@@ -290,7 +290,9 @@ def merge_events(store: ManifestStore, base_uri: str, events: pa.Table, uri: str
     """Write at ``uri`` the manifest ``base_uri`` with ``events`` applied; returns its objects and bytes."""
     with tempfile.TemporaryDirectory(prefix="heimdall-events-") as work, _connect(events, work) as connection:
         merged = f"{work}/merged.parquet"
-        connection.execute(f"COPY ({_MERGED}) TO '{merged}' (FORMAT parquet, COMPRESSION zstd)",
+        # Keys and ETags are unique: building dictionaries for them only costs time.
+        connection.execute(f"COPY ({_MERGED}) TO '{merged}' "
+                           f"(FORMAT parquet, COMPRESSION zstd, DICTIONARY_SIZE_LIMIT 1)",
                            [store.local_file(base_uri, work)])
         count, total = connection.execute("SELECT count(*), coalesce(sum(size), 0) FROM read_parquet(?)",
                                           [merged]).fetchone()
