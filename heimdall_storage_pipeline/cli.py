@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 
 from heimdall_storage_pipeline.core.policy import PolicyError, format_duration, load_policy, policy_path_from_env
 from heimdall_storage_pipeline.core.settings import dagster_instance_problem, database_url_problem
+from heimdall_storage_pipeline.core.units import format_bytes, format_rate, format_table
 
 if TYPE_CHECKING:
+    from heimdall_storage_pipeline.core.capacity import Trend
     from heimdall_storage_pipeline.core.plans import Plan
 
 
@@ -30,6 +32,8 @@ def _validate_policy(args: argparse.Namespace) -> int:
             failed += 1
             continue
         print(f"OK {path}")
+        print(f"  capacity: {format_bytes(policy.capacity_bytes)} ({policy.capacity_bytes} bytes)"
+              if policy.capacity_bytes else "  capacity: not set (no days-until-full forecast)")
         for bucket in policy.buckets:
             state = "enabled" if bucket.enabled else "disabled"
             sources = ", ".join(
@@ -161,6 +165,52 @@ def _plan_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trend_word(trend: Trend) -> str:
+    if trend.leak:
+        return f"LEAK: orphan inflow {trend.inflow_7d / trend.inflow_norm:.1f}x its norm" if trend.inflow_norm \
+            else "LEAK: orphans where there were none"
+    if trend.growth_7d is None or trend.growth_30d is None:
+        return "too little history"
+    if trend.growth_7d > 1.25 * max(trend.growth_30d, 0):
+        return "accelerating"
+    return "slowing" if trend.growth_7d < 0.8 * trend.growth_30d else "steady"
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Per bucket: figures, trend and forecast from the storage history; a PNG chart of stored vs orphaned bytes."""
+    from heimdall_storage_pipeline.core import capacity
+    from heimdall_storage_pipeline.core.errors import StorageCleanupError
+    from heimdall_storage_pipeline.defs.resources import manifest_store_from_env
+
+    try:
+        policy = load_policy(args.policy)
+        store = manifest_store_from_env()
+        table = store.read_history(capacity.HISTORY_SCHEMA)
+    except (PolicyError, StorageCleanupError) as exc:
+        print(f"FAILED {exc}", file=sys.stderr)
+        return 2
+    if table.num_rows == 0:
+        print(f"no storage history in {store.root}/history; materialize storage_history (its daily schedule, "
+              f"or a backfill of the days the instance holds)", file=sys.stderr)
+        return 1
+    frame = capacity.history_frame(table)
+    found = capacity.trends(frame)
+    total = found[-1]
+    outlook = capacity.forecast(total, policy.capacity_bytes) if policy.capacity_bytes else None
+    days = frame["day"].dt.date
+    print(f"Storage on {total.day} ({days.nunique()} days of history since {days.min()}); rates are per day, "
+          f"deletions added back\n")
+    rows = [[t.bucket, format_bytes(t.stored_bytes), "-" if t.orphan_bytes is None else format_bytes(t.orphan_bytes),
+             format_rate(t.growth_7d), format_rate(t.growth_30d), format_rate(t.inflow_7d), format_rate(t.inflow_norm),
+             _trend_word(t)] for t in found]
+    print(format_table(["bucket", "stored", "orphaned", "growth 7d", "growth 30d", "orphan inflow 7d",
+                        "inflow norm", "trend"], rows))
+    print(f"\nForecast: {capacity.forecast_text(outlook, policy.capacity_bytes)}")
+    Path(args.chart).write_bytes(capacity.chart_png(frame, policy.capacity_bytes, outlook))
+    print(f"Chart: {args.chart}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heimdall-storage", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--apply-config", metavar="FILE",
                       help="also write the run config of a live run that applies this plan")
     show.set_defaults(handler=_plan_show)
+    report = commands.add_parser("report", help="per bucket: figures, growth, orphan inflow and the days until the "
+                                                "disk is full, from the storage history; writes a PNG chart")
+    report.add_argument("--chart", default="storage-report.png", help="where to write the chart of stored vs "
+                                                                      "orphaned bytes (default storage-report.png)")
+    report.add_argument("--policy", default=None, help="the policy whose capacity_bytes the forecast uses "
+                                                       "(default: $HEIMDALL_STORAGE_POLICY or the shipped one)")
+    report.set_defaults(handler=_report)
     from heimdall_storage_pipeline.exporter.cli import add_exporter_command, run_from_args
 
     add_exporter_command(commands).set_defaults(handler=run_from_args)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pytest
 import yaml
 from sqlalchemy.engine import make_url
@@ -31,6 +32,7 @@ def test_validate_the_shipped_policy(
     assert f"OK {default_policy_path()}" in out
     assert "heimdall-raw-iq: enabled, min age 60d, batch 1000" in out
     assert "sources: synthetic_iq_samples.iq_storage_paths (timeout 10m)" in out
+    assert "capacity: 466.0 GiB (500363689984 bytes)" in out
 
 
 def test_validate_prints_durations_readably(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,6 +52,10 @@ def test_validate_prints_durations_readably(tmp_path: Path, capsys: pytest.Captu
     assert "heimdall-audio-chunks: enabled, min age 12h, batch" in out
     assert "heimdall-raw-iq: enabled, min age 1m 30s, batch" in out
     assert "measurements.iq_data_location (timeout 1h 30m)" in out
+    document.pop("capacity_bytes")
+    path.write_text(yaml.safe_dump(document))
+    assert main(["validate-policy", str(path)]) == 0
+    assert "capacity: not set (no days-until-full forecast)" in capsys.readouterr().out
 
 
 def test_validate_lists_every_problem_on_its_own_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -189,3 +195,34 @@ def test_a_wrong_exporter_variable_does_not_break_other_commands(tmp_path: Path)
     env = {"HEIMDALL_EXPORTER_PORT": "eighty", "HEIMDALL_EXPORTER_CACHE_SECONDS": "x"}
     done = _run(["validate-policy", str(default_policy_path())], env, tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+def test_report_prints_the_trends_and_writes_the_chart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from heimdall_storage_pipeline.core.capacity import HISTORY_SCHEMA
+    from heimdall_storage_pipeline.core.manifests import ManifestStore
+    from heimdall_storage_pipeline_tests.core.test_capacity import history
+
+    root = tmp_path / "manifests"
+    monkeypatch.setenv("HEIMDALL_MANIFEST_ROOT", str(root))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({**shipped_document(), "capacity_bytes": "3000 GiB"}))
+    assert main(["report", "--policy", str(policy)]) == 1
+    assert "no storage history in" in capsys.readouterr().err
+
+    store, table = ManifestStore(str(root)), history()
+    for day in sorted(set(table.column("day").to_pylist()))[:67]:  # days 0..66: a week into the leak
+        store.write_table(store.history_uri(day), table.filter(pc.equal(table.column("day"), day)))
+    assert store.read_history(HISTORY_SCHEMA).num_rows == 134
+    chart = tmp_path / "chart.png"
+    assert main(["report", "--policy", str(policy), "--chart", str(chart)]) == 0
+    out = capsys.readouterr().out
+    assert "Storage on 2026-03-08 (67 days of history since 2026-01-01)" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("a ", "b ", "total "))}
+    assert "+15.0 GiB/d" in lines["a"] and "+5.0 GiB/d" in lines["a"]
+    assert "LEAK: orphan inflow 5.0x its norm" in lines["a"]
+    assert "+2.0 GiB/d" in lines["b"] and "steady" in lines["b"]
+    assert "+17.0 GiB/d" in lines["total"]
+    assert "Forecast: full in 62.0 days (between 50.8 and 62.0); 864.0 GiB free of 2.9 TiB" in out
+    assert chart.read_bytes().startswith(b"\x89PNG")

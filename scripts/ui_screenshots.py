@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,8 @@ def pages(bucket: str) -> dict[str, tuple[str, tuple[int, int]]]:
         "orphan_diff_checks.png": (
             f"/assets/orphan_diff?view=checks&partition={bucket}&checkDetail=orphan_ratio_health", (1280, 700)),
         "plan.png": (f"/assets/orphan_deletions?partition={bucket}", (1600, 2700)),
+        # The demo records today's storage history (UTC).
+        "storage_history.png": (f"/assets/storage_history?partition={datetime.now(UTC).date()}", (1600, 2400)),
     }
 
 

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,20 @@ class ManifestStore:
         parquet_file = self.open(uri)
         for group in range(parquet_file.num_row_groups):
             yield from parquet_file.read_row_group(group, columns=columns).to_batches(max_chunksize=batch_size)
+
+    def history_uri(self, day: date, suffix: str = "parquet") -> str:
+        """The storage history's file for ``day`` (one per day, replaced when the day is rebuilt)."""
+        _, base = self._filesystem()
+        return self._to_uri(f"{base}/history/{day.isoformat()}.{suffix}")
+
+    def read_history(self, schema: pa.Schema) -> pa.Table:
+        """Every day of the storage history in one table (empty when none was written)."""
+        filesystem, base = self._filesystem()
+        infos = filesystem.get_file_info(pafs.FileSelector(f"{base}/history", allow_not_found=True))
+        paths = sorted(info.path for info in infos if info.base_name.endswith(".parquet"))
+        import pyarrow.dataset as pads  # only the history's readers need it
+
+        return pads.dataset(paths, schema=schema, filesystem=filesystem).to_table() if paths else schema.empty_table()
 
     def prune(self, bucket: str, now: datetime, retention: timedelta, keep: set[str]) -> list[str]:
         """Delete this bucket's manifests older than ``retention``, except the URIs in ``keep``."""

@@ -50,6 +50,7 @@ DEFAULT_DRIFT_ERROR_KEYS = 100
 _BUCKET_NAME = re.compile(r"^(?!xn--)(?!.*\.\.)(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([dhms])\s*$")
 _DURATION_UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b)\s*$", re.IGNORECASE)
 # First keyword of a read-only statement; anything else is refused.
 _SELECT_START = re.compile(r"^\s*(select|with)\b", re.IGNORECASE)
 _WRITE_KEYWORDS = re.compile(
@@ -290,6 +291,21 @@ def _some_unique_sources(sources: tuple[ReferenceSource, ...], info: ValidationI
     return sources
 
 
+def _size(value: Any) -> int:
+    """Bytes, or a size with a unit: ``466 GiB`` (powers of 1024), ``500 GB`` (powers of 1000)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        unit = match.group(2).lower()
+        base = 1024 if "i" in unit else 1000
+        size = int(float(match.group(1)) * base ** "bkmgtp".index(unit[0]))
+    else:
+        raise ValueError(f"expected a number of bytes or a size like '466 GiB' or '500 GB', got {value!r}")
+    if size < 1:
+        raise ValueError(f"must be positive, got {value!r}")
+    return size
+
+
 def _at_least_one(days: int) -> int:
     if days < 1:
         raise ValueError(f"must be at least 1, got {days}")
@@ -370,6 +386,8 @@ class StoragePolicy:
     buckets: Annotated[tuple[BucketPolicy, ...], BeforeValidator(_buckets_from_mapping)]
     manifest_retention_days: Annotated[StrictInt, AfterValidator(_at_least_one)] = DEFAULT_MANIFEST_RETENTION_DAYS
     allow_short_min_age: StrictBool = False
+    # The disk that holds the buckets, for the days-until-full forecast; none: no forecast.
+    capacity_bytes: Annotated[int | None, BeforeValidator(_size)] = None
 
     def enabled_buckets(self) -> list[BucketPolicy]:
         return [bucket for bucket in self.buckets if bucket.enabled]

@@ -8,6 +8,7 @@ from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA
 from heimdall_storage_pipeline.core.policy import StoragePolicy
 from heimdall_storage_pipeline.defs import metadata as md
 from heimdall_storage_pipeline.defs.automation.definitions import build_automation
+from heimdall_storage_pipeline.defs.capacity import build_history_schedule, storage_history, storage_history_job
 from heimdall_storage_pipeline.defs.cleanup.jobs import (
     ORPHAN_DELETIONS,
     delete_orphans_job,
@@ -35,14 +36,15 @@ def build_definitions(
     automation = build_automation(partitions)  # schedules, sensors, checks, prefix_cleanup_job
     executor = scale_out_executor()  # None: Dagster's default; HEIMDALL_EXECUTOR=celery: Celery workers
     return dg.Definitions(
-        assets=[*build_scan_assets(partitions), orphan_deletions, *automation.assets],
+        assets=[*build_scan_assets(partitions), orphan_deletions, storage_history, *automation.assets],
         jobs=[
             build_scan_job(executor),
             delete_orphans_job if executor is None else delete_orphans_job.with_executor_def(executor),
             purge_dataset_job,
+            storage_history_job,
             *automation.jobs,
         ],
-        schedules=automation.schedules,
+        schedules=[*automation.schedules, build_history_schedule()],
         sensors=automation.sensors,
         # A run's steps share its process: a scan is three short steps (plus its checks), and a
         # subprocess per step cost more start-up than the steps' work. Celery, when selected, overrides.

@@ -243,6 +243,49 @@ def snapshot_metrics(snapshot: StorageSnapshot) -> list[Metric]:
     for job, count in snapshot.failed_runs.items():
         failed_runs.add_metric([job], count)
 
+    growth = GaugeMetricFamily(
+        "heimdall_storage_growth_bytes_per_day",
+        "Average daily growth of the bucket's bytes over the window, deletions added back (referenced bytes plus "
+        "orphan inflow: a cleanup does not lower it), from the latest storage_history.",
+        labels=["bucket", "window"],
+    )
+    inflow = GaugeMetricFamily(
+        "heimdall_storage_orphan_inflow_bytes_per_day",
+        "Average daily bytes that became orphans in the bucket over the window, from the latest storage_history.",
+        labels=["bucket", "window"],
+    )
+    norm = GaugeMetricFamily(
+        "heimdall_storage_orphan_inflow_norm_bytes_per_day",
+        "Average daily orphan inflow of the bucket over the 30 days before the last 7: the norm the last 7 days' "
+        "inflow is compared with.",
+        labels=["bucket"],
+    )
+    days_until_full = GaugeMetricFamily(
+        "heimdall_storage_days_until_full",
+        "Days until the buckets' bytes reach the policy's capacity_bytes: expected at the 30-day growth, earliest and "
+        "latest at the faster and slower of the 7- and 30-day growths; +Inf when not growing.",
+        labels=["estimate"],
+    )
+    capacity_bytes = GaugeMetricFamily(
+        "heimdall_storage_capacity_bytes", "The policy's capacity_bytes: the disk that holds the buckets.")
+    history_recorded = GaugeMetricFamily(
+        "heimdall_storage_history_timestamp_seconds",
+        "When the newest day of storage_history was recorded (Unix time): the growth and forecast are as of then.")
+    history = snapshot.capacity
+    if history is not None:
+        history_recorded.add_metric([], history.recorded_at)
+        for bucket, rates in history.rates.items():
+            for family, window, value in ((growth, "7d", rates["growth_7d"]), (growth, "30d", rates["growth_30d"]),
+                                          (inflow, "7d", rates["inflow_7d"]), (inflow, "30d", rates["inflow_30d"])):
+                if value is not None:
+                    family.add_metric([bucket, window], value)
+            if rates["inflow_norm"] is not None:
+                norm.add_metric([bucket], rates["inflow_norm"])
+        for estimate, days in history.days_until_full.items():
+            days_until_full.add_metric([estimate], days)
+        if history.capacity_bytes is not None:
+            capacity_bytes.add_metric([], history.capacity_bytes)
+
     def cleanup(value: Callable[..., float | None]) -> Callable[[BucketFigures], float | None]:
         return lambda b: None if b.cleanup is None else value(b.cleanup)
 
@@ -360,6 +403,12 @@ def snapshot_metrics(snapshot: StorageSnapshot) -> list[Metric]:
         deleted_files,
         deleted_bytes,
         failed_runs,
+        growth,
+        inflow,
+        norm,
+        days_until_full,
+        capacity_bytes,
+        history_recorded,
         GaugeMetricFamily(
             "heimdall_storage_exporter_collect_seconds",
             "Time the exporter took to read the latest snapshot from the Dagster instance.",

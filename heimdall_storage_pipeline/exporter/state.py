@@ -7,6 +7,7 @@ in another process and always read zero).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,8 @@ BUCKET_INVENTORY = dg.AssetKey("bucket_inventory")
 REFERENCED_KEYS = dg.AssetKey("referenced_keys")
 ORPHAN_DIFF = dg.AssetKey("orphan_diff")
 ORPHAN_DELETIONS = dg.AssetKey("orphan_deletions")
+STORAGE_HISTORY = dg.AssetKey("storage_history")
+RATES = ("growth_7d", "growth_30d", "inflow_7d", "inflow_30d", "inflow_norm")
 
 JOB_NAMES = ("storage_scan_job", "delete_orphans_job", "purge_dataset_job", "prefix_cleanup_job")
 UNKNOWN = "unknown"
@@ -116,6 +119,17 @@ class BucketFigures:
 
 
 @dataclass(frozen=True)
+class CapacityFigures:
+    """The latest day of ``storage_history``: rates per bucket (bytes per day) and the days until full."""
+
+    day: str
+    recorded_at: float  # when that day's storage_history was recorded, epoch seconds
+    rates: Mapping[str, Mapping[str, float | None]]  # bucket -> growth_7d, ..., inflow_norm
+    capacity_bytes: int | None = None
+    days_until_full: Mapping[str, float] = field(default_factory=dict)  # expected, earliest, latest; inf: never
+
+
+@dataclass(frozen=True)
 class StorageSnapshot:
     """Every bucket's figures at ``collected_at`` plus failed runs per job."""
 
@@ -123,6 +137,7 @@ class StorageSnapshot:
     buckets: Mapping[str, BucketFigures]
     failed_runs: Mapping[str, int]
     collect_seconds: float = 0.0
+    capacity: CapacityFigures | None = None
 
     @property
     def status(self) -> str:
@@ -216,6 +231,33 @@ def _to_materialization(record: dg.EventLogRecord) -> Materialization | None:
     )
 
 
+def latest_capacity(instance: dg.DagsterInstance) -> CapacityFigures | None:
+    """The newest day's storage_history (not the last one recorded: a backfill records old days)."""
+    latest_ids = instance.get_latest_storage_id_by_partition(STORAGE_HISTORY, dg.DagsterEventType.ASSET_MATERIALIZATION)
+    if not latest_ids:
+        return None
+    day = max(latest_ids)
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=STORAGE_HISTORY, storage_ids=[latest_ids[day]]), limit=1).records
+    found = _to_materialization(records[0]) if records else None
+    if found is None:
+        return None
+    trends = found.metadata.get("trends")
+    rates = {
+        str(record.data["bucket"]): {name: record.data.get(name) for name in RATES}
+        for record in getattr(trends, "records", [])
+        if record.data.get("bucket") != "total"
+    }
+    days = {}
+    if found.count("free_bytes") is not None:  # a forecast was made: a missing figure means "never"
+        for estimate, key in (("expected", "days_until_full"), ("earliest", "days_until_full_earliest"),
+                              ("latest", "days_until_full_latest")):
+            value = found.number(key)
+            days[estimate] = math.inf if value is None else value
+    return CapacityFigures(day=day, recorded_at=found.timestamp, rates=rates,
+                           capacity_bytes=found.count("capacity_bytes"), days_until_full=days)
+
+
 @dataclass
 class DeletionTotals:
     """Deleted files and bytes per bucket, summed over every non-dry-run ``orphan_deletions``
@@ -290,12 +332,14 @@ def collect_storage_snapshot(
         )
         for name in names
     }
+    capacity = latest_capacity(instance)
     finished = clock()
     return StorageSnapshot(
         collected_at=finished,
         buckets=figures,
         failed_runs=failed_runs,
         collect_seconds=(finished - started).total_seconds(),
+        capacity=capacity,
     )
 
 

@@ -20,16 +20,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pyarrow as pa
 import sqlalchemy as sa
 import yaml
 
 from heimdall_storage_pipeline.core.clock import isoformat_utc, utc_now
+from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.core.policy import default_policy_path, format_duration, load_policy
+from heimdall_storage_pipeline.local import heimdall_db
 from heimdall_storage_pipeline.local.heimdall_db import (
     SeededWorld,
     create_schema,
@@ -45,6 +48,9 @@ from heimdall_storage_pipeline.local.postgres import (
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
 
 DEMO_MIN_AGE_SECONDS = 5
+DEMO_CAPACITY = "64 KiB"  # the demo's disk: its buckets hold some 40 KiB
+HISTORY_DAYS = 30  # synthetic days seeded before today's real scan
+CHART_FILE = "storage-report.png"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SEEDED_FILE = "seeded.json"  # written once the world is seeded, scanned and planned: what `make dev` reuses
 ENV_FILE = "env.json"  # the running servers' environment for --print-env; mode 0600, it holds secrets
@@ -71,6 +77,7 @@ REPORT_COLUMNS = (
 def write_demo_policy(path: Path) -> Path:
     document = yaml.safe_load(default_policy_path().read_text())
     document["allow_short_min_age"] = True
+    document["capacity_bytes"] = DEMO_CAPACITY
     for bucket in document["buckets"].values():
         bucket.pop("min_age_days", None)
         bucket["min_age"] = f"{DEMO_MIN_AGE_SECONDS}s"
@@ -190,6 +197,48 @@ def _scan_and_plan(root: Path, as_of: datetime) -> None:
     print(render_table(PLAN_COLUMNS, _plan_every_bucket(log)))
     print("\nReview a plan with `heimdall-storage plan show <plan>`; a live run with `plan: <plan>` deletes "
           "exactly its keys, each re-validated (README: \"Plan, review, apply\").")
+    _history(root, log, rows)
+
+
+def seed_history(store: ManifestStore, today: date, rows: list[dict[str, Any]], days: int = HISTORY_DAYS) -> None:
+    """``days`` synthetic days before ``today``, ending near today's figures: referenced bytes grow 1.5 % a
+    day, orphans slowly; in the synthetic IQ bucket (the predecessor's leak) three times as fast in the last week."""
+    from heimdall_storage_pipeline.core.capacity import HISTORY_SCHEMA
+
+    for back in range(days, 0, -1):
+        day = today - timedelta(days=back)
+        figures = []
+        for row in rows:
+            orphans, total = int(row["orphan_bytes"]), int(row["total_bytes"])
+            leak = row["bucket"] == heimdall_db.SYNTHETIC_BUCKET
+            orphans_then = orphans * (1 - (0.06 * back if back <= 7 else 0.42 + 0.02 * (back - 7))) if leak \
+                else orphans * (1 - 0.01 * back)
+            figures.append({"day": day, "bucket": row["bucket"], "object_count": int(row["object_count"]),
+                            "total_bytes": int((total - orphans) * (1 - 0.015 * back) + orphans_then),
+                            "orphan_bytes": int(orphans_then), "eligible_bytes": int(orphans_then * 0.9),
+                            "deleted_bytes": 0,
+                            "scanned_at": datetime.combine(day, datetime.min.time(), UTC)})
+        store.write_table(store.history_uri(day), pa.Table.from_pylist(figures, schema=HISTORY_SCHEMA))
+
+
+def _history(root: Path, log: Path, rows: list[dict[str, Any]]) -> None:
+    """Seed a month of synthetic history, record today's from the real scans, print the capacity report."""
+    from heimdall_storage_pipeline.cli import main
+    from heimdall_storage_pipeline.defs.build import build_definitions
+    from heimdall_storage_pipeline.defs.resources import manifest_store_from_env
+
+    today = utc_now().date()
+    seed_history(manifest_store_from_env(), today, rows)
+    job = build_definitions(load_policy()).resolve_job_def("storage_history_job")
+    with dg.DagsterInstance.get() as instance:
+        logged_job, run_config = _logging_to(job, log, {})
+        result = logged_job.execute_in_process(partition_key=today.isoformat(), instance=instance,
+                                               run_config=run_config)
+    print(f"\nCapacity ({HISTORY_DAYS} synthetic days, then today's scans; demo capacity {DEMO_CAPACITY})\n\n"
+          f"  storage_history[{today}]: {'success' if result.success else 'FAILED'}\n", flush=True)
+    if not result.success:
+        raise SystemExit(f"storage_history failed; see {log}")
+    main(["report", "--chart", str(root / CHART_FILE)])
 
 
 def _write_env(root: Path, env: dict[str, str]) -> None:

@@ -136,3 +136,22 @@ def test_a_background_writer_writes_every_batch_in_order_and_raises_its_failure(
     with pytest.raises(OSError, match="disk full"), in_background(FailingWriter(), depth=1) as writer:  # type: ignore[arg-type]
         for batch in batches:  # fails at a later write_batch or at the end; never blocks
             writer.write_batch(batch)
+
+
+def test_the_storage_history_is_one_file_per_day_replaced_when_rebuilt(store: ManifestStore) -> None:
+    from datetime import date
+
+    from heimdall_storage_pipeline.core.capacity import HISTORY_SCHEMA
+
+    def day_table(day: date, total: int) -> pa.Table:
+        return pa.Table.from_pylist([{"day": day, "bucket": "bkt", "total_bytes": total}], schema=HISTORY_SCHEMA)
+
+    assert store.read_history(HISTORY_SCHEMA).num_rows == 0
+    first, second = date(2026, 3, 1), date(2026, 3, 2)
+    store.write_table(store.history_uri(first), day_table(first, 1))
+    store.write_table(store.history_uri(second), day_table(second, 2))
+    store.write_table(store.history_uri(second), day_table(second, 3))  # the day rebuilt
+    assert store.history_uri(first) == store.root.rstrip("/") + "/history/2026-03-01.parquet"
+    assert store.read_history(HISTORY_SCHEMA).column("total_bytes").to_pylist() == [1, 3]
+    store.prune("bkt", NOW + timedelta(days=400), timedelta(days=1), keep=set())  # the history is no manifest
+    assert len(listed(store)) == 2

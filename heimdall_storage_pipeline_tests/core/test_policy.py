@@ -79,6 +79,15 @@ def test_valid_document_loads(tmp_path: Path) -> None:
     assert policy.enabled_buckets() == [bucket]
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, None), (500107862016, 500107862016), ("466 GiB", 466 * 1024**3), ("500GB", 500 * 1000**3),
+    ("1.5 TiB", int(1.5 * 1024**4)), ("2048 b", 2048), ("64 KiB", 65536),
+])
+def test_capacity_in_bytes_or_with_a_unit(tmp_path: Path, value: Any, expected: int | None) -> None:
+    document = valid_document() if value is None else {**valid_document(), "capacity_bytes": value}
+    assert load_policy(write(tmp_path, document)).capacity_bytes == expected
+
+
 def test_statement_timeout_per_source(tmp_path: Path) -> None:
     document = valid_document()
     source_of(document)["statement_timeout"] = "90s"
@@ -185,6 +194,10 @@ BROKEN_CASES = [
     ("retention a string", lambda d: d.update(manifest_retention_days="14"), ["manifest_retention_days"]),
     ("allow_short not bool", lambda d: d.update(allow_short_min_age="true"), ["allow_short_min_age"]),
     ("buckets empty", lambda d: d.update(buckets={}), ["buckets"]),
+    ("capacity not a size", lambda d: d.update(capacity_bytes="lots"),
+     ["capacity_bytes: expected a number of bytes or a size like '466 GiB' or '500 GB', got 'lots'"]),
+    ("capacity zero", lambda d: d.update(capacity_bytes=0), ["capacity_bytes: must be positive, got 0"]),
+    ("capacity a bool", lambda d: d.update(capacity_bytes=True), ["capacity_bytes: expected a number of bytes"]),
     ("bucket settings not a mapping", lambda d: d["buckets"].update({BUCKET: "on"}), [BUCKET, "mapping"]),
 ]
 
@@ -328,7 +341,7 @@ def test_two_buckets_each_name_their_own_problem(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("document_key", "parent", "allowed"),
-    [("source", "", "allow_short_min_age, buckets, manifest_retention_days"),
+    [("source", "", "allow_short_min_age, buckets, capacity_bytes, manifest_retention_days"),
      ("name", f"buckets.{BUCKET}: ", "batch_size, companions")],
 )
 def test_keys_the_file_does_not_spell_are_unknown(

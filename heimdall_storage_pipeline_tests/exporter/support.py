@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -251,3 +252,16 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def record_history(instance: dg.DagsterInstance, day: int, capacity_bytes: int | None) -> dict[str, Any]:
+    """Record storage_history as the asset does for ``day`` of the 90 synthetic days of the capacity tests."""
+    from heimdall_storage_pipeline.core import capacity
+    from heimdall_storage_pipeline.defs.capacity import history_metadata
+    from heimdall_storage_pipeline_tests.core.test_capacity import START, history
+
+    until = START + timedelta(days=day)
+    metadata = history_metadata(capacity.history_frame(history(), until=until), capacity_bytes)
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key="storage_history", partition=until.isoformat(), metadata=metadata))
+    return {key: value.value for key, value in metadata.items()}

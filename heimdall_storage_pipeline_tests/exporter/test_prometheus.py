@@ -28,6 +28,7 @@ from heimdall_storage_pipeline_tests.exporter.support import (
     postgres_database,
     postgres_url,
     record_cleanup,
+    record_history,
     record_scan,
     stop_process,
     wait_for,
@@ -47,6 +48,10 @@ ALERTS = (
     "StorageDanglingReferences",
     "StorageInventoryDrift",
     "HeimdallStorageExporterDown",
+    "StorageDiskFullSoon",
+    "StorageDiskFullImminent",
+    "StorageOrphanInflowAboveNorm",
+    "StorageForecastStale",
 )
 
 
@@ -94,6 +99,7 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     with dg.instance_for_test() as instance:
         record_scan(instance, "bucket-a", objects=3, total_bytes=3, orphans=1, orphan_bytes=1)
         record_cleanup(instance, "bucket-a", deleted=1, deleted_bytes=1)
+        record_history(instance, 66, 3000 * GIB)
         exported = {
             line.split()[2]
             for line in render_metrics(collect_storage_snapshot(instance)).decode().splitlines()
@@ -107,6 +113,9 @@ def test_dashboard_uses_only_exported_metrics() -> None:
         "Eligible vs young orphans",
         "Deletions per cleanup run",
         "Scan age",
+        "Days until full",
+        "Growth per day",
+        "Orphan inflow vs its norm",
     ):
         assert wanted in titles
     for title, expr in _dashboard_queries():
@@ -148,6 +157,8 @@ def test_real_prometheus_scrapes_the_exporter(tmp_path: Path, instance_home: Pat
         )
         record_scan(instance, "bucket-b", objects=50, total_bytes=2 * GIB, orphans=0, orphan_bytes=0)
         record_cleanup(instance, "bucket-a", deleted=10, deleted_bytes=GIB)
+        # Day 66 of the capacity tests' history: bucket "a" leaks; 40 GiB free fill in 2.4 to 2.9 days.
+        record_history(instance, 66, (2136 + 40) * GIB)
 
         exporter_port = free_port()
         args = ["--port", str(exporter_port), "--bucket", "bucket-never", "--cache-seconds", "0"]
@@ -223,6 +234,16 @@ def _check_prometheus(prometheus: str, instance: dg.DagsterInstance) -> None:
         return sorted(r["name"] for r in rules) == sorted(ALERTS) and all(r["health"] == "ok" for r in rules)
 
     wait_for(rules_healthy, 30, "the alert rules to evaluate")
+
+    # The capacity alerts see the exporter's forecast and inflow: pending until their `for` has passed.
+    earliest = 'estimate="earliest"'
+    for alert, labels in (("StorageDiskFullSoon", earliest), ("StorageDiskFullImminent", earliest),
+                          ("StorageOrphanInflowAboveNorm", 'bucket="a"')):
+        expr = f'ALERTS{{alertname="{alert}",alertstate="pending",{labels}}}'
+        wait_for(lambda e=expr: _value(prometheus, e) == 1, 30, expr)
+    assert _query(prometheus, 'ALERTS{alertname="StorageOrphanInflowAboveNorm",bucket="b"}') == []
+    days = _value(prometheus, f"heimdall_storage_days_until_full{{{earliest}}}")
+    assert days == pytest.approx(40 / 17, abs=0.01)
 
     # Every dashboard query runs and finds data.
     answers = {}

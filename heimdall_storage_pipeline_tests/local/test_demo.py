@@ -179,7 +179,7 @@ def test_demo_stops_what_it_started(demo_run: tuple[DemoRun, Path]) -> None:
 def test_the_runs_log_to_a_file_and_the_report_to_stdout(demo_run: tuple[DemoRun, Path]) -> None:
     run, workdir = demo_run
     log = (workdir / demo.LOG_FILE).read_text()
-    assert log.count("RUN_SUCCESS") == len(BUCKETS) + 1  # three scans and the dry run
+    assert log.count("RUN_SUCCESS") == len(BUCKETS) + 2  # three scans, the dry run and storage_history
     assert " - dagster - " not in run.output and "STEP_START" not in run.output
     assert "heimdall-storage demo --print-env" in run.output
 
@@ -231,3 +231,17 @@ def test_make_dev_reuses_the_seeded_world_and_prints_its_environment(
     assert stopped.returncode == 1 and stopped.stdout == ""
     assert stopped.stderr.strip() == f"no demo is running under {workdir}; start one with `make dev` (the servers " \
                                      f"of `make demo` stop once it has printed its report)"
+
+
+def test_the_demo_seeds_a_history_and_prints_the_capacity_report(demo_run: tuple[DemoRun, Path]) -> None:
+    from heimdall_storage_pipeline.core.capacity import HISTORY_SCHEMA
+
+    run, workdir = demo_run
+    assert "]: success" in run.output.split("Capacity (", 1)[1].splitlines()[2]  # storage_history[<today>]
+    rows = {line.split()[0]: line for line in run.output.splitlines() if line.startswith((*BUCKETS, "total "))}
+    assert "LEAK: orphan inflow 3.0x its norm" in rows[heimdall_db.SYNTHETIC_BUCKET]
+    assert "steady" in rows[heimdall_db.AUDIO_BUCKET] and "B/d" in rows["total"]
+    assert "Forecast: full in " in run.output and "free of 64.0 KiB" in run.output
+    assert (workdir / demo.CHART_FILE).read_bytes().startswith(b"\x89PNG")
+    history = ManifestStore(root=str(workdir / "dagster_home" / "manifests")).read_history(HISTORY_SCHEMA)
+    assert history.num_rows == (demo.HISTORY_DAYS + 1) * len(BUCKETS)
