@@ -353,6 +353,12 @@ def snapshot_metrics(snapshot: StorageSnapshot) -> list[Metric]:
             lambda b: b.unparseable_references,
         ),
         gauge(
+            "heimdall_storage_inventory_drift_keys",
+            "Keys the latest full listing found that the bucket-event inventory had wrong (missed creates "
+            "plus missed deletes); absent until an event-maintained inventory was reconciled.",
+            lambda b: b.inventory_drift_keys,
+        ),
+        gauge(
             "heimdall_storage_last_scan_timestamp_seconds",
             "When the latest orphan_diff of the bucket was recorded (Unix time).",
             lambda b: b.scan_timestamp,

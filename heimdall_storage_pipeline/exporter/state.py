@@ -112,6 +112,8 @@ class BucketFigures:
     young_orphan_files: int | None = None
     dangling_references: int | None = None
     unparseable_references: int | None = None
+    # Keys the latest full listing and the event-maintained inventory disagreed on (none: never reconciled).
+    inventory_drift_keys: int | None = None
     cleanup: CleanupFigures | None = None
     deleted_files_total: int = 0
     deleted_bytes_total: int = 0
@@ -356,6 +358,7 @@ def _bucket_figures(
         total_objects=inventory.count("object_count") if inventory else None,
         total_bytes=inventory.count("total_bytes") if inventory else None,
         listed_at=inventory.text("listed_at") if inventory else None,
+        inventory_drift_keys=inventory.count("drift_count") if inventory else None,
         unparseable_references=references.count("unparseable_reference_count") if references else None,
         cleanup=_cleanup_figures(cleanup) if cleanup else None,
         deleted_files_total=history.files.get(name, 0),

@@ -46,6 +46,7 @@ ALERTS = (
     "StorageCleanupDeletionsFailing",
     "StorageCleanupRefused",
     "StorageDanglingReferences",
+    "StorageInventoryDrift",
     "HeimdallStorageExporterDown",
     "StorageDiskFullSoon",
     "StorageDiskFullImminent",

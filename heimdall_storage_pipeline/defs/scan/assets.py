@@ -11,7 +11,6 @@ from heimdall_storage_pipeline.core.diff import (
     compute_orphan_diff,
     dumps_sample,
 )
-from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
 from heimdall_storage_pipeline.core.manifests import (
     INVENTORY_SCHEMA,
     ORPHANS_SCHEMA,
@@ -24,11 +23,13 @@ from heimdall_storage_pipeline.defs import metadata as md
 from heimdall_storage_pipeline.defs.automation.checks import orphan_diff_check_results, orphan_diff_check_specs
 from heimdall_storage_pipeline.defs.materializations import latest_metadata, require_metadata
 from heimdall_storage_pipeline.defs.resources import (
+    AuditDatabaseResource,
     ManifestStoreResource,
     ReferenceDatabaseResource,
     S3Resource,
     StoragePolicyResource,
 )
+from heimdall_storage_pipeline.defs.scan.inventory import drift_check_result, drift_check_spec, take_inventory
 
 SCAN_GROUP = "storage_scan"
 SCAN_ASSETS = ("bucket_inventory", "referenced_keys", "orphan_diff")
@@ -62,21 +63,24 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         kinds={"s3", "parquet"},
         pool="s3_listing",
         metadata={md.COLUMN_SCHEMA: md.column_schema(INVENTORY_SCHEMA)},
-        description="Every object of the bucket (key, size, last_modified UTC, etag) in a Parquet manifest.",
+        check_specs=[drift_check_spec(partitions_def)],
+        description="Every object of the bucket (key, size, last_modified UTC, etag) in a Parquet manifest: "
+                    "a full listing, or the previous one with the bucket's events applied.",
     )
     def bucket_inventory(
         context: dg.AssetExecutionContext,
         s3: S3Resource,
         manifests: ManifestStoreResource,
         policy: StoragePolicyResource,
+        audit_db: AuditDatabaseResource,
     ) -> dg.MaterializeResult:
         bucket = context.partition_key
         storage_policy = policy.load()
-        storage_policy.bucket(bucket)  # refuse a partition the policy no longer has
+        bucket_policy = storage_policy.bucket(bucket)  # refuse a partition the policy no longer has
         store = manifests.store()
-        result = list_bucket_to_manifest(s3.settings(), bucket, store, context.run.run_id)
+        result, stream_metadata = take_inventory(context, s3.settings(), store, bucket_policy, audit_db.url)
         context.log.info(
-            f"listed {result.object_count} objects ({result.total_bytes} bytes) of {bucket} in "
+            f"inventoried {result.object_count} objects ({result.total_bytes} bytes) of {bucket} in "
             f"{result.listing_seconds:.2f} s ({result.keys_per_second:.0f} keys/s)"
         )
         pruned = _prune_old_manifests(
@@ -95,7 +99,10 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
                 "keys_per_second": dg.MetadataValue.float(round(result.keys_per_second, 1)),
                 "endpoint": dg.MetadataValue.text(s3.settings().endpoint_url),
                 "pruned_manifests": dg.MetadataValue.int(pruned),
-            }
+                **stream_metadata,
+            },
+            check_results=[drift_check_result({k: v.value for k, v in stream_metadata.items()},
+                                              bucket_policy.drift_error_keys)],
         )
 
     @dg.asset(
