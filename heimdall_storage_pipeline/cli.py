@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     from heimdall_storage_pipeline.exporter.cli import add_exporter_command, run_from_args
 
     add_exporter_command(commands).set_defaults(handler=run_from_args)
+    from heimdall_storage_pipeline import receiver
+
+    receiver.add_events_command(commands).set_defaults(handler=receiver.run_from_args)
     return parser
 
 

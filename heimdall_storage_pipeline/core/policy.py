@@ -42,6 +42,9 @@ DELETE_OBJECTS_LIMIT = 1000  # S3 DeleteObjects accepts at most 1000 keys per re
 DEFAULT_MANIFEST_RETENTION_DAYS = 14
 # Longest a reference query may run on the server (scan read or re-check) before it is cancelled.
 DEFAULT_STATEMENT_TIMEOUT = timedelta(minutes=10)
+# An event-maintained inventory is checked against a full listing at least this often.
+DEFAULT_FULL_LISTING_EVERY = timedelta(days=1)
+DEFAULT_DRIFT_ERROR_KEYS = 100
 
 # S3 bucket naming rules (3-63 chars, lowercase letters, digits, dots and hyphens).
 _BUCKET_NAME = re.compile(r"^(?!xn--)(?!.*\.\.)(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -229,6 +232,19 @@ def _min_age(value: Any, info: ValidationInfo) -> timedelta:
     return min_age
 
 
+def _full_listing_every(value: Any) -> timedelta:
+    every = value if isinstance(value, timedelta) else _duration(value)
+    if every < timedelta(minutes=1):
+        raise ValueError(f"{format_duration(every)} is too short; use at least 1m, e.g. '1d'")
+    return every
+
+
+def _not_negative(count: int) -> int:
+    if count < 0:
+        raise ValueError(f"must not be negative, got {count}")
+    return count
+
+
 def _batch_size(size: int) -> int:
     if not 1 <= size <= DELETE_OBJECTS_LIMIT:
         raise ValueError(f"{size} is out of range; use 1..{DELETE_OBJECTS_LIMIT} (the S3 DeleteObjects limit)")
@@ -388,6 +404,9 @@ class BucketPolicy:
     batch_size: Annotated[StrictInt, AfterValidator(_batch_size)] = DELETE_OBJECTS_LIMIT
     description: StrictStr = ""
     companions: Annotated[tuple[CompanionRule, ...], BeforeValidator(_companions_by_match)] = ()
+    full_listing_every: Annotated[timedelta, BeforeValidator(_full_listing_every)] = DEFAULT_FULL_LISTING_EVERY
+    # Keys an event-maintained inventory and a full listing may disagree on before the check is an ERROR.
+    drift_error_keys: Annotated[StrictInt, AfterValidator(_not_negative)] = DEFAULT_DRIFT_ERROR_KEYS
     # Versioned buckets: noncurrent versions this long noncurrent are deleted; None keeps them all.
     noncurrent_min_age: Annotated[timedelta | None, BeforeValidator(_optional_min_age)] = None
     quarantine: Annotated[Quarantine | None, AfterValidator(lambda q: q if q is None else _one_place(q))] = None

@@ -7,7 +7,7 @@ past day that the event log still holds can be backfilled.
 
 import base64
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -53,12 +53,13 @@ def _records(instance: dg.DagsterInstance, asset: str, day: date) -> Iterator[dg
         cursor = page.cursor
 
 
-def _latest(instance: dg.DagsterInstance, asset: str, day: date) -> dict[str, tuple[float, dict[str, Any]]]:
+def _latest(
+    instance: dg.DagsterInstance, asset: str, day: date, buckets: Iterable[str]
+) -> dict[str, tuple[float, dict[str, Any]]]:
     """Per bucket: when its latest materialization of the day was recorded, and its metadata values.
 
-    One read per bucket ever materialized, of one event: a day holds 24 hourly scans of each.
+    One read per bucket, of one event: a day holds 24 hourly scans of each.
     """
-    buckets = instance.get_latest_storage_id_by_partition(dg.AssetKey(asset), dg.DagsterEventType.ASSET_MATERIALIZATION)
     found = {}
     for bucket in sorted(buckets):
         records = instance.fetch_materializations(_day_filter(asset, day, [bucket]), limit=1).records
@@ -68,9 +69,10 @@ def _latest(instance: dg.DagsterInstance, asset: str, day: date) -> dict[str, tu
     return found
 
 
-def day_rows(instance: dg.DagsterInstance, day: date) -> list[dict[str, Any]]:
-    """One row per bucket scanned on ``day``: the diff's figures (the listing's without a diff)."""
-    inventories, diffs = _latest(instance, "bucket_inventory", day), _latest(instance, "orphan_diff", day)
+def day_rows(instance: dg.DagsterInstance, day: date, buckets: Iterable[str]) -> list[dict[str, Any]]:
+    """One row per bucket of ``buckets`` scanned on ``day``: the diff's figures (the listing's without a diff)."""
+    inventories = _latest(instance, "bucket_inventory", day, buckets)
+    diffs = _latest(instance, "orphan_diff", day, buckets)
     deleted: dict[str, int] = {}
     for record in _records(instance, ORPHAN_DELETIONS, day):
         event = record.asset_materialization
@@ -155,11 +157,12 @@ def storage_history(
 ) -> dg.MaterializeResult:
     day = date.fromisoformat(context.partition_key)
     store = manifests.store()
-    rows = day_rows(context.instance, day)
+    loaded = policy.load()
+    rows = day_rows(context.instance, day, [bucket.name for bucket in loaded.buckets])
     uri = store.history_uri(day)
     store.write_table(uri, pa.Table.from_pylist(rows, schema=capacity.HISTORY_SCHEMA))
     frame = capacity.history_frame(store.read_history(capacity.HISTORY_SCHEMA), until=day)
-    metadata = history_metadata(frame, policy.load().capacity_bytes)
+    metadata = history_metadata(frame, loaded.capacity_bytes)
     context.log.info(f"{day}: {len(rows)} bucket(s); {metadata['forecast'].value}")
     return dg.MaterializeResult(metadata={
         "buckets": dg.MetadataValue.int(len(rows)),

@@ -19,7 +19,7 @@ from heimdall_storage_pipeline.core.errors import redact
 from heimdall_storage_pipeline.exporter.state import (
     STATUS_ORDER,
     BucketFigures,
-    DeletionTotals,
+    InstanceHistory,
     StorageSnapshot,
     check_instance,
     collect_storage_snapshot,
@@ -155,7 +155,7 @@ class SnapshotSource:
         self._buckets = tuple(buckets)
         self._ttl = ttl_seconds
         self._monotonic = monotonic
-        self._totals = DeletionTotals()
+        self._history = InstanceHistory()
         self._cached: tuple[float, StorageSnapshot] | None = None
         self._lock = threading.Lock()
         self._collect = _SingleFlight(self._read, "heimdall-exporter-collect")
@@ -170,7 +170,7 @@ class SnapshotSource:
         instance = self._provider.get()
         started = self._monotonic()
         try:
-            snapshot = collect_storage_snapshot(instance, self._buckets, self._totals)
+            snapshot = collect_storage_snapshot(instance, self._buckets, self._history)
         except Exception as exc:
             raise InstanceUnavailable(f"cannot read the Dagster instance: {self._provider.describe(exc)}") from None
         with self._lock:
@@ -381,6 +381,12 @@ def snapshot_metrics(snapshot: StorageSnapshot) -> list[Metric]:
             "heimdall_storage_unparseable_references",
             "Database reference values that could not be read as a key of this bucket.",
             lambda b: b.unparseable_references,
+        ),
+        gauge(
+            "heimdall_storage_inventory_drift_keys",
+            "Keys the latest full listing found that the bucket-event inventory had wrong (missed creates "
+            "plus missed deletes); absent until an event-maintained inventory was reconciled.",
+            lambda b: b.inventory_drift_keys,
         ),
         gauge(
             "heimdall_storage_last_scan_timestamp_seconds",

@@ -1,6 +1,6 @@
 """Build a snapshot of every bucket's figures from the Dagster instance.
 
-Reads only materialization metadata and run counts through ``DagsterInstance`` methods, so the
+Reads only materialization metadata and run failures through public ``DagsterInstance`` methods, so the
 numbers are the pipeline's own, whichever process produced them (the predecessor's gauges lived
 in another process and always read zero).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +25,7 @@ REFERENCED_KEYS = dg.AssetKey("referenced_keys")
 ORPHAN_DIFF = dg.AssetKey("orphan_diff")
 ORPHAN_DELETIONS = dg.AssetKey("orphan_deletions")
 STORAGE_HISTORY = dg.AssetKey("storage_history")
+REPORTED_ASSETS = (BUCKET_INVENTORY, REFERENCED_KEYS, ORPHAN_DIFF, ORPHAN_DELETIONS, STORAGE_HISTORY)
 RATES = ("growth_7d", "growth_30d", "inflow_7d", "inflow_30d", "inflow_norm")
 
 JOB_NAMES = ("storage_scan_job", "delete_orphans_job", "purge_dataset_job", "prefix_cleanup_job",
@@ -119,6 +120,8 @@ class BucketFigures:
     noncurrent_versions: int | None = None
     noncurrent_bytes: int | None = None
     delete_markers: int | None = None
+    # Keys the latest full listing and the event-maintained inventory disagreed on (none: never reconciled).
+    inventory_drift_keys: int | None = None
     cleanup: CleanupFigures | None = None
     deleted_files_total: int = 0
     deleted_bytes_total: int = 0
@@ -216,22 +219,6 @@ def _iso(timestamp: float) -> str:
     return isoformat_utc(datetime.fromtimestamp(timestamp, UTC))
 
 
-def latest_materializations(instance: dg.DagsterInstance, asset_key: dg.AssetKey) -> dict[str, Materialization]:
-    """The latest materialization of each partition, in two queries whatever the history."""
-    latest_ids = instance.get_latest_storage_id_by_partition(asset_key, dg.DagsterEventType.ASSET_MATERIALIZATION)
-    if not latest_ids:
-        return {}
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=asset_key, storage_ids=list(latest_ids.values())),
-        limit=len(latest_ids),
-    ).records
-    return {
-        materialization.partition: materialization
-        for materialization in map(_to_materialization, records)
-        if materialization is not None
-    }
-
-
 def _to_materialization(record: dg.EventLogRecord) -> Materialization | None:
     event = record.asset_materialization
     if event is None or event.partition is None:
@@ -243,17 +230,12 @@ def _to_materialization(record: dg.EventLogRecord) -> Materialization | None:
     )
 
 
-def latest_capacity(instance: dg.DagsterInstance) -> CapacityFigures | None:
+def latest_capacity(days: Mapping[str, Materialization]) -> CapacityFigures | None:
     """The newest day's storage_history (not the last one recorded: a backfill records old days)."""
-    latest_ids = instance.get_latest_storage_id_by_partition(STORAGE_HISTORY, dg.DagsterEventType.ASSET_MATERIALIZATION)
-    if not latest_ids:
+    if not days:
         return None
-    day = max(latest_ids)
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=STORAGE_HISTORY, storage_ids=[latest_ids[day]]), limit=1).records
-    found = _to_materialization(records[0]) if records else None
-    if found is None:
-        return None
+    day = max(days)
+    found = days[day]
     trends = found.metadata.get("trends")
     rates = {
         str(record.data["bucket"]): {name: record.data.get(name) for name in RATES}
@@ -271,39 +253,63 @@ def latest_capacity(instance: dg.DagsterInstance) -> CapacityFigures | None:
 
 
 @dataclass
-class DeletionTotals:
-    """Deleted files and bytes per bucket, summed over every non-dry-run ``orphan_deletions``
-    (cleanups and purges alike), kept incrementally with a storage-id cursor so that a scrape
-    reads only the new events.
+class InstanceHistory:
+    """What the exporter knows of the instance, kept incrementally with storage-id cursors so that a
+    scrape reads only the events stored since the last one (public ``DagsterInstance`` methods only):
+
+    - the latest materialization of each partition of each asset it reports;
+    - deleted files and bytes per bucket, summed over every non-dry-run ``orphan_deletions``
+      (cleanups and purges alike);
+    - failed runs per job, counted from the run failure events.
 
     Seam: the deletion audit table (``core/audit.py``) is the record of every deletion, but it
     lives in the reference database, whose credentials the exporter does not hold; to count from
-    it, replace this class with one summing its ``deleted`` rows per bucket.
+    it, replace the deletion sums with one of its ``deleted`` rows per bucket.
     """
 
     page_size: int = 1000
+    latest: dict[dg.AssetKey, dict[str, Materialization]] = field(default_factory=lambda: defaultdict(dict))
     files: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    _cursor: int | None = None
+    failed_runs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(JOB_NAMES, 0))
+    _cursors: dict[Any, int | None] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def refresh(self, instance: dg.DagsterInstance) -> None:
         with self._lock:
-            while True:
-                result = instance.fetch_materializations(
-                    dg.AssetRecordsFilter(asset_key=ORPHAN_DELETIONS, after_storage_id=self._cursor),
-                    limit=self.page_size,
-                    ascending=True,
-                )
-                for record in result.records:
-                    self._add(_to_materialization(record))
-                    self._cursor = record.storage_id
-                if not result.has_more or not result.records:
-                    return
+            for asset_key in REPORTED_ASSETS:
+                for record in self._new(instance, asset_key):
+                    found = _to_materialization(record)
+                    if found is not None:
+                        self.latest[asset_key][found.partition] = found
+                        if asset_key == ORPHAN_DELETIONS:
+                            self._add_deletions(found)
+            for record in self._new(instance, dg.DagsterEventType.RUN_FAILURE):
+                job = record.event_log_entry.job_name
+                if job in self.failed_runs:
+                    self.failed_runs[job] += 1
 
-    def _add(self, run: Materialization | None) -> None:
+    def _new(self, instance: dg.DagsterInstance, source: Any) -> Iterator[dg.EventLogRecord]:
+        """The records of ``source`` (an asset key or a run status) stored since the last refresh."""
+        while True:
+            after = self._cursors.get(source)
+            if isinstance(source, dg.AssetKey):
+                result = instance.fetch_materializations(
+                    dg.AssetRecordsFilter(asset_key=source, after_storage_id=after),
+                    limit=self.page_size, ascending=True)
+            else:
+                result = instance.fetch_run_status_changes(
+                    dg.RunStatusChangeRecordsFilter(event_type=source, after_storage_id=after),
+                    limit=self.page_size, ascending=True)
+            for record in result.records:
+                yield record
+                self._cursors[source] = record.storage_id
+            if not result.has_more or not result.records:
+                return
+
+    def _add_deletions(self, run: Materialization) -> None:
         # A dry run deleted nothing, whatever it would have.
-        if run is None or run.metadata.get("dry_run", False) is not False:
+        if run.metadata.get("dry_run", False) is not False:
             return
         self.files[run.partition] += run.count("deleted_count") or 0
         self.bytes[run.partition] += run.count("deleted_bytes") or 0
@@ -312,26 +318,20 @@ class DeletionTotals:
 def collect_storage_snapshot(
     instance: dg.DagsterInstance,
     buckets: Iterable[str] = (),
-    deletion_totals: DeletionTotals | None = None,
+    history: InstanceHistory | None = None,
     clock: Clock = utc_now,
 ) -> StorageSnapshot:
     """Every bucket's figures from the latest materializations.
 
     ``buckets`` adds buckets that may never have been scanned (the policy's); they are reported
-    with status ``unknown`` and no figures. Pass a long-lived ``deletion_totals`` to keep its
-    running sums between calls.
+    with status ``unknown`` and no figures. Pass a long-lived ``history`` so that each call reads
+    only what was stored since the previous one.
     """
     started = clock()
-    inventories = latest_materializations(instance, BUCKET_INVENTORY)
-    references = latest_materializations(instance, REFERENCED_KEYS)
-    diffs = latest_materializations(instance, ORPHAN_DIFF)
-    cleanups = latest_materializations(instance, ORPHAN_DELETIONS)
-    totals = deletion_totals if deletion_totals is not None else DeletionTotals()
-    totals.refresh(instance)
-    failed_runs = {
-        job: instance.get_runs_count(dg.RunsFilter(job_name=job, statuses=[dg.DagsterRunStatus.FAILURE]))
-        for job in JOB_NAMES
-    }
+    history = history if history is not None else InstanceHistory()
+    history.refresh(instance)
+    inventories, references, diffs, cleanups = (dict(history.latest[key]) for key in REPORTED_ASSETS[:4])
+    failed_runs = dict(history.failed_runs)
     names = sorted(set(buckets) | set(inventories) | set(diffs))
     figures = {
         name: _bucket_figures(
@@ -340,11 +340,11 @@ def collect_storage_snapshot(
             references.get(name),
             diffs.get(name),
             cleanups.get(name),
-            totals,
+            history,
         )
         for name in names
     }
-    capacity = latest_capacity(instance)
+    capacity = latest_capacity(dict(history.latest[STORAGE_HISTORY]))
     finished = clock()
     return StorageSnapshot(
         collected_at=finished,
@@ -361,7 +361,7 @@ def _bucket_figures(
     references: Materialization | None,
     diff: Materialization | None,
     cleanup: Materialization | None,
-    totals: DeletionTotals,
+    history: InstanceHistory,
 ) -> BucketFigures:
     status = UNKNOWN
     if diff is not None and diff.text("health_status") in STATUS_ORDER:
@@ -374,10 +374,11 @@ def _bucket_figures(
         listed_at=inventory.text("listed_at") if inventory else None,
         **({name: inventory.count(name) for name in ("noncurrent_versions", "noncurrent_bytes", "delete_markers")}
            if inventory else {}),
+        inventory_drift_keys=inventory.count("drift_count") if inventory else None,
         unparseable_references=references.count("unparseable_reference_count") if references else None,
         cleanup=_cleanup_figures(cleanup) if cleanup else None,
-        deleted_files_total=totals.files.get(name, 0),
-        deleted_bytes_total=totals.bytes.get(name, 0),
+        deleted_files_total=history.files.get(name, 0),
+        deleted_bytes_total=history.bytes.get(name, 0),
         **(_scan_fields(diff) if diff else {}),
     )
 

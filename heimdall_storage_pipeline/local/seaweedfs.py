@@ -64,6 +64,10 @@ class SeaweedFS:
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    # The filer POSTs every change here ([notification.webhook] of a notification.toml in weed's directory).
+    webhook_url: str | None = None
+    webhook_token: str = ""
+    webhook_max_retries: int = 3  # the filer drops an event after these; 0 loses whatever a stopped receiver misses
 
     @property
     def endpoint(self) -> str:
@@ -90,6 +94,7 @@ class SeaweedFS:
     def start(self) -> SeaweedFS:
         if self.process and self.process.poll() is None:
             return self
+        self.workdir = self.workdir.resolve()
         data, logs = self.workdir / "data", self.workdir / "logs"
         data.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
@@ -111,9 +116,16 @@ class SeaweedFS:
             f"-volume.max={MAX_VOLUMES}",
             *(f"-{name}={port}" for name, port in self.ports.items()),
         ]
+        if self.webhook_url:
+            notification = self.workdir / "notification.toml"
+            notification.write_text(webhook_notification_toml(
+                self.webhook_url, self.webhook_token, self.webhook_max_retries))
+            notification.chmod(0o600)
         with open(logs / "weed.out", "ab") as out:
+            # weed reads notification.toml from the directory it starts in.
             self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=self.workdir if self.webhook_url else None,
             )
         self._wait_ready()
         return self
@@ -149,6 +161,20 @@ class SeaweedFS:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+
+
+def webhook_notification_toml(endpoint: str, bearer_token: str = "", max_retries: int = 3) -> str:
+    """A notification.toml that makes the filer POST each change to ``endpoint``."""
+    return (
+        "[notification.webhook]\n"
+        "enabled = true\n"
+        f"endpoint = {json.dumps(endpoint)}\n"
+        f"bearer_token = {json.dumps(bearer_token)}\n"
+        "timeout_seconds = 10\n"
+        f"max_retries = {max_retries}\n"
+        "buffer_size = 100000\n"
+        'event_types = ["create", "update", "delete", "rename"]\n'
+    )
 
 
 class _EmptyStream:

@@ -49,6 +49,7 @@ ALERTS = (
     "StorageDanglingReferences",
     "StorageNoncurrentVersionsHigh",
     "StorageQuarantineHigh",
+    "StorageInventoryDrift",
     "HeimdallStorageExporterDown",
     "StorageDiskFullSoon",
     "StorageDiskFullImminent",

@@ -16,7 +16,7 @@ from heimdall_storage_pipeline.exporter.collector import (
 )
 from heimdall_storage_pipeline.exporter.state import (
     ORPHAN_DIFF,
-    DeletionTotals,
+    InstanceHistory,
     collect_storage_snapshot,
 )
 from heimdall_storage_pipeline_tests.exporter.support import (
@@ -207,13 +207,13 @@ def test_no_bucket_at_all_is_unknown(instance: dg.DagsterInstance) -> None:
 
 
 def test_deletion_totals_sum_every_real_run_incrementally(instance: dg.DagsterInstance) -> None:
-    totals = DeletionTotals()
+    totals = InstanceHistory()
     record_scan(instance, "bucket-a", objects=10, total_bytes=100, orphans=5, orphan_bytes=50)
     record_cleanup(instance, "bucket-a", deleted=2, deleted_bytes=20)
     record_cleanup(instance, "bucket-a", deleted=9, deleted_bytes=90, dry_run=True)
-    assert collect_storage_snapshot(instance, deletion_totals=totals).buckets["bucket-a"].deleted_files_total == 2
+    assert collect_storage_snapshot(instance, history=totals).buckets["bucket-a"].deleted_files_total == 2
     record_cleanup(instance, "bucket-a", deleted=3, deleted_bytes=30)
-    bucket = collect_storage_snapshot(instance, deletion_totals=totals).buckets["bucket-a"]
+    bucket = collect_storage_snapshot(instance, history=totals).buckets["bucket-a"]
     assert (bucket.deleted_files_total, bucket.deleted_bytes_total) == (5, 50)
     # A fresh total over the whole history agrees with the incremental one.
     fresh = collect_storage_snapshot(instance).buckets["bucket-a"]
@@ -224,7 +224,7 @@ def test_deletion_totals_page_through_long_histories(instance: dg.DagsterInstanc
     for _ in range(5):
         record_cleanup(instance, "bucket-a", deleted=1, deleted_bytes=10)
     record_cleanup(instance, "bucket-b", deleted=7, deleted_bytes=70)
-    totals = DeletionTotals(page_size=2)  # four pages
+    totals = InstanceHistory(page_size=2)  # four pages
     totals.refresh(instance)
     assert (totals.files["bucket-a"], totals.bytes["bucket-a"]) == (5, 50)
     assert (totals.files["bucket-b"], totals.bytes["bucket-b"]) == (7, 70)

@@ -18,7 +18,6 @@ ORPHAN_DIFF = "orphan_diff"
 ORPHAN_RATIO_HEALTH = "orphan_ratio_health"
 REFERENCES_PRESENT = "references_present"
 DANGLING_REFERENCES = "dangling_references"
-BLOCKING_CHECKS = (REFERENCES_PRESENT,)
 
 
 def orphan_ratio_result(metadata: dict[str, Any]) -> dg.AssetCheckResult:
@@ -92,6 +91,10 @@ def dangling_references_result(metadata: dict[str, Any]) -> dg.AssetCheckResult:
     )
 
 
+# The checks that refuse a cleanup of the diff when they fail with ERROR.
+BLOCKING_CHECK_RESULTS = {REFERENCES_PRESENT: references_present_result}
+
+
 def orphan_diff_check_specs(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetCheckSpec]:
     """The diff's checks, partitioned like it so the UI shows them per bucket; ``references_present``
     is blocking: the chain and the cleanup refuse a diff it failed."""
@@ -122,33 +125,22 @@ def latest_diff_record(instance: dg.DagsterInstance, bucket: str) -> dg.EventLog
     return records[0] if records else None
 
 
-def check_evaluations(instance: dg.DagsterInstance, run_id: str, bucket: str) -> dict[str, Any]:
-    """``{check_name: AssetCheckEvaluation}`` of the orphan_diff checks run by ``run_id`` for ``bucket``.
-
-    Dagster 1.13 has no public, partition-aware "latest check result" on the instance, so
-    this reads the diff's own run's event log (one indexed query).
-    """
-    found: dict[str, Any] = {}
-    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
-        evaluation = entry.get_dagster_event().asset_check_evaluation_data
-        if evaluation.asset_key == dg.AssetKey(ORPHAN_DIFF) and evaluation.partition in (bucket, None):
-            found[evaluation.check_name] = evaluation
-    return found
-
-
-def diff_blocked(instance: dg.DagsterInstance, record: dg.EventLogRecord, bucket: str) -> str | None:
+def diff_blocked(record: dg.EventLogRecord, bucket: str) -> str | None:
     """Why the diff materialized in ``record`` must not be cleaned, or None when it may be.
 
-    Fails closed: a blocking check that failed, or was never evaluated (the scan is still
-    running, or ran without its checks), refuses the diff.
+    The blocking checks are evaluated again from the diff's own metadata (the figures the diff's
+    step evaluated them from), so no event-log read is needed; a diff without those figures fails
+    closed.
     """
-    evaluations = check_evaluations(instance, record.run_id, bucket)
-    for name in BLOCKING_CHECKS:
-        evaluation = evaluations.get(name)
-        if evaluation is None:
+    event = record.asset_materialization
+    metadata = {key: value.value for key, value in event.metadata.items()} if event else {}
+    for name, evaluate in BLOCKING_CHECK_RESULTS.items():
+        try:
+            evaluation = evaluate(metadata)
+        except (KeyError, TypeError, ValueError):
             return (
-                f"the orphan_diff of {bucket!r} from run {record.run_id} has no {name} check result: "
-                f"the scan is still running or ran without its checks; run storage_scan_job for it again"
+                f"the orphan_diff of {bucket!r} from run {record.run_id} lacks the figures of its {name} check; "
+                f"run storage_scan_job for it again"
             )
         if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
             return (
@@ -165,4 +157,4 @@ def blocking_check_failed(instance: dg.DagsterInstance, bucket: str) -> str | No
     the returned reason. No diff at all returns None (the staleness guard refuses that).
     """
     record = latest_diff_record(instance, bucket)
-    return diff_blocked(instance, record, bucket) if record is not None else None
+    return diff_blocked(record, bucket) if record is not None else None

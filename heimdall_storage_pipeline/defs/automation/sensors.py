@@ -83,7 +83,7 @@ def build_scan_cleanup_chain_sensor() -> dg.SensorDefinition:
             if not run.is_success:
                 context.log.warning(f"{bucket}: scan run {run.run_id} ended {run.status.value}; no cleanup")
                 continue
-            reason = diff_blocked(context.instance, record, bucket)
+            reason = diff_blocked(record, bucket)
             if reason:
                 context.log.warning(f"{bucket}: {reason}")
                 continue
@@ -128,7 +128,7 @@ def build_orphan_growth_sensor(partitions_def: dg.PartitionsDefinition) -> dg.Se
             eligible = int(materialization.metadata["eligible_orphan_bytes"].value)  # type: ignore[arg-type]
             if eligible <= threshold:
                 continue
-            reason = diff_blocked(context.instance, record, bucket)
+            reason = diff_blocked(record, bucket)
             if reason:
                 context.log.warning(f"{bucket}: {reason}")
                 continue

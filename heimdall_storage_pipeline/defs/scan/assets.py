@@ -12,8 +12,8 @@ from heimdall_storage_pipeline.core.diff import (
     compute_orphan_diff,
     dumps_sample,
 )
+from heimdall_storage_pipeline.core.events import INCREMENTAL
 from heimdall_storage_pipeline.core.list_objects_v2 import VERSIONED
-from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
 from heimdall_storage_pipeline.core.manifests import (
     INVENTORY_SCHEMA,
     ORPHANS_SCHEMA,
@@ -26,11 +26,13 @@ from heimdall_storage_pipeline.defs import metadata as md
 from heimdall_storage_pipeline.defs.automation.checks import orphan_diff_check_results, orphan_diff_check_specs
 from heimdall_storage_pipeline.defs.materializations import latest_metadata, require_metadata
 from heimdall_storage_pipeline.defs.resources import (
+    AuditDatabaseResource,
     ManifestStoreResource,
     ReferenceDatabaseResource,
     S3Resource,
     StoragePolicyResource,
 )
+from heimdall_storage_pipeline.defs.scan.inventory import drift_check_result, drift_check_spec, take_inventory
 
 SCAN_GROUP = "storage_scan"
 SCAN_ASSETS = ("bucket_inventory", "referenced_keys", "orphan_diff")
@@ -62,12 +64,13 @@ VERSION_FIGURES = ("noncurrent_versions", "noncurrent_bytes", "delete_markers")
 
 def _versioning_metadata(figures: dict[str, Any]) -> dict[str, dg.MetadataValue]:
     """The bucket's versioning state and, for a versioned bucket, the bytes it keeps besides current objects
-    (left out otherwise: storage_history and the exporter read their absence as "not known")."""
-    if figures["versioning"] not in VERSIONED:
-        return {"versioning": dg.MetadataValue.text(str(figures["versioning"]))}
-    return {"versioning": dg.MetadataValue.text(str(figures["versioning"])),
-            **{name: dg.MetadataValue.int(int(figures[name])) for name in VERSION_FIGURES},
-            "noncurrent_size": md.size(int(figures["noncurrent_bytes"]))}
+    and their manifest (left out otherwise: storage_history and the exporter read their absence as "not known")."""
+    versioning = dg.MetadataValue.text(str(figures.get("versioning", "Off")))
+    if versioning.value not in VERSIONED or not figures.get("versions_manifest_uri"):
+        return {"versioning": versioning}
+    return {"versioning": versioning, **{name: dg.MetadataValue.int(int(figures[name])) for name in VERSION_FIGURES},
+            "noncurrent_size": md.size(int(figures["noncurrent_bytes"])),
+            "versions_manifest_uri": md.manifest(str(figures["versions_manifest_uri"]))}
 
 
 def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
@@ -77,21 +80,25 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         kinds={"s3", "parquet"},
         pool="s3_listing",
         metadata={md.COLUMN_SCHEMA: md.column_schema(INVENTORY_SCHEMA)},
-        description="Every object of the bucket (key, size, last_modified UTC, etag) in a Parquet manifest.",
+        check_specs=[drift_check_spec(partitions_def)],
+        description="Every object of the bucket (key, size, last_modified UTC, etag) in a Parquet manifest: "
+                    "a full listing, or the previous one with the bucket's events applied.",
     )
     def bucket_inventory(
         context: dg.AssetExecutionContext,
         s3: S3Resource,
         manifests: ManifestStoreResource,
         policy: StoragePolicyResource,
+        audit_db: AuditDatabaseResource,
     ) -> dg.MaterializeResult:
         bucket = context.partition_key
         storage_policy = policy.load()
-        storage_policy.bucket(bucket)  # refuse a partition the policy no longer has
+        bucket_policy = storage_policy.bucket(bucket)  # refuse a partition the policy no longer has
         store = manifests.store()
-        result = list_bucket_to_manifest(s3.settings(), bucket, store, context.run.run_id)
+        previous = latest_metadata(context.instance, "bucket_inventory", bucket) or {}
+        result, stream_metadata = take_inventory(context, s3.settings(), store, bucket_policy, audit_db.url)
         context.log.info(
-            f"listed {result.object_count} objects ({result.total_bytes} bytes) of {bucket} in "
+            f"inventoried {result.object_count} objects ({result.total_bytes} bytes) of {bucket} in "
             f"{result.listing_seconds:.2f} s ({result.keys_per_second:.0f} keys/s)"
         )
         pruned = _prune_old_manifests(
@@ -110,10 +117,13 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
                 "keys_per_second": dg.MetadataValue.float(round(result.keys_per_second, 1)),
                 "endpoint": dg.MetadataValue.text(s3.settings().endpoint_url),
                 "pruned_manifests": dg.MetadataValue.int(pruned),
-                **_versioning_metadata(vars(result)),
-                **({"versions_manifest_uri": md.manifest(result.versions_manifest_uri)}
-                   if result.versions_manifest_uri else {}),
-            }
+                **stream_metadata,
+                # An incremental inventory lists no versions: the last full listing's figures carry over.
+                **_versioning_metadata(previous if getattr(stream_metadata.get("mode"), "value", None) == INCREMENTAL
+                                       else vars(result)),
+            },
+            check_results=[drift_check_result({k: v.value for k, v in stream_metadata.items()},
+                                              bucket_policy.drift_error_keys)],
         )
 
     @dg.asset(
@@ -235,7 +245,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
             "orphan_share_count": dg.MetadataValue.float(result.orphan_share_count),
             "orphan_share_count_percent": md.percent(result.orphan_share_count),
             "health_status": dg.MetadataValue.text(result.health_status),
-            **_versioning_metadata({"versioning": inventory.get("versioning", "Off"), **vars(result)}),
+            **_versioning_metadata(inventory),  # the inventory's figures, with the versions manifest
             "dangling_reference_count": dg.MetadataValue.int(result.dangling_reference_count),
             "dangling_sample": dg.MetadataValue.text(dumps_sample(result.dangling_sample)),
             "age_histogram": md.age_table(
