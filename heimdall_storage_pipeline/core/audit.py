@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from heimdall_storage_pipeline.core.clock import ensure_utc
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.migrations import apply_migrations
+from heimdall_storage_pipeline.core.quarantine import Moved
 from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
 
 # The tables' layout is in migrations/audit/*.sql; these describe them for queries.
@@ -45,6 +47,9 @@ deletion_audit = sa.Table(
     sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("deleted_at", sa.DateTime(timezone=True)),
     sa.Column("plan_id", sa.Text),  # the plan a live run applied, if any
+    sa.Column("version_ids", postgresql.ARRAY(sa.Text)),  # the versions deleted, on a versioned bucket
+    sa.Column("quarantine_bucket", sa.Text),  # where a quarantined object was moved
+    sa.Column("quarantine_key", sa.Text),
 )
 # Batches whose rows may still be pending: written in the intent's transaction, removed in the
 # one that gives the last of its rows a final status. At most a few rows per running deletion.
@@ -69,10 +74,12 @@ plan_applications = sa.Table(
 _INSERT_PENDING = f"""
 WITH intent AS (
   INSERT INTO {deletion_audit.name} (run_id, job, bucket, key, size, etag, last_modified, status, intent_at,
-                                     plan_id)
-  SELECT :run_id, :job, :bucket, c.key, c.size, c.etag, c.last_modified, 'pending', :at, :plan_id
+                                     plan_id, version_ids, quarantine_bucket, quarantine_key)
+  SELECT :run_id, :job, :bucket, c.key, c.size, c.etag, c.last_modified, 'pending', :at, :plan_id,
+         string_to_array(nullif(c.versions, ''), ' '), :quarantine_bucket, nullif(c.moved_to, '')
   FROM unnest(CAST(:keys AS text[]), CAST(:sizes AS bigint[]), CAST(:etags AS text[]),
-              CAST(:modified AS timestamptz[])) AS c(key, size, etag, last_modified)
+              CAST(:modified AS timestamptz[]), CAST(:versions AS text[]), CAST(:moved_to AS text[]))
+       AS c(key, size, etag, last_modified, versions, moved_to)
   RETURNING key, id
 ), opened AS (
   INSERT INTO {open_intents.name} (first_id, last_id, bucket)
@@ -82,7 +89,7 @@ SELECT key, id FROM intent
 """
 # Every open intent of the bucket, with its rows that are still pending (none: a.id is NULL).
 _PENDING = f"""
-SELECT o.first_id, a.id, a.run_id, a.key
+SELECT o.first_id, a.id, a.run_id, a.key, a.quarantine_bucket, a.quarantine_key
 FROM {open_intents.name} AS o
 LEFT JOIN {deletion_audit.name} AS a ON a.id BETWEEN o.first_id AND o.last_id AND a.status = 'pending'
 WHERE o.bucket = :bucket
@@ -138,6 +145,7 @@ class PendingDeletion:
     id: int
     run_id: str
     key: str
+    quarantine: tuple[str, str] | None = None  # where a move was copying the object to
 
 
 @dataclass(frozen=True)
@@ -206,8 +214,12 @@ class AuditLog:
         return True
 
     def record_intent(self, *, run_id: str, job: str, bucket: str, candidates: Iterable[Candidate],
-                      at: datetime, plan_id: str | None = None) -> dict[str, int]:
-        """Record ``candidates`` as pending, as one open intent; returns each key's audit row id."""
+                      at: datetime, plan_id: str | None = None,
+                      quarantine: Callable[[str], tuple[str, str]] | None = None) -> dict[str, int]:
+        """Record ``candidates`` as pending, as one open intent; returns each key's audit row id.
+
+        ``quarantine`` gives each key's quarantine bucket and key when the objects are moved, not deleted.
+        """
         candidates = list(candidates)
         if not candidates:
             return {}
@@ -220,6 +232,11 @@ class AuditLog:
                 "sizes": array_literal(str(c.size) for c in candidates),
                 "etags": array_literal(c.etag for c in candidates),
                 "modified": array_literal(ensure_utc(c.last_modified).isoformat() for c in candidates),
+                # NULL arrays (unnest pads them with NULLs) where no key has versions or a quarantine.
+                "versions": array_literal(" ".join(c.version_ids) for c in candidates)
+                if any(c.version_ids for c in candidates) else None,
+                "quarantine_bucket": quarantine(candidates[0].key)[0] if quarantine else None,
+                "moved_to": array_literal(quarantine(c.key)[1] for c in candidates) if quarantine else None,
             }).all())
 
     def finish(self, marks: Iterable[Mark], *, intents: Iterable[int] = ()) -> None:
@@ -245,20 +262,51 @@ class AuditLog:
         """The pending rows of ``bucket`` and the open intents (first row ids) that hold them."""
         with self.engine.connect() as connection:
             found = connection.execute(sa.text(_PENDING), {"bucket": bucket}).all()
-        rows = {row.id: PendingDeletion(id=row.id, run_id=row.run_id, key=row.key)
+        rows = {row.id: PendingDeletion(id=row.id, run_id=row.run_id, key=row.key,
+                                        quarantine=(row.quarantine_bucket, row.quarantine_key)
+                                        if row.quarantine_key else None)
                 for row in found if row.id is not None}
         return list(rows.values()), sorted({row.first_id for row in found})
 
     def reconcile(self, bucket: str, stat: Callable[[list[str]], dict[str, FreshStat | None]],
-                  at: datetime) -> dict[str, int]:
-        """Settle ``pending`` rows left by a run that died mid-batch, and close their intents."""
+                  at: datetime, discard: Callable[[list[tuple[str, str]]], None] | None = None) -> dict[str, int]:
+        """Settle ``pending`` rows left by a run that died mid-batch, and close their intents.
+
+        A move to quarantine that died between copy and delete left its original: ``discard`` removes
+        the copy, so that the next run moves the object once, re-validated.
+        """
         pending, intents = self.pending(bucket)
         stats = stat(sorted({p.key for p in pending})) if pending else {}
         gone = [row.id for row in pending if stats[row.key] is None]
         still_there = [row.id for row in pending if stats[row.key] is not None]
+        copies = [row.quarantine for row in pending if row.quarantine and stats[row.key] is not None]
+        if copies and discard is not None:
+            discard(copies)
         self.finish([Mark(gone, "deleted", at),
                      Mark(still_there, "not_deleted", None, "run ended before the delete")], intents=intents)
         return {"deleted": len(gone), "not_deleted": len(still_there)}
+
+    def moved(self, bucket: str, *, keys: list[str] | None = None, run_id: str | None = None,
+              plan_id: str | None = None) -> list[Moved]:
+        """The objects of ``bucket`` moved to quarantine (and not restored): the latest move of each of
+        ``keys``, or every move of a cleanup run or of the run that applied a plan."""
+        a = deletion_audit.c
+        moved = (a.bucket == bucket, a.status == "deleted", a.quarantine_key.is_not(None))
+        query = sa.select(a.id, a.key, a.size, a.etag, a.quarantine_bucket, a.quarantine_key).where(*moved)
+        if keys is not None:
+            latest = sa.select(sa.func.max(a.id)).where(*moved, a.key.in_(keys)).group_by(a.key)
+            query = query.where(a.id.in_(latest)).order_by(a.key)
+        else:
+            query = query.where(a.run_id == run_id if run_id else a.plan_id == plan_id).order_by(a.id)
+        with self.engine.connect() as connection:
+            return [Moved(row.id, row.key, row.size, row.etag, (row.quarantine_bucket, row.quarantine_key))
+                    for row in connection.execute(query)]
+
+    def mark_restored(self, audit_id: int, at: datetime) -> None:
+        """The moved object is back under its key (``deleted_at`` keeps when it had been moved)."""
+        with self.engine.begin() as connection:
+            connection.execute(sa.update(deletion_audit).where(deletion_audit.c.id == audit_id)
+                               .values(status="restored", error=f"restored at {ensure_utc(at).isoformat()}"))
 
     def deleted_keys(self, bucket: str) -> set[str]:
         with self.engine.connect() as connection:

@@ -23,10 +23,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from itertools import islice
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
@@ -38,13 +41,14 @@ from heimdall_storage_pipeline.core.clock import Clock, utc_datetimes, utc_now
 from heimdall_storage_pipeline.core.companions import owners_under
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
-from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
+from heimdall_storage_pipeline.core.list_objects_v2 import VERSIONED, ListObjectsV2
 from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy
+from heimdall_storage_pipeline.core.quarantine import copy_to_quarantine, discard_copies
 from heimdall_storage_pipeline.core.references import read_only_snapshot
-from heimdall_storage_pipeline.core.revalidation import referenced_among, stat_objects
+from heimdall_storage_pipeline.core.revalidation import Version, fresh_versions, referenced_among, stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client, s3_errors
-from heimdall_storage_pipeline.core.safety import Candidate, Outcome, deletion_verdict
+from heimdall_storage_pipeline.core.safety import Candidate, Outcome, age_cutoff, deletion_verdict
 
 DELETE_WORKERS = 4  # DeleteObjects requests in flight at once; S3 servers take parallel requests well
 # A batch's DeleteObjects starts at most this long after its re-validation, or it is re-validated
@@ -91,7 +95,7 @@ def too_many_failures(failed: int, batch_size: int) -> bool:
     return failed > MAX_FAILED_SHARE * batch_size
 
 
-def batched(items: Iterable[Candidate], size: int) -> Iterator[list[Candidate]]:
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
@@ -254,10 +258,14 @@ def delete_candidates(
     # the server carries the delete out (REVALIDATION_MAX_AGE before sending, plus this).
     client = make_client(ctx.s3, read_timeout=DELETE_REQUEST_TIMEOUT)
     lister = ListObjectsV2(ctx.s3, bucket.name)
+    with s3_errors(ctx.s3, bucket.name):
+        # Asked now, not taken from the scan: a delete without version ids frees nothing on a versioned bucket.
+        versioned = lister.versioning() in VERSIONED
     if ctx.audit is not None and not dry_run:
         with s3_errors(ctx.s3, bucket.name):
             report.reconciled = ctx.audit.reconcile(
-                bucket.name, lambda keys: stat_objects(client, bucket.name, keys, lister), ctx.clock()
+                bucket.name, lambda keys: stat_objects(client, bucket.name, keys, lister), ctx.clock(),
+                discard=lambda locations: discard_copies(client, locations),
             )
         if any(report.reconciled.values()):
             ctx.log(f"{bucket.name}: settled pending audit rows of an earlier run: {report.reconciled}")
@@ -317,7 +325,7 @@ def delete_candidates(
                     wait([f for f in in_flight if not f.done()] or in_flight, return_when=FIRST_COMPLETED)
                     settle_finished()
                 in_flight.append(pool.submit(_process_batch, ctx, bucket, batch, client, lister, slots,
-                                             checks, dry_run=dry_run, age_exempt=age_exempt))
+                                             checks, dry_run=dry_run, age_exempt=age_exempt, versioned=versioned))
             while in_flight:
                 settle_oldest()
             if logged is not None and logged[1] < report.batches:
@@ -362,10 +370,14 @@ def _process_batch(
     *,
     dry_run: bool,
     age_exempt: bool,
+    versioned: bool = False,
 ) -> BatchResult:
     began = time.perf_counter()
     with checks:
         rows, deletable = _revalidate(ctx, bucket, batch, client, lister, age_exempt)
+        if versioned and deletable:
+            changed, deletable = _with_versions(ctx, bucket.name, deletable, lister)
+            rows += changed
     checked = time.perf_counter()
     result = BatchResult(rows=rows, revalidation_seconds=checked - began)
     if dry_run:
@@ -373,24 +385,38 @@ def _process_batch(
     elif deletable:
         assert ctx.audit is not None
         # The intent is written before the wait for a slot, so that the slot holds only the request.
-        audit_ids = ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket.name,
-                                            candidates=deletable, at=ctx.clock(), plan_id=ctx.plan_id)
+        quarantine = bucket.quarantine
+        moved_to = (lambda key: quarantine.location(bucket.name, key)) if quarantine else None
+        audit_ids = ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket.name, candidates=deletable,
+                                            at=ctx.clock(), plan_id=ctx.plan_id, quarantine=moved_to)
         marks: list[Mark] = []
+        copied: set[str] = set()
 
         def still_deletable(objects: list[DeleteObject]) -> list[DeleteObject]:
-            """Before each request, the first or a retry: a check older than the bound is made again."""
+            """Before each request, the first or a retry: a check older than the bound is made again;
+            with a quarantine, what is still deletable is copied there first."""
             nonlocal deletable, checked
-            if time.perf_counter() - checked <= REVALIDATION_MAX_AGE:
-                return objects
-            again = time.perf_counter()
-            skipped, deletable = _revalidate(ctx, bucket, deletable, client, lister, age_exempt)
-            checked = again
-            rows.extend(skipped)
-            result.revalidated_again += len(skipped) + len(deletable)
-            result.revalidation_seconds += time.perf_counter() - again
-            marks.extend(Mark([audit_ids[key] for key in keys], "not_deleted", error=f"{outcome} when checked again")
-                         for outcome, keys in _keys_by_outcome(skipped).items())
-            return _delete_objects(ctx, deletable)
+            if time.perf_counter() - checked > REVALIDATION_MAX_AGE:
+                again = time.perf_counter()
+                skipped, deletable = _revalidate(ctx, bucket, deletable, client, lister, age_exempt)
+                checked = again
+                rows.extend(skipped)
+                result.revalidated_again += len(skipped) + len(deletable)
+                result.revalidation_seconds += time.perf_counter() - again
+                marks.extend(Mark([audit_ids[key] for key in keys], "not_deleted",
+                                  error=f"{outcome} when checked again")
+                             for outcome, keys in _keys_by_outcome(skipped).items())
+                objects = _delete_objects(ctx, deletable)
+            if quarantine is not None:
+                failed = copy_to_quarantine(client, bucket.name, quarantine,
+                                            [c for c in deletable if c.key not in copied])
+                copied.update(c.key for c in deletable if c.key not in failed)
+                rows.extend((c, Outcome.FAILED.value) for c in deletable if c.key in failed)
+                result.failures.update(failed)
+                marks.extend(Mark([audit_ids[key]], "failed", error=error) for key, error in failed.items())
+                deletable = [c for c in deletable if c.key not in failed]
+                objects = _delete_objects(ctx, deletable)
+            return objects
 
         with slots:  # one of ctx.workers DeleteObjects requests in flight
             errors = _delete(ctx, bucket.name, deletable, client, result, still_deletable)
@@ -398,6 +424,10 @@ def _process_batch(
         # its final status in the transaction that closes the intent.
         outcomes, final = _outcomes(deletable, audit_ids, errors, ctx.clock)
         rows += outcomes
+        if moved_to is not None:  # copies whose original stayed go again: no object is kept twice
+            deleted = {c.key for c, outcome in outcomes if outcome == Outcome.DELETED.value}
+            with s3_errors(ctx.s3, bucket.name):
+                discard_copies(client, [moved_to(key) for key in copied - deleted])
         ctx.audit.finish(marks + final, intents=[min(audit_ids.values())])
     return result
 
@@ -445,6 +475,26 @@ def _revalidate(
     return skipped, deletable
 
 
+def _with_versions(ctx: DeletionContext, bucket: str, batch: list[Candidate], lister: ListObjectsV2
+                   ) -> tuple[list[tuple[Candidate, str]], list[Candidate]]:
+    """Each candidate with every version of its key (and their bytes), if its latest version is the one checked."""
+    with s3_errors(ctx.s3, bucket):
+        versions = fresh_versions(lister, [c.key for c in batch])
+    skipped: list[tuple[Candidate, str]] = []
+    ready: list[Candidate] = []
+    for candidate in batch:
+        found = versions[candidate.key]
+        latest = next((v for v in found if v.is_latest), None)
+        if latest is None or latest.delete_marker:
+            skipped.append((candidate, Outcome.SKIPPED_MISSING.value))
+        elif latest.etag != candidate.etag.strip('"'):
+            skipped.append((candidate, Outcome.SKIPPED_CHANGED.value))
+        else:
+            ready.append(replace(candidate, size=sum(v.size for v in found),
+                                 version_ids=tuple(v.version_id for v in found)))
+    return skipped, ready
+
+
 def _keys_by_outcome(rows: list[tuple[Candidate, str]]) -> dict[str, list[str]]:
     grouped: dict[str, list[str]] = {}
     for candidate, outcome in rows:
@@ -457,8 +507,10 @@ _REFUSED_AS = {"PreconditionFailed": Outcome.SKIPPED_CHANGED, "NoSuchKey": Outco
 
 
 def _delete_objects(ctx: DeletionContext, deletable: list[Candidate]) -> list[DeleteObject]:
-    return [DeleteIfUnchanged(c.key, etag=c.etag) if ctx.conditional_deletes else DeleteObject(c.key)
-            for c in deletable]
+    # A version id names exactly the version checked: no ETag condition needed.
+    return [DeleteObject(c.key, version_id) for c in deletable for version_id in c.version_ids] + [
+        DeleteIfUnchanged(c.key, etag=c.etag) if ctx.conditional_deletes else DeleteObject(c.key)
+        for c in deletable if not c.version_ids]
 
 
 def _delete(
@@ -470,7 +522,7 @@ def _delete(
     with s3_errors(ctx.s3, bucket):
         errors = delete_batch(client, bucket, _delete_objects(ctx, deletable), ctx.log, ctx.sleep, before_attempt)
     result.delete_seconds = time.perf_counter() - delete_began
-    result.failures = {key: str(error) for key, error in errors.items() if error.code not in _REFUSED_AS}
+    result.failures.update({key: str(error) for key, error in errors.items() if error.code not in _REFUSED_AS})
     return errors
 
 
@@ -518,3 +570,68 @@ def manifest_candidates(
 def candidates_from_orphans(store: ManifestStore, uri: str, max_objects: int | None = None) -> Iterator[Candidate]:
     """Eligible orphans of an orphan manifest, streamed."""
     return manifest_candidates(store, uri, "eligible", lambda eligible: eligible, max_objects)
+
+
+@dataclass
+class NoncurrentReport:
+    """What the noncurrent pass over a versioned bucket removed (or, in a dry run, would remove)."""
+
+    dry_run: bool
+    versions: int = 0  # noncurrent versions, delete markers excluded
+    bytes: int = 0
+    delete_markers: int = 0
+    failed_keys: int = 0
+
+
+def expired_versions(versions: list[Version], cutoff: datetime) -> list[Version]:
+    """The versions noncurrent since ``cutoff`` or earlier, and a latest delete marker left with nothing behind."""
+    old = [v for v in versions if not v.is_latest and v.noncurrent_since is not None and v.noncurrent_since <= cutoff]
+    rest = [v for v in versions if v not in old]
+    return old + rest if len(rest) == 1 and rest[0].delete_marker else old
+
+
+def keys_with_noncurrent(store: ManifestStore, versions_uri: str) -> Iterator[str]:
+    """Keys of a versions manifest with a noncurrent version or a delete marker, once each, in listing order."""
+    last = None
+    for batch in store.iter_batches(versions_uri, columns=["key", "is_latest", "delete_marker"]):
+        rows = batch.filter(pc.or_(pc.invert(batch.column("is_latest")), batch.column("delete_marker")))
+        for key in rows.column("key").to_pylist():
+            if key != last:  # a key's versions are listed together
+                last = key
+                yield key
+
+
+def delete_noncurrent(ctx: DeletionContext, bucket: BucketPolicy, keys: Iterable[str], *, dry_run: bool,
+                      batch_size: int) -> NoncurrentReport:
+    """Remove the versions noncurrent for ``bucket.noncurrent_min_age`` and the delete markers left alone.
+
+    Each batch's versions are listed fresh and removed by version id, so a current version is never
+    touched; audited under ``<run id>/noncurrent``, one row per key with its version ids.
+    """
+    report = NoncurrentReport(dry_run)
+    if bucket.noncurrent_min_age is None:
+        return report
+    client = make_client(ctx.s3, read_timeout=DELETE_REQUEST_TIMEOUT)
+    lister = ListObjectsV2(ctx.s3, bucket.name)
+    for batch in batched(keys, batch_size):
+        with s3_errors(ctx.s3, bucket.name):
+            found = fresh_versions(lister, batch)
+        cutoff = age_cutoff(ctx.clock(), bucket.noncurrent_min_age)
+        chosen = {key: expired for key in batch if (expired := expired_versions(found[key], cutoff))}
+        candidates = [Candidate(key, sum(v.size for v in vs), max(v.last_modified for v in vs), "",
+                                tuple(v.version_id for v in vs)) for key, vs in chosen.items()]
+        errors: dict[str, DeleteError] = {}
+        if candidates and not dry_run:
+            assert ctx.audit is not None
+            ids = ctx.audit.record_intent(run_id=f"{ctx.run_id}/noncurrent"[:64], job=ctx.job, bucket=bucket.name,
+                                          candidates=candidates, at=ctx.clock())
+            with s3_errors(ctx.s3, bucket.name):
+                errors = delete_batch(client, bucket.name, _delete_objects(ctx, candidates), ctx.log, ctx.sleep)
+            ctx.audit.finish(_outcomes(candidates, ids, errors, ctx.clock)[1], intents=[min(ids.values())])
+        for key, versions in chosen.items():
+            report.failed_keys += key in errors
+            if key not in errors:
+                report.versions += sum(not v.delete_marker for v in versions)
+                report.bytes += sum(v.size for v in versions)
+                report.delete_markers += sum(v.delete_marker for v in versions)
+    return report

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from bisect import bisect_right
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from tempfile import TemporaryDirectory
@@ -62,6 +62,10 @@ class OrphanDiffResult:
     age_histogram: list[dict[str, int | str]]
     largest_eligible: list[dict[str, int | str]]
     manifest_uri: str
+    # A versioned bucket's other bytes on disk, from its inventory: noncurrent versions and delete markers.
+    noncurrent_versions: int = 0
+    noncurrent_bytes: int = 0
+    delete_markers: int = 0
 
     @property
     def orphan_share_bytes(self) -> float:
@@ -73,7 +77,8 @@ class OrphanDiffResult:
 
     @property
     def health_status(self) -> str:
-        return health_status(self.orphan_share_bytes)
+        # Over all bytes on disk: noncurrent versions are waste as much as orphans.
+        return health_status(share(self.orphan_bytes + self.noncurrent_bytes, self.total_bytes + self.noncurrent_bytes))
 
 
 def check_snapshot_order(inventory_listed_at: datetime, references_snapshot_at: datetime) -> None:
@@ -113,7 +118,7 @@ def _connect(spill_directory: str, memory_limit: str) -> duckdb.DuckDBPyConnecti
 
 
 def _create_views(connection: duckdb.DuckDBPyConnection, inventory: str, references: str,
-                  rules: tuple[CompanionRule, ...]) -> None:
+                  rules: tuple[CompanionRule, ...], quarantine_prefix: str = "") -> None:
     """``listed`` (inventory rows with their normalised key, NULL when unparseable), ``referenced``
     (reference keys with their position) and ``companions`` (the keys the companion rules keep)."""
     companions = " UNION ALL ".join(
@@ -127,7 +132,9 @@ def _create_views(connection: duckdb.DuckDBPyConnection, inventory: str, referen
                -- keys needing normalisation are rare: only they pay for the Python call
                CASE WHEN regexp_matches(key, {_sql_string(NEEDS_NORMALISATION_PATTERN)})
                     THEN normalize_key(key) ELSE key END AS normalised
-        FROM read_parquet({_sql_string(inventory)}, file_row_number = true);
+        FROM read_parquet({_sql_string(inventory)}, file_row_number = true)
+        -- objects moved to the bucket's own quarantine prefix are no orphans
+        WHERE {f"NOT starts_with(key, {_sql_string(quarantine_prefix)})" if quarantine_prefix else "true"};
         CREATE VIEW referenced AS
         SELECT file_row_number AS position, key
         FROM read_parquet({_sql_string(references)}, file_row_number = true) WHERE key IS NOT NULL;
@@ -153,6 +160,7 @@ def compute_orphan_diff(
     as_of: datetime,
     run_id: str,
     work_dir: str | None = None,
+    versions: dict[str, int] | None = None,
 ) -> OrphanDiffResult:
     """Write the orphan manifest for ``bucket`` and return its figures.
 
@@ -162,7 +170,8 @@ def compute_orphan_diff(
     cannot parse is reported, never deleted. Orphans are written in inventory order.
 
     ``work_dir`` holds DuckDB's spill files and local copies of S3 manifests while the diff runs
-    (default: the system temporary directory).
+    (default: the system temporary directory). ``versions`` carries a versioned bucket's
+    ``noncurrent_versions``, ``noncurrent_bytes`` and ``delete_markers`` into the result.
     """
     # DuckDB allocates outside Arrow's pool: hand back what earlier steps freed in it first.
     pa.default_memory_pool().release_unused()
@@ -171,8 +180,8 @@ def compute_orphan_diff(
     *smaller, largest = MEMORY_LIMITS
     for memory_limit in smaller:
         with suppress(duckdb.OutOfMemoryException):
-            return attempt(memory_limit)
-    return attempt(largest)
+            return replace(attempt(memory_limit), **(versions or {}))
+    return replace(attempt(largest), **(versions or {}))
 
 
 def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_uri: str, references_uri: str,
@@ -181,7 +190,9 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
         inventory = store.local_file(inventory_uri, temporary)
         references = store.local_file(references_uri, temporary)
         with _connect(temporary, memory_limit) as connection:
-            _create_views(connection, inventory, references, bucket.companions)
+            quarantine = bucket.quarantine.location(bucket.name, "") if bucket.quarantine else None
+            _create_views(connection, inventory, references, bucket.companions,
+                          quarantine[1] if quarantine and quarantine[0] == bucket.name else "")
             connection.execute("""
                 CREATE TABLE unique_references AS SELECT key, min(position) AS first FROM referenced GROUP BY key
             """)

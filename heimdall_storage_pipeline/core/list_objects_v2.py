@@ -26,7 +26,7 @@ from lxml import etree
 from minio.error import S3Error
 
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
-from heimdall_storage_pipeline.core.manifests import INVENTORY_SCHEMA
+from heimdall_storage_pipeline.core.manifests import INVENTORY_SCHEMA, VERSIONS_SCHEMA
 from heimdall_storage_pipeline.core.s3 import S3Settings, http_pool
 
 S3_MAX_KEYS = 1000  # the page cap of AWS S3 and MinIO
@@ -35,6 +35,7 @@ PREFETCH_PAGES = 4  # pages listed ahead of the caller per worker: bounds memory
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _TIMESTAMP = INVENTORY_SCHEMA.field("last_modified").type
 _FIELDS = ("Key", "Size", "LastModified", "ETag")
+VERSIONED = ("Enabled", "Suspended")  # states whose deletes need version ids to free bytes
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,43 @@ def _object_fields(root: etree._Element, ns: str) -> list[list[str]]:
     if any("Key" not in row or "LastModified" not in row for row in rows):
         raise ValueError("an object of the listing has no <Key> or no <LastModified>")
     return [[row.get(name, "0" if name == "Size" else "") for row in rows] for name in _FIELDS]
+
+
+@dataclass(frozen=True)
+class VersionsPage:
+    versions: pa.RecordBatch  # VERSIONS_SCHEMA rows in the server's order, directory markers left out
+    next_markers: tuple[str, str] | None  # (key-marker, version-id-marker); None on the last page
+
+
+def parse_versions_page(body: bytes) -> VersionsPage:
+    """One ListObjectVersions response body: its <Version> and <DeleteMarker> entries, in order."""
+    root = etree.fromstring(body, etree.XMLParser(resolve_entities=False, no_network=True))
+    ns = root.tag[: root.tag.find("}") + 1]
+    rows = [({field.tag.removeprefix(ns): field.text or "" for field in item}, item.tag == ns + "DeleteMarker")
+            for item in root if item.tag in (ns + "Version", ns + "DeleteMarker")]
+    if any("Key" not in row or "LastModified" not in row for row, _ in rows):
+        raise ValueError("a version of the listing has no <Key> or no <LastModified>")
+    keys = [row["Key"] for row, _ in rows]
+    if root.findtext(ns + "EncodingType") == "url":
+        keys = [unquote_plus(key) for key in keys]
+    batch = pa.record_batch([
+        pa.array(keys, pa.string()),
+        pa.array([row.get("VersionId", "null") for row, _ in rows], pa.string()),
+        pa.array([row.get("Size", "0") for row, _ in rows], pa.string()).cast(pa.int64()),
+        pa.array([row["LastModified"] for row, _ in rows], pa.string()).cast(_TIMESTAMP),
+        pa.array([row.get("ETag", "").replace('"', "") for row, _ in rows], pa.string()),
+        pa.array([row.get("IsLatest", "").strip().lower() == "true" for row, _ in rows], pa.bool_()),
+        pa.array([marker for _, marker in rows], pa.bool_()),
+    ], schema=VERSIONS_SCHEMA)
+    if batch.num_rows:
+        batch = batch.filter(pc.invert(pc.ends_with(batch.column(0), "/")))
+    markers = None
+    if (root.findtext(ns + "IsTruncated") or "").strip().lower() == "true":
+        key_marker = root.findtext(ns + "NextKeyMarker") or (keys[-1] if keys else None)
+        if key_marker is None:
+            raise ValueError("the server truncated a version listing page without a key marker")
+        markers = (key_marker, root.findtext(ns + "NextVersionIdMarker") or "")
+    return VersionsPage(batch, markers)
 
 
 def _error_fields(body: bytes) -> dict[str, str]:
@@ -150,6 +188,38 @@ class ListObjectsV2:
                 return
             query.pop("start-after", None)
             query["continuation-token"] = page.next_token
+
+    def versioning(self) -> str:
+        """``Enabled``, ``Suspended``, ``Off`` (never enabled, or a server without versioning) or ``Unknown``
+        (the key may not ask: the bucket is then listed and cleaned as an unversioned one, as before)."""
+        try:
+            body = self.get({"versioning": ""})
+        except S3Error as exc:
+            if exc.code in ("NotImplemented", "HTTP501", "AccessDenied"):
+                return "Unknown" if exc.code == "AccessDenied" else "Off"
+            raise
+        root = etree.fromstring(body, etree.XMLParser(resolve_entities=False, no_network=True))
+        return root.findtext(root.tag[: root.tag.find("}") + 1] + "Status") or "Off"
+
+    def version_pages(self, prefix: str = "", max_keys: int = S3_MAX_KEYS, delimiter: str = "",
+                      key_marker: str = "") -> Iterator[VersionsPage]:
+        """The pages of one ListObjectVersions (after ``key_marker``), following the key and version-id markers."""
+        query = {"versions": "", "encoding-type": "url", "max-keys": str(max_keys), "prefix": prefix,
+                 "delimiter": delimiter, **({"key-marker": key_marker} if key_marker else {})}
+        while True:
+            try:
+                page = parse_versions_page(self.get(query))
+            except (etree.XMLSyntaxError, ValueError) as exc:
+                raise StorageCleanupError(
+                    f"{self.settings.endpoint_url} answered a version listing of bucket {self.bucket!r} with a "
+                    f"page that is not a readable ListObjectVersions response ({str(exc).splitlines()[0]}); "
+                    f"check that MINIO_ENDPOINT is the S3 API"
+                ) from None
+            yield page
+            if page.next_markers is None:
+                return
+            query["key-marker"], version_marker = page.next_markers
+            query.update({"version-id-marker": version_marker} if version_marker else {})
 
     def batches(self, prefix: str = "", start_after: str = "", max_keys: int = S3_MAX_KEYS) -> Iterator[pa.RecordBatch]:
         """The objects after ``start_after`` whose key starts with ``prefix``, in server order."""

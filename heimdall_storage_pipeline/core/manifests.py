@@ -36,7 +36,11 @@ ORPHANS_SCHEMA = INVENTORY_SCHEMA.append(pa.field("eligible", pa.bool_()))
 # outcome: deleted, would_delete, skipped_referenced, skipped_missing, skipped_changed,
 # skipped_young or failed (core.safety.Outcome)
 DELETIONS_SCHEMA = INVENTORY_SCHEMA.append(pa.field("outcome", pa.string()))
-MANIFEST_KINDS = ("inventory", "references", "orphans", "deletions")
+# Every version and delete marker of a versioned bucket, in the server's order (a key's newest first).
+VERSIONS_SCHEMA = pa.schema([("key", pa.string()), ("version_id", pa.string()), ("size", pa.int64()),
+                             ("last_modified", TIMESTAMP), ("etag", pa.string()), ("is_latest", pa.bool_()),
+                             ("delete_marker", pa.bool_())])
+MANIFEST_KINDS = ("inventory", "references", "orphans", "deletions", "versions")
 _STAMP = "%Y%m%dT%H%M%S%fZ"
 
 

@@ -361,6 +361,35 @@ class CompanionRule:
     companion: Annotated[StrictStr, AfterValidator(_groups_of_match)]
 
 
+def _optional_min_age(value: Any, info: ValidationInfo) -> timedelta | None:
+    return None if value is None else _min_age(value, info)
+
+
+def _one_place(quarantine: Quarantine) -> Quarantine:
+    if (quarantine.bucket is None) == (quarantine.prefix is None):
+        raise ValueError("give either 'bucket' (a quarantine bucket) or 'prefix' (in the same bucket), not both "
+                         "and not neither, e.g. {prefix: 'heimdall-quarantine/', keep_days: 30}")
+    if quarantine.prefix is not None and not quarantine.prefix.strip("/"):
+        raise ValueError("'prefix' must name a folder, e.g. 'heimdall-quarantine/'")
+    return quarantine
+
+
+@dataclass(frozen=True, config=_NO_UNKNOWN_KEYS)
+class Quarantine:
+    """Where a live cleanup moves objects instead of deleting them, and for how long they stay."""
+
+    keep_days: Annotated[StrictInt, AfterValidator(_at_least_one)]
+    bucket: Annotated[str | None, BeforeValidator(lambda name, info: name if name is None else
+                                                  _bucket_name(name, info))] = None
+    prefix: StrictStr | None = None
+
+    def location(self, bucket: str, key: str) -> tuple[str, str]:
+        """The quarantine bucket and key of ``bucket``'s object ``key`` (its original key kept whole)."""
+        if self.bucket is not None:
+            return self.bucket, f"{bucket}/{key}"
+        return bucket, f"{self.prefix.rstrip('/')}/{key}"  # type: ignore[union-attr]
+
+
 @dataclass(frozen=True, config=_NO_UNKNOWN_KEYS)
 class BucketPolicy:
     """One bucket's settings; in the file, the bucket's name is its key under ``buckets:``."""
@@ -378,6 +407,9 @@ class BucketPolicy:
     full_listing_every: Annotated[timedelta, BeforeValidator(_full_listing_every)] = DEFAULT_FULL_LISTING_EVERY
     # Keys an event-maintained inventory and a full listing may disagree on before the check is an ERROR.
     drift_error_keys: Annotated[StrictInt, AfterValidator(_not_negative)] = DEFAULT_DRIFT_ERROR_KEYS
+    # Versioned buckets: noncurrent versions this long noncurrent are deleted; None keeps them all.
+    noncurrent_min_age: Annotated[timedelta | None, BeforeValidator(_optional_min_age)] = None
+    quarantine: Annotated[Quarantine | None, AfterValidator(lambda q: q if q is None else _one_place(q))] = None
 
 
 @dataclass(frozen=True, config=_NO_UNKNOWN_KEYS)
@@ -427,7 +459,8 @@ _UNKNOWN_KEY = {"unexpected_keyword_argument", "multiple_argument_values", "extr
 def _document_keys(parent: tuple[int | str, ...]) -> str:
     """The keys the file may use where ``parent`` points."""
     named = [part for part in parent if isinstance(part, str)]
-    model = {"buckets": BucketPolicy, "references": ReferenceSource, "companions": CompanionRule}.get(
+    model = {"buckets": BucketPolicy, "references": ReferenceSource, "companions": CompanionRule,
+             "quarantine": Quarantine}.get(
         named[-1] if named else "", StoragePolicy
     )
     keys = {field.name for field in dataclasses.fields(model)}

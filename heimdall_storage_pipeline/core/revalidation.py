@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -269,3 +269,63 @@ def stat_objects(
         with ThreadPoolExecutor(max_workers=threads) as pool:
             stats.update(zip(unsettled, pool.map(lambda k: _stat_one(client, bucket, k), unsettled), strict=True))
     return stats
+
+
+class Version(NamedTuple):
+    version_id: str
+    size: int
+    last_modified: datetime
+    etag: str
+    is_latest: bool
+    delete_marker: bool
+    noncurrent_since: datetime | None  # when the next newer version replaced it; None for the latest
+
+
+def _add_versions(found: dict[str, list[Version]], rows: pa.RecordBatch) -> None:
+    """Append listed rows (a key's versions together, newest first) to each key's versions."""
+    for row, modified in zip(rows.to_pylist(), utc_datetimes(rows.column("last_modified")), strict=True):
+        versions = found.setdefault(row["key"], [])
+        # Each version was replaced by the one listed before it.
+        versions.append(Version(row["version_id"], row["size"], modified, row["etag"], row["is_latest"],
+                                row["delete_marker"], None if row["is_latest"] else
+                                versions[-1].last_modified if versions else modified))
+
+
+def _versions_of(lister: ListObjectsV2, key: str) -> list[Version]:
+    found: dict[str, list[Version]] = {}
+    # With '/' as delimiter, keys under ``key/`` fold into one prefix: only ``key`` and its siblings are listed.
+    for page in lister.version_pages(prefix=key, delimiter="/"):
+        rows = page.versions.filter(pc.equal(page.versions.column("key"), key))
+        _add_versions(found, rows)
+        if rows.num_rows < page.versions.num_rows:  # listed past ``key``
+            break
+    return found.get(key, [])
+
+
+def _listed_versions(lister: ListObjectsV2, keys: list[str], budget: int) -> dict[str, list[Version]]:
+    """The versions of those ``keys`` a bounded version listing from the smallest of them lists whole."""
+    wanted = pa.array(sorted(set(keys)), pa.string())
+    found: dict[str, list[Version]] = {}
+    seen, last = 0, None
+    prefix = os.path.commonprefix(keys)  # noqa: RUF071
+    for page in lister.version_pages(prefix=prefix, key_marker=_just_before(wanted[0].as_py())):
+        seen += page.versions.num_rows
+        _add_versions(found, page.versions.filter(pc.is_in(page.versions.column("key"), value_set=wanted)))
+        last = page.versions.column("key")[-1].as_py() if page.versions.num_rows else last
+        if (last not in found and len(found) == len(wanted)) or seen >= budget:
+            found.pop(last, None)  # its versions may go on in the next page
+            break
+    return found
+
+
+def fresh_versions(lister: ListObjectsV2, keys: list[str], threads: int = STAT_THREADS) -> dict[str, list[Version]]:
+    """Every version and delete marker of each key, newest first.
+
+    As ``stat_objects``: one bounded listing from just before the batch's first key usually
+    answers for the whole batch; the keys it leaves unsettled are listed one by one, in parallel.
+    """
+    found = _listed_versions(lister, keys, LISTING_BUDGET_FACTOR * len(keys)) if len(keys) >= LISTING_MIN_KEYS else {}
+    unsettled = [key for key in keys if key not in found]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        found.update(zip(unsettled, pool.map(lambda key: _versions_of(lister, key), unsettled), strict=True))
+    return {key: found[key] for key in keys}

@@ -39,6 +39,7 @@ class Candidate:
     size: int
     last_modified: datetime
     etag: str
+    version_ids: tuple[str, ...] = ()  # on a versioned bucket: every version the delete removes
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from heimdall_storage_pipeline.defs.cleanup.jobs import (
     ORPHAN_DELETIONS,
     delete_orphans_job,
     purge_dataset_job,
+    restore_quarantined_job,
 )
 from heimdall_storage_pipeline.defs.executors import scale_out_executor
 from heimdall_storage_pipeline.defs.partitions import bucket_partitions
@@ -41,6 +42,7 @@ def build_definitions(
             build_scan_job(executor),
             delete_orphans_job if executor is None else delete_orphans_job.with_executor_def(executor),
             purge_dataset_job,
+            restore_quarantined_job,
             storage_history_job,
             *automation.jobs,
         ],

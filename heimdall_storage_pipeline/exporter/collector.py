@@ -292,9 +292,9 @@ def snapshot_metrics(snapshot: StorageSnapshot) -> list[Metric]:
     return [
         gauge(
             "heimdall_storage_disk_usage_gb",
-            f"Bytes stored in the bucket {_GB}, from the latest listing. There is no disk probe: "
-            "sum over buckets for the total usage.",
-            lambda b: _gb(b.total_bytes),
+            f"Bytes stored in the bucket {_GB}, noncurrent versions included, from the latest listing. There is "
+            "no disk probe: sum over buckets for the total usage.",
+            lambda b: _gb(None if b.total_bytes is None else b.total_bytes + (b.noncurrent_bytes or 0)),
         ),
         gauge(
             "heimdall_storage_bucket_size_gb",
@@ -341,6 +341,36 @@ def snapshot_metrics(snapshot: StorageSnapshot) -> list[Metric]:
             "heimdall_storage_young_orphan_files",
             "Orphans younger than the policy's minimum age (kept: uploads may still be in flight).",
             lambda b: b.young_orphan_files,
+        ),
+        gauge(
+            "heimdall_storage_noncurrent_versions",
+            "Noncurrent versions kept by a versioned bucket (delete markers excluded), from the latest listing.",
+            lambda b: b.noncurrent_versions,
+        ),
+        gauge(
+            "heimdall_storage_noncurrent_bytes",
+            "Bytes of a versioned bucket's noncurrent versions: on disk, invisible to a plain listing.",
+            lambda b: b.noncurrent_bytes,
+        ),
+        gauge(
+            "heimdall_storage_delete_markers",
+            "Delete markers in a versioned bucket, from the latest listing.",
+            lambda b: b.delete_markers,
+        ),
+        gauge(
+            "heimdall_storage_quarantined_objects",
+            "Objects the bucket's cleanups moved to quarantine and that have not expired, after the latest cleanup.",
+            cleanup(lambda c: c.quarantined_objects),
+        ),
+        gauge(
+            "heimdall_storage_quarantined_bytes",
+            "Bytes held in the bucket's quarantine, after the latest cleanup.",
+            cleanup(lambda c: c.quarantined_bytes),
+        ),
+        gauge(
+            "heimdall_storage_quarantine_oldest_timestamp_seconds",
+            "When the oldest object in the bucket's quarantine was moved there (Unix time).",
+            cleanup(lambda c: c.quarantine_oldest),
         ),
         gauge(
             "heimdall_storage_dangling_references",

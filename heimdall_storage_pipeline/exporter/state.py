@@ -28,7 +28,8 @@ STORAGE_HISTORY = dg.AssetKey("storage_history")
 REPORTED_ASSETS = (BUCKET_INVENTORY, REFERENCED_KEYS, ORPHAN_DIFF, ORPHAN_DELETIONS, STORAGE_HISTORY)
 RATES = ("growth_7d", "growth_30d", "inflow_7d", "inflow_30d", "inflow_norm")
 
-JOB_NAMES = ("storage_scan_job", "delete_orphans_job", "purge_dataset_job", "prefix_cleanup_job")
+JOB_NAMES = ("storage_scan_job", "delete_orphans_job", "purge_dataset_job", "prefix_cleanup_job",
+             "restore_quarantined_job")
 UNKNOWN = "unknown"
 # Worst last: the overall status is the worst of the buckets'. A bucket never scanned ranks above
 # healthy because nobody can say it is healthy.
@@ -83,6 +84,9 @@ class CleanupFigures:
     refusal_reason: str | None = None
     guard_verdict: str | None = None  # "pass" or "would refuse: ..." (a dry run tells what a live run would do)
     plan_id: str | None = None  # the plan a dry run made, or the one a live run applied
+    quarantined_objects: int | None = None  # what sits in the bucket's quarantine after the run
+    quarantined_bytes: int | None = None
+    quarantine_oldest: float | None = None  # when the oldest quarantined object was moved, epoch seconds
 
     @property
     def would_refuse(self) -> bool:
@@ -112,6 +116,10 @@ class BucketFigures:
     young_orphan_files: int | None = None
     dangling_references: int | None = None
     unparseable_references: int | None = None
+    # A versioned bucket's bytes besides its current objects, from the latest listing.
+    noncurrent_versions: int | None = None
+    noncurrent_bytes: int | None = None
+    delete_markers: int | None = None
     # Keys the latest full listing and the event-maintained inventory disagreed on (none: never reconciled).
     inventory_drift_keys: int | None = None
     cleanup: CleanupFigures | None = None
@@ -192,6 +200,12 @@ class StorageSnapshot:
             "last_cleanup_refusal_reason": cleanup.refusal_reason if cleanup else None,
             "last_cleanup_guard_verdict": cleanup.guard_verdict if cleanup else None,
             "last_plan_id": cleanup.plan_id if cleanup else None,
+            "noncurrent_versions": bucket.noncurrent_versions,
+            "noncurrent_size_gb": _maybe(to_gb, bucket.noncurrent_bytes),
+            "delete_markers": bucket.delete_markers,
+            "quarantined_objects": cleanup.quarantined_objects if cleanup else None,
+            "quarantined_size_gb": _maybe(to_gb, cleanup.quarantined_bytes if cleanup else None),
+            "quarantine_oldest_at": _maybe(_iso, cleanup.quarantine_oldest if cleanup else None),
             "deleted_files_total": bucket.deleted_files_total,
             "deleted_size_gb_total": to_gb(bucket.deleted_bytes_total),
         }
@@ -358,6 +372,8 @@ def _bucket_figures(
         total_objects=inventory.count("object_count") if inventory else None,
         total_bytes=inventory.count("total_bytes") if inventory else None,
         listed_at=inventory.text("listed_at") if inventory else None,
+        **({name: inventory.count(name) for name in ("noncurrent_versions", "noncurrent_bytes", "delete_markers")}
+           if inventory else {}),
         inventory_drift_keys=inventory.count("drift_count") if inventory else None,
         unparseable_references=references.count("unparseable_reference_count") if references else None,
         cleanup=_cleanup_figures(cleanup) if cleanup else None,
@@ -395,6 +411,9 @@ def _cleanup_figures(run: Materialization) -> CleanupFigures:
         refusal_reason=run.text("refusal_reason"),
         guard_verdict=run.text("guard_verdict"),
         plan_id=run.text("plan_id"),
+        quarantined_objects=run.count("quarantined_objects"),
+        quarantined_bytes=run.count("quarantined_bytes"),
+        quarantine_oldest=run.number("quarantine_oldest"),
     )
 
 

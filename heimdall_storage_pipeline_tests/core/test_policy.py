@@ -313,7 +313,8 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
         f"buckets.{BUCKET}.enabled: expected a bool (true or false), got 'yes'",
         f"buckets.{BUCKET}.batch_size: 0 is out of range; use 1..1000",
         f"buckets.{BUCKET}: unknown key(s) colour, shade; allowed: batch_size, companions, description, "
-        f"drift_error_keys, enabled, full_listing_every, min_age, min_age_days, references",
+        f"drift_error_keys, enabled, full_listing_every, min_age, min_age_days, noncurrent_min_age, quarantine, "
+        f"references",
         "buckets.Second_Bucket: 'Second_Bucket' is not a valid S3 bucket name",
         "buckets.Second_Bucket.min_age: a minimum age of 12h is below one day",
         "buckets.Second_Bucket.references: no reference sources",

@@ -104,6 +104,7 @@ def record_scan(
     dangling: int = 0,
     unparseable: int = 0,
     as_of: str = "2026-11-01T03:00:00Z",
+    versions: tuple[int, int, int] | None = None,  # a versioned bucket's noncurrent versions, bytes, delete markers
 ) -> dict[str, dict[str, Any]]:
     """Record the three scan assets of a bucket as the scan does; return their metadata."""
     orphan_share = share(orphan_bytes, total_bytes)
@@ -115,6 +116,9 @@ def record_scan(
             "listed_at": dg.MetadataValue.text(as_of),
             "listing_seconds": dg.MetadataValue.float(1.5),
             "keys_per_second": dg.MetadataValue.float(objects / 1.5),
+            "versioning": dg.MetadataValue.text("Enabled" if versions else "Off"),
+            **{name: dg.MetadataValue.int(count) for name, count in
+               zip(("noncurrent_versions", "noncurrent_bytes", "delete_markers"), versions or (), strict=False)},
         },
         "referenced_keys": {
             "referenced_count": dg.MetadataValue.int(objects - orphans + dangling),
@@ -158,6 +162,7 @@ def record_cleanup(
     dry_run: bool = False,
     failed: int = 0,
     skipped: Mapping[str, int] | None = None,
+    quarantined: tuple[int, int, float] | None = None,  # objects, bytes, oldest (epoch seconds)
 ) -> None:
     skips = {"referenced": 0, "missing": 0, "changed": 0, "young": 0, **(skipped or {})}
     record(
@@ -174,6 +179,9 @@ def record_cleanup(
             "guards_overridden": dg.MetadataValue.bool(False),
             "seconds": dg.MetadataValue.float(0.5),
             "manifest_uri": dg.MetadataValue.text(f"file:///manifests/{bucket}/deletions.parquet"),
+            **({"quarantined_objects": dg.MetadataValue.int(quarantined[0]),
+                "quarantined_bytes": dg.MetadataValue.int(quarantined[1]),
+                "quarantine_oldest": dg.MetadataValue.timestamp(quarantined[2])} if quarantined else {}),
         },
     )
 

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,8 @@ ALERTS = (
     "StorageCleanupDeletionsFailing",
     "StorageCleanupRefused",
     "StorageDanglingReferences",
+    "StorageNoncurrentVersionsHigh",
+    "StorageQuarantineHigh",
     "StorageInventoryDrift",
     "HeimdallStorageExporterDown",
     "StorageDiskFullSoon",
@@ -155,8 +158,9 @@ def test_real_prometheus_scrapes_the_exporter(tmp_path: Path, instance_home: Pat
             young=20,
             dangling=1,
         )
-        record_scan(instance, "bucket-b", objects=50, total_bytes=2 * GIB, orphans=0, orphan_bytes=0)
-        record_cleanup(instance, "bucket-a", deleted=10, deleted_bytes=GIB)
+        record_scan(instance, "bucket-b", objects=50, total_bytes=2 * GIB, orphans=0, orphan_bytes=0,
+                    versions=(0, 0, 2))  # versioned: only delete markers, so its disk usage stays 2 GiB
+        record_cleanup(instance, "bucket-a", deleted=10, deleted_bytes=GIB, quarantined=(10, GIB, time.time()))
         # Day 66 of the capacity tests' history: bucket "a" leaks; 40 GiB free fill in 2.4 to 2.9 days.
         record_history(instance, 66, (2136 + 40) * GIB)
 

@@ -24,11 +24,15 @@ def orphan_ratio_result(metadata: dict[str, Any]) -> dg.AssetCheckResult:
     """Healthy passes; warning (10-25 % orphaned bytes) fails with WARN, critical with ERROR."""
     status = str(metadata["health_status"])
     share = float(metadata["orphan_share_bytes"])
+    noncurrent = int(metadata.get("noncurrent_bytes", 0))
+    # A versioned bucket's health counts its noncurrent versions too (every byte on disk).
+    wasted = (int(metadata["orphan_bytes"]) + noncurrent) / (int(metadata["total_bytes"]) + noncurrent or 1)
+    on_disk = f", {format_percent(wasted)} with noncurrent versions" if noncurrent else ""
     return dg.AssetCheckResult(
         check_name=ORPHAN_RATIO_HEALTH,
         passed=status == "healthy",
         severity=dg.AssetCheckSeverity.ERROR if status == "critical" else dg.AssetCheckSeverity.WARN,
-        description=f"{format_percent(share)} of the bytes are orphaned: {status}",
+        description=f"{format_percent(share)} of the bytes are orphaned{on_disk}: {status}",
         metadata={
             "health_status": dg.MetadataValue.text(status),
             "orphan_share_bytes": dg.MetadataValue.float(share),

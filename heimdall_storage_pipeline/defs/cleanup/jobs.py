@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import dagster as dg
+import pyarrow.compute as pc
 from pydantic import Field
 
 from heimdall_storage_pipeline.core.audit import BucketBusyError
@@ -15,7 +16,10 @@ from heimdall_storage_pipeline.core.deletion import (
     DeletionContext,
     DeletionReport,
     candidates_from_orphans,
+    delete_batch,
     delete_candidates,
+    delete_noncurrent,
+    keys_with_noncurrent,
 )
 from heimdall_storage_pipeline.core.errors import StaleInputError, StorageCleanupError
 from heimdall_storage_pipeline.core.guards import (
@@ -43,6 +47,8 @@ from heimdall_storage_pipeline.core.policy import (
     StoragePolicy,
 )
 from heimdall_storage_pipeline.core.purge import purge_dataset
+from heimdall_storage_pipeline.core.quarantine import expire_and_count, restore_one, set_expiry_rule
+from heimdall_storage_pipeline.core.s3 import make_client, s3_errors
 from heimdall_storage_pipeline.core.safety import SKIP_OUTCOMES, Outcome
 from heimdall_storage_pipeline.defs import metadata as md
 from heimdall_storage_pipeline.defs.automation.checks import blocking_check_failed
@@ -313,6 +319,8 @@ def _clean_bucket(
     context.log.info(
         f"{bucket.name}: {'dry run over' if config.dry_run else 'deleting'} {total} eligible orphans from {source}"
     )
+    if bucket.quarantine is not None and not config.dry_run:
+        _set_quarantine_expiry(context, ctx, bucket)
     report = delete_candidates(
         replace(ctx, plan_id=plan.plan_id if plan else None),
         bucket,
@@ -327,11 +335,80 @@ def _clean_bucket(
         "refused": dg.MetadataValue.bool(False),
         "guard_verdict": dg.MetadataValue.text(verdict),
     }
+    extra |= _versioned_cleanup(context, ctx, bucket, config, report) | _quarantine_figures(ctx, bucket, config.dry_run)
     if plan is not None:
         extra["plan_id"] = dg.MetadataValue.text(plan.plan_id)
     elif config.dry_run:
         extra |= _plan_metadata(ctx, bucket.name, context.run.run_id, report, verdict)
     record_deletions(context, bucket.name, report, extra, guards_overridden=overridden)
+
+
+def _set_quarantine_expiry(context: dg.OpExecutionContext, ctx: DeletionContext, bucket: BucketPolicy) -> None:
+    """The lifecycle rule that expires quarantined objects; it also proves the quarantine bucket exists."""
+    assert bucket.quarantine is not None
+    where, prefix = bucket.quarantine.location(bucket.name, "")
+    with s3_errors(ctx.s3, where):
+        if not set_expiry_rule(make_client(ctx.s3), bucket.name, bucket.quarantine):
+            context.log.warning(f"{where} takes no lifecycle rules: this job expires what sits under {prefix} itself")
+
+
+def _quarantine_figures(ctx: DeletionContext, bucket: BucketPolicy, dry_run: bool) -> dict[str, Any]:
+    """Expire quarantined objects past keep_days (where the server's lifecycle has not) and count the rest."""
+    if bucket.quarantine is None:
+        return {}
+    client = make_client(ctx.s3)
+    where, prefix = bucket.quarantine.location(bucket.name, "")
+    with s3_errors(ctx.s3, where):
+        figures = expire_and_count(ctx.s3, client, bucket.name, bucket.quarantine, utc_now(), dry_run=dry_run,
+                                   delete=lambda on, objects: delete_batch(client, on, objects, ctx.log, ctx.sleep))
+    ctx.log(f"{bucket.name}: {figures.objects} objects ({figures.bytes} bytes) in quarantine at {where}/{prefix}; "
+            f"{figures.expired} past keep_days {'would be ' if dry_run else ''}removed")
+    if figures.errors:
+        ctx.log(f"{bucket.name}: some expired quarantine copies could not be removed (the next run retries): "
+                f"{figures.errors[:3]}")
+    return {
+        "quarantine_location": dg.MetadataValue.text(f"{where}/{prefix}"),
+        "quarantined_objects": dg.MetadataValue.int(figures.objects),
+        "quarantined_bytes": dg.MetadataValue.int(figures.bytes),
+        "quarantined_size": md.size(figures.bytes),
+        **({"quarantine_oldest": md.timestamp(figures.oldest)} if figures.oldest else {}),
+        "quarantine_expired": dg.MetadataValue.int(figures.expired),
+        "quarantine_expired_bytes": dg.MetadataValue.int(figures.expired_bytes),
+    }
+
+
+def versioning_note(bucket: str, inventory: dict[str, Any]) -> str:
+    return (f"{bucket} is versioned: {inventory.get('noncurrent_versions', 0)} noncurrent versions "
+            f"({inventory.get('noncurrent_bytes', 0)} bytes) and {inventory.get('delete_markers', 0)} delete markers "
+            f"stay on disk; only orphans lose all their versions. Set 'noncurrent_min_age' (e.g. '30d') under "
+            f"buckets.{bucket} in the policy to delete versions noncurrent for longer than that")
+
+
+def _versioned_cleanup(context: dg.OpExecutionContext, ctx: DeletionContext, bucket: BucketPolicy,
+                       config: DeleteOrphansConfig, orphans: DeletionReport) -> dict[str, Any]:
+    """On a versioned bucket: the noncurrent pass, or, without ``noncurrent_min_age``, a note on what stays."""
+    inventory = latest_metadata(context.instance, "bucket_inventory", bucket.name) or {}
+    if "versions_manifest_uri" not in inventory:
+        return {}
+    if bucket.noncurrent_min_age is None:
+        context.log.warning(versioning_note(bucket.name, inventory))
+        return {"versioning_note": dg.MetadataValue.text(versioning_note(bucket.name, inventory))}
+    keys = keys_with_noncurrent(ctx.store, str(inventory["versions_manifest_uri"]))
+    if config.dry_run:  # a live run removes these orphans' versions first: not counted twice
+        done = ctx.store.read_table(orphans.manifest_uri, columns=["key", "outcome"])
+        gone = set(done.filter(pc.equal(done.column("outcome"), Outcome.WOULD_DELETE.value)).column("key").to_pylist())
+        keys = (key for key in keys if key not in gone)
+    report = delete_noncurrent(ctx, bucket, keys, dry_run=config.dry_run,
+                               batch_size=config.batch_size or bucket.batch_size)
+    context.log.info(f"{bucket.name}: {report.versions} noncurrent versions ({report.bytes} bytes) and "
+                     f"{report.delete_markers} delete markers {'would be ' if config.dry_run else ''}removed")
+    if report.failed_keys:
+        context.log.warning(f"{bucket.name}: the versions of {report.failed_keys} keys could not be removed; "
+                            f"the next cleanup tries again")
+    return {"noncurrent_versions_removed": dg.MetadataValue.int(report.versions),
+            "noncurrent_bytes_removed": dg.MetadataValue.int(report.bytes),
+            "delete_markers_removed": dg.MetadataValue.int(report.delete_markers),
+            "noncurrent_failed_keys": dg.MetadataValue.int(report.failed_keys)}
 
 
 def _plan_metadata(ctx: DeletionContext, bucket: str, run_id: str, report: DeletionReport,
@@ -398,3 +475,54 @@ def purge_dataset_op(
 @dg.job(tags=CLEANUP_JOB_TAGS, description="Purge one synthetic dataset: rows first, then objects.")
 def purge_dataset_job() -> None:
     purge_dataset_op()
+
+
+class RestoreQuarantinedConfig(dg.Config):
+    """Put quarantined objects back; a dry run (the default) only says what would be restored."""
+
+    bucket: str = Field(description="the bucket the objects were moved from")
+    keys: list[str] = Field(default_factory=list, description="original keys to restore (their latest move)")
+    run_id: str | None = Field(default=None, description="restore every object this cleanup run moved")
+    plan: str | None = Field(default=None, description="restore every object moved by the run that applied this plan")
+    dry_run: bool = Field(default=True, description="only check and report what would be restored")
+
+
+@dg.op(tags=CLEANUP_TAGS, description="Restore quarantined objects under their original keys, never over a newer one.")
+def restore_quarantined(
+    context: dg.OpExecutionContext, config: RestoreQuarantinedConfig, s3: S3Resource, audit_db: AuditDatabaseResource,
+    policy: StoragePolicyResource,
+) -> None:
+    if sum(map(bool, (config.keys, config.run_id, config.plan))) != 1:
+        raise dg.Failure("name what to restore with exactly one of keys, run_id or plan")
+    try:
+        policy.load().bucket(config.bucket)
+    except PolicyError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    audit = audit_db.audit_log()
+    moved = audit.moved(config.bucket, keys=config.keys or None, run_id=config.run_id, plan_id=config.plan)
+    missing = sorted(set(config.keys) - {m.key for m in moved})
+    client = make_client(s3.settings())
+    outcomes: dict[str, str] = {key: "refused: no move to quarantine of this key is recorded" for key in missing}
+    with audit.exclusive(config.bucket, run_id=context.run.run_id, wait=timedelta(seconds=DEFAULT_LOCK_WAIT_SECONDS)):
+        for item in moved:
+            with s3_errors(s3.settings(), config.bucket):
+                outcomes[item.key] = restore_one(client, config.bucket, item, dry_run=config.dry_run)
+            if outcomes[item.key] == "restored":
+                audit.mark_restored(item.audit_id, utc_now())
+    for key, outcome in outcomes.items():
+        (context.log.info if outcome in ("restored", "would_restore") else context.log.warning)(f"{key}: {outcome}")
+    counts = {name: sum(o.startswith(name) for o in outcomes.values())
+              for name in ("restored", "would_restore", "refused", "failed")}
+    context.log.info(f"{config.bucket}: {counts}")
+    context.log_event(dg.AssetObservation(asset_key=ORPHAN_DELETIONS, partition=config.bucket, metadata={
+        "restore_dry_run": dg.MetadataValue.bool(config.dry_run),
+        **{f"restore_{name}": dg.MetadataValue.int(count) for name, count in counts.items()},
+        "restore_refusals": dg.MetadataValue.json({k: o for k, o in outcomes.items() if o.startswith("refused")}),
+    }))
+    if counts["failed"]:
+        raise dg.Failure(f"{counts['failed']} object(s) of {config.bucket} could not be restored; see the log")
+
+
+@dg.job(tags=CLEANUP_JOB_TAGS, description="Restore quarantined objects (dry run unless dry_run: false).")
+def restore_quarantined_job() -> None:
+    restore_quarantined()

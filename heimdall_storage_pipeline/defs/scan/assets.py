@@ -1,6 +1,7 @@
 """The scan: bucket_inventory -> referenced_keys -> orphan_diff, one partition per bucket."""
 
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -11,6 +12,8 @@ from heimdall_storage_pipeline.core.diff import (
     compute_orphan_diff,
     dumps_sample,
 )
+from heimdall_storage_pipeline.core.events import INCREMENTAL
+from heimdall_storage_pipeline.core.list_objects_v2 import VERSIONED
 from heimdall_storage_pipeline.core.manifests import (
     INVENTORY_SCHEMA,
     ORPHANS_SCHEMA,
@@ -56,6 +59,20 @@ def _prune_old_manifests(
     return len(removed)
 
 
+VERSION_FIGURES = ("noncurrent_versions", "noncurrent_bytes", "delete_markers")
+
+
+def _versioning_metadata(figures: dict[str, Any]) -> dict[str, dg.MetadataValue]:
+    """The bucket's versioning state and, for a versioned bucket, the bytes it keeps besides current objects
+    and their manifest (left out otherwise: storage_history and the exporter read their absence as "not known")."""
+    versioning = dg.MetadataValue.text(str(figures.get("versioning", "Off")))
+    if versioning.value not in VERSIONED or not figures.get("versions_manifest_uri"):
+        return {"versioning": versioning}
+    return {"versioning": versioning, **{name: dg.MetadataValue.int(int(figures[name])) for name in VERSION_FIGURES},
+            "noncurrent_size": md.size(int(figures["noncurrent_bytes"])),
+            "versions_manifest_uri": md.manifest(str(figures["versions_manifest_uri"]))}
+
+
 def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     @dg.asset(
         partitions_def=partitions_def,
@@ -78,6 +95,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         storage_policy = policy.load()
         bucket_policy = storage_policy.bucket(bucket)  # refuse a partition the policy no longer has
         store = manifests.store()
+        previous = latest_metadata(context.instance, "bucket_inventory", bucket) or {}
         result, stream_metadata = take_inventory(context, s3.settings(), store, bucket_policy, audit_db.url)
         context.log.info(
             f"inventoried {result.object_count} objects ({result.total_bytes} bytes) of {bucket} in "
@@ -100,6 +118,9 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
                 "endpoint": dg.MetadataValue.text(s3.settings().endpoint_url),
                 "pruned_manifests": dg.MetadataValue.int(pruned),
                 **stream_metadata,
+                # An incremental inventory lists no versions: the last full listing's figures carry over.
+                **_versioning_metadata(previous if getattr(stream_metadata.get("mode"), "value", None) == INCREMENTAL
+                                       else vars(result)),
             },
             check_results=[drift_check_result({k: v.value for k, v in stream_metadata.items()},
                                               bucket_policy.drift_error_keys)],
@@ -192,6 +213,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
             references_uri=references["manifest_uri"],
             as_of=as_of,
             run_id=context.run.run_id,
+            versions={name: int(inventory.get(name, 0)) for name in VERSION_FIGURES},
         )
         context.log.info(
             f"{bucket}: {result.orphan_count} orphans ({result.orphan_bytes} bytes), "
@@ -223,6 +245,7 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
             "orphan_share_count": dg.MetadataValue.float(result.orphan_share_count),
             "orphan_share_count_percent": md.percent(result.orphan_share_count),
             "health_status": dg.MetadataValue.text(result.health_status),
+            **_versioning_metadata(inventory),  # the inventory's figures, with the versions manifest
             "dangling_reference_count": dg.MetadataValue.int(result.dangling_reference_count),
             "dangling_sample": dg.MetadataValue.text(dumps_sample(result.dangling_sample)),
             "age_histogram": md.age_table(

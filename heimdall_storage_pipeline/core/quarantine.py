@@ -1,0 +1,164 @@
+"""Quarantine: a live cleanup moves objects aside (server-side copy, then delete) instead of deleting them;
+they expire after ``keep_days`` (a lifecycle rule, and the cleanup job where the server ignores it) and
+``restore`` puts them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from minio import Minio
+from minio.commonconfig import ENABLED, CopySource, Filter
+from minio.deleteobjects import DeleteObject
+from minio.error import S3Error
+from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
+
+from heimdall_storage_pipeline.core.clock import utc_datetimes
+from heimdall_storage_pipeline.core.errors import StorageCleanupError
+from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
+from heimdall_storage_pipeline.core.policy import Quarantine
+from heimdall_storage_pipeline.core.revalidation import stat_objects
+from heimdall_storage_pipeline.core.s3 import S3Settings
+from heimdall_storage_pipeline.core.safety import Candidate
+
+COPY_THREADS = 8
+
+
+def same_content(etag: str, size: int, copied_etag: str, copied_size: int) -> bool:
+    """A copy holds the object: same ETag, or, for a multipart ETag a copy may recompute, the same size."""
+    etag, copied_etag = etag.strip('"'), copied_etag.strip('"')
+    return etag == copied_etag or ("-" in etag and size == copied_size)
+
+
+def _copy_one(client: Minio, bucket: str, quarantine: Quarantine, candidate: Candidate) -> str | None:
+    where, key = quarantine.location(bucket, candidate.key)
+    try:
+        # Only the checked content is copied (match_etag), with its metadata (the default COPY directive).
+        copied = client.copy_object(where, key, CopySource(bucket, candidate.key, match_etag=candidate.etag))
+    except S3Error as exc:
+        return f"copy to quarantine failed: {exc.code}"
+    if not same_content(candidate.etag, candidate.size, copied.etag or "", candidate.size):
+        return f"the quarantine copy's ETag {copied.etag} differs from {candidate.etag}"
+    return None
+
+
+def copy_to_quarantine(client: Minio, bucket: str, quarantine: Quarantine, candidates: list[Candidate]
+                       ) -> dict[str, str]:
+    """Copy each candidate to its quarantine key; returns ``{key: error}`` of those not copied faithfully."""
+    with ThreadPoolExecutor(COPY_THREADS) as pool:
+        errors = pool.map(lambda c: _copy_one(client, bucket, quarantine, c), candidates)
+        return {c.key: error for c, error in zip(candidates, errors, strict=True) if error}
+
+
+def discard_copies(client: Minio, locations: Iterable[tuple[str, str]]) -> None:
+    """Remove quarantine copies (bucket, key) whose originals stayed: no object is kept twice."""
+    by_bucket: dict[str, list[DeleteObject]] = {}
+    for where, copy in locations:
+        by_bucket.setdefault(where, []).append(DeleteObject(copy))
+    for where, objects in by_bucket.items():
+        errors = list(client.remove_objects(where, objects))
+        if errors:
+            raise StorageCleanupError(
+                f"could not remove {len(errors)} quarantine copies in {where} whose originals stayed (first: "
+                f"{errors[0].name}: {errors[0].code}); delete them by hand or let keep_days expire them"
+            )
+
+
+def rule_id(bucket: str) -> str:
+    return f"heimdall-quarantine-{bucket}"
+
+
+def set_expiry_rule(client: Minio, bucket: str, quarantine: Quarantine) -> bool:
+    """Put the lifecycle rule that expires ``bucket``'s quarantined objects, keeping the bucket's other rules.
+
+    False when the server refuses lifecycle configuration: the cleanup job's expiry then does it alone.
+    """
+    where, prefix = quarantine.location(bucket, "")
+    try:
+        current = client.get_bucket_lifecycle(where)
+    except S3Error as exc:
+        if exc.code not in ("NoSuchLifecycleConfiguration", "NotImplemented"):
+            raise
+        current = None
+    rules = [rule for rule in (current.rules if current else []) if rule.rule_id != rule_id(bucket)]
+    rules.append(Rule(ENABLED, rule_filter=Filter(prefix=prefix), rule_id=rule_id(bucket),
+                      expiration=Expiration(days=quarantine.keep_days)))
+    try:
+        client.set_bucket_lifecycle(where, LifecycleConfig(rules))
+    except S3Error as exc:
+        if exc.code == "NotImplemented":
+            return False
+        raise
+    return True
+
+
+@dataclass
+class QuarantineFigures:
+    objects: int = 0
+    bytes: int = 0
+    oldest: datetime | None = None  # when the oldest quarantined object was moved
+    expired: int = 0  # removed by this run (or, in a dry run, due for removal)
+    expired_bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def expire_and_count(settings: S3Settings, client: Minio, bucket: str, quarantine: Quarantine, now: datetime,
+                     *, dry_run: bool, delete: Callable[[str, list[DeleteObject]], dict[str, object]]
+                     ) -> QuarantineFigures:
+    """Remove quarantined objects moved ``keep_days`` ago or earlier (unless a dry run) and count the rest."""
+    where, prefix = quarantine.location(bucket, "")
+    cutoff = now - timedelta(days=quarantine.keep_days)
+    figures = QuarantineFigures()
+    for page in ListObjectsV2(settings, where).batches(prefix=prefix):
+        old = pc.less_equal(page.column("last_modified"), pa.scalar(cutoff, page.schema.field("last_modified").type))
+        expired, kept = page.filter(old), page.filter(pc.invert(old))
+        figures.expired += expired.num_rows
+        figures.expired_bytes += pc.sum(expired.column("size")).as_py() or 0
+        if expired.num_rows and not dry_run:
+            errors = delete(where, [DeleteObject(key) for key in expired.column("key").to_pylist()])
+            figures.errors += [f"{key}: {error}" for key, error in errors.items()][:10]
+        figures.objects += kept.num_rows
+        figures.bytes += pc.sum(kept.column("size")).as_py() or 0
+        if kept.num_rows:
+            oldest = min(utc_datetimes(kept.column("last_modified")))
+            figures.oldest = oldest if figures.oldest is None else min(figures.oldest, oldest)
+    return figures
+
+
+@dataclass(frozen=True)
+class Moved:
+    """An object a cleanup moved to quarantine, as its audit row tells."""
+
+    audit_id: int
+    key: str
+    size: int
+    etag: str
+    quarantine: tuple[str, str]  # bucket, key
+
+
+def _stat(client: Minio, bucket: str, key: str) -> tuple[str, int] | None:
+    found = stat_objects(client, bucket, [key])[key]
+    return None if found is None else (found.etag, found.size)
+
+
+def restore_one(client: Minio, bucket: str, moved: Moved, *, dry_run: bool) -> str:
+    """Put ``moved`` back under its key; returns ``restored``, ``would_restore`` or why it was refused."""
+    if _stat(client, bucket, moved.key) is not None:
+        return f"refused: a newer object sits at {moved.key!r}; it is left as it is (copy the quarantined one by hand)"
+    held = _stat(client, *moved.quarantine)
+    if held is None:
+        return f"refused: the quarantine copy {moved.quarantine[0]}/{moved.quarantine[1]} is gone (expired?)"
+    if not same_content(moved.etag, moved.size, *held):
+        return f"refused: the quarantine copy's ETag {held[0]} is not the moved object's {moved.etag}"
+    if dry_run:
+        return "would_restore"
+    back = client.copy_object(bucket, moved.key, CopySource(*moved.quarantine, match_etag=held[0]))
+    if not same_content(moved.etag, moved.size, back.etag or "", held[1]):
+        return f"failed: the restored object's ETag {back.etag} is not {moved.etag}; the quarantine copy is kept"
+    discard_copies(client, [moved.quarantine])
+    return "restored"

@@ -1,0 +1,193 @@
+"""Quarantine on a real SeaweedFS: moves keep bytes and metadata, expire, survive a kill, and restore."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import subprocess
+import sys
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from minio.commonconfig import ENABLED, Filter
+from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
+from minio.versioningconfig import VersioningConfig
+
+from heimdall_storage_pipeline.core.audit import AuditLog
+from heimdall_storage_pipeline.core.clock import utc_now
+from heimdall_storage_pipeline.core.deletion import delete_batch
+from heimdall_storage_pipeline.core.policy import Quarantine
+from heimdall_storage_pipeline.core.quarantine import expire_and_count, restore_one, rule_id, set_expiry_rule
+from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
+from heimdall_storage_pipeline_tests.cleanup_support import CoreRig, add_refs, bucket_policy, make_rig, refs_table
+
+OLD = timedelta(days=31)
+
+
+@pytest.fixture
+def rig(seaweed: SeaweedFS, db_engine: sa.Engine, tmp_path: Path) -> CoreRig:
+    return make_rig(seaweed.settings(), db_engine, tmp_path / "manifests")
+
+
+def _world(rig: CoreRig, seaweed: SeaweedFS, make_bucket, quarantine: Quarantine, orphans: int = 3):
+    bucket = make_bucket("q")
+    client = seaweed.client()
+    table = refs_table(rig.engine)
+    bodies = {f"data/orphan-{i}.npy": secrets.token_bytes(100 + i) for i in range(orphans)}
+    bodies["data/kept.npy"] = b"kept"
+    for key, body in bodies.items():
+        client.put_object(bucket, key, io.BytesIO(body), len(body), content_type="application/x-npy",
+                          metadata={"x-amz-meta-origin": "sensor-7"})
+    add_refs(rig.engine, table, ["data/kept.npy"])
+    policy = replace(bucket_policy(bucket, table), quarantine=quarantine)
+    return bucket, client, policy, bodies
+
+
+def _read(client, bucket: str, key: str) -> bytes:
+    response = client.get_object(bucket, key)
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def test_a_live_cleanup_moves_orphans_with_bytes_and_metadata_and_the_next_scan_ignores_them(rig, seaweed, make_bucket):
+    quarantine = Quarantine(keep_days=7, prefix="heimdall-quarantine/")
+    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine)
+    rig.offset = OLD
+    report = rig.delete(policy, rig.scan(policy))
+    assert report.outcomes["deleted"] == 3
+    listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
+    moved = {f"heimdall-quarantine/{key}" for key in bodies if "orphan" in key}
+    assert listed == {"data/kept.npy"} | moved
+    for key in moved:
+        original = key.removeprefix("heimdall-quarantine/")
+        assert _read(client, bucket, key) == bodies[original]
+        stat = client.stat_object(bucket, key)
+        assert stat.content_type == "application/x-npy" and stat.metadata["X-Amz-Meta-Origin"] == "sensor-7"
+    rows = rig.audit_rows(bucket)
+    assert {(r.key, r.status, r.quarantine_bucket, r.quarantine_key) for r in rows} == {
+        (key.removeprefix("heimdall-quarantine/"), "deleted", bucket, key) for key in moved}
+    # Quarantined objects are not orphans of the bucket: a second cleanup leaves them alone.
+    again = rig.delete(policy, rig.scan(policy))
+    assert again.candidates == 0
+
+
+def test_expiry_rule_is_set_and_the_job_expires_what_the_server_leaves(rig, seaweed, make_bucket):
+    quarantine_bucket = make_bucket("qb")
+    quarantine = Quarantine(keep_days=3, bucket=quarantine_bucket)
+    bucket, client, policy, _ = _world(rig, seaweed, make_bucket, quarantine)
+    other = Rule(ENABLED, rule_filter=Filter(prefix="logs/"), rule_id="someone-elses", expiration=Expiration(days=90))
+    client.set_bucket_lifecycle(quarantine_bucket, LifecycleConfig([other]))
+    assert set_expiry_rule(client, bucket, quarantine) and set_expiry_rule(client, bucket, quarantine)  # idempotent
+    rules = {rule.rule_id: rule for rule in client.get_bucket_lifecycle(quarantine_bucket).rules}
+    assert set(rules) == {"someone-elses", rule_id(bucket)}
+    assert (rules[rule_id(bucket)].rule_filter.prefix, rules[rule_id(bucket)].expiration.days) == (f"{bucket}/", 3)
+
+    rig.offset = OLD
+    rig.delete(policy, rig.scan(policy))
+    delete = lambda on, objects: delete_batch(client, on, objects, print)  # noqa: E731
+    now = utc_now()
+    fresh = expire_and_count(rig.s3, client, bucket, quarantine, now, dry_run=False, delete=delete)
+    assert (fresh.objects, fresh.bytes, fresh.expired) == (3, 100 + 101 + 102, 0) and fresh.oldest <= now
+    later = now + timedelta(days=3, seconds=1)
+    dry = expire_and_count(rig.s3, client, bucket, quarantine, later, dry_run=True, delete=delete)
+    assert (dry.objects, dry.expired, dry.expired_bytes) == (0, 3, 303)
+    assert len(list(client.list_objects(quarantine_bucket, recursive=True))) == 3
+    expired = expire_and_count(rig.s3, client, bucket, quarantine, later, dry_run=False, delete=delete)
+    assert (expired.objects, expired.expired) == (0, 3)
+    assert list(client.list_objects(quarantine_bucket, recursive=True)) == []
+
+
+_KILLED_RUN = """
+import json, os, signal, sys
+from datetime import timedelta
+from dataclasses import replace
+import sqlalchemy as sa
+from heimdall_storage_pipeline.core import deletion
+from heimdall_storage_pipeline.core.policy import Quarantine
+from heimdall_storage_pipeline.core.s3 import S3Settings
+from heimdall_storage_pipeline_tests.cleanup_support import bucket_policy, make_rig
+args = json.loads(sys.argv[1])
+real_copy = deletion.copy_to_quarantine
+def copy_then_die(*a, **k):
+    real_copy(*a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)  # after the copy, before the delete
+deletion.copy_to_quarantine = copy_then_die
+rig = make_rig(S3Settings(**args["s3"]), sa.create_engine(args["db"]), args["root"])
+rig.offset = timedelta(days=31)
+policy = replace(bucket_policy(args["bucket"], args["table"]), quarantine=Quarantine(keep_days=7, prefix="q/"))
+rig.delete(policy, args["orphans"], run_id="killed-run")
+"""
+
+
+def test_a_move_killed_between_copy_and_delete_resumes_without_loss_or_duplicates(
+        rig, seaweed, make_bucket, database_url, tmp_path):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine)
+    rig.offset = OLD
+    orphans = rig.scan(policy)
+    args = {"s3": {"endpoint": seaweed.endpoint, "access_key": seaweed.access_key, "secret_key": seaweed.secret_key},
+            "db": database_url, "root": str(tmp_path / "manifests"), "bucket": bucket,
+            "table": policy.references[0].query.split()[-1], "orphans": orphans}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(args)], timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert killed.returncode == -9
+    listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
+    assert listed == set(bodies) | {f"q/{key}" for key in bodies if "orphan" in key}  # copied, not deleted
+    assert {r.status for r in rig.audit_rows(bucket)} == {"pending"}
+
+    report = rig.delete(policy, orphans)  # the next run settles the dead one, then moves each object once
+    assert report.reconciled == {"deleted": 0, "not_deleted": 3} and report.outcomes["deleted"] == 3
+    listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
+    assert listed == {"data/kept.npy"} | {f"q/{key}" for key in bodies if "orphan" in key}
+    for key, body in bodies.items():
+        if "orphan" in key:
+            assert _read(client, bucket, f"q/{key}") == body
+    assert sorted((r.run_id == "killed-run", r.status) for r in rig.audit_rows(bucket)) == [
+        (False, "deleted")] * 3 + [(True, "not_deleted")] * 3
+
+
+def test_restore_is_byte_identical_and_never_overwrites_a_newer_object(rig, seaweed, make_bucket):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine)
+    rig.offset = OLD
+    run_id = secrets.token_hex(8)
+    rig.delete(policy, rig.scan(policy), run_id=run_id)
+    client.put_object(bucket, "data/orphan-0.npy", io.BytesIO(b"newer"), 5)  # re-uploaded since
+    audit = AuditLog(rig.engine)
+    moved = audit.moved(bucket, run_id=run_id)
+    assert sorted(m.key for m in moved) == sorted(key for key in bodies if "orphan" in key)
+    assert [(m.key, m.quarantine) for m in audit.moved(bucket, keys=["data/orphan-1.npy", "data/kept.npy"])] == [
+        ("data/orphan-1.npy", (bucket, "q/data/orphan-1.npy"))]
+    dry = {m.key: restore_one(client, bucket, m, dry_run=True) for m in moved}
+    assert dry["data/orphan-1.npy"] == dry["data/orphan-2.npy"] == "would_restore"
+    assert dry["data/orphan-0.npy"].startswith("refused: a newer object sits at 'data/orphan-0.npy'")
+    outcomes = {m.key: restore_one(client, bucket, m, dry_run=False) for m in moved}
+    assert outcomes == {**dry, "data/orphan-1.npy": "restored", "data/orphan-2.npy": "restored"}
+    assert _read(client, bucket, "data/orphan-0.npy") == b"newer"
+    for key in ("data/orphan-1.npy", "data/orphan-2.npy"):
+        assert _read(client, bucket, key) == bodies[key]
+        assert client.stat_object(bucket, key).metadata["X-Amz-Meta-Origin"] == "sensor-7"
+    listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
+    assert listed == set(bodies) | {"q/data/orphan-0.npy"}  # the refused one stays in quarantine
+
+
+def test_on_a_versioned_bucket_a_move_keeps_the_current_version_and_frees_every_other(rig, seaweed, make_bucket):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, _ = _world(rig, seaweed, make_bucket, quarantine, orphans=1)
+    client.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
+    client.put_object(bucket, "data/orphan-0.npy", io.BytesIO(b"second"), 6)
+    rig.offset = OLD
+    report = rig.delete(policy, rig.scan(policy))
+    assert (report.outcomes["deleted"], report.deleted_bytes) == (1, 100 + 6)
+    versions = sorted((o.object_name, o.is_latest) for o in client.list_objects(bucket, include_version=True,
+                                                                                  recursive=True))
+    assert versions == [("data/kept.npy", "true"), ("q/data/orphan-0.npy", "true")]
+    assert _read(client, bucket, "q/data/orphan-0.npy") == b"second"

@@ -1,0 +1,72 @@
+"""Quarantine through delete_orphans_job and restore_quarantined_job, on the real servers."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import dagster as dg
+import sqlalchemy as sa
+
+from heimdall_storage_pipeline.core.clock import utc_now
+from heimdall_storage_pipeline_tests.cleanup_support import listed_keys, put
+from heimdall_storage_pipeline_tests.conftest import key_source
+
+
+def restore(harness, raise_on_error: bool = True, **config) -> dg.ExecuteInProcessResult:
+    return harness.defs.resolve_job_def("restore_quarantined_job").execute_in_process(
+        instance=harness.instance, run_config={"ops": {"restore_quarantined": {"config": config}}},
+        raise_on_error=raise_on_error)
+
+
+def observation(harness, bucket: str) -> dict:
+    records = harness.instance.fetch_observations(dg.AssetKey("orphan_deletions"), limit=1).records
+    return {k: v.value for k, v in records[0].asset_observation.metadata.items()}
+
+
+def test_a_whole_cleanup_run_is_restored_in_one_launch_after_a_dry_run(
+        harness_factory, make_bucket, seaweed, db_engine):
+    bucket, holding = make_bucket("qjob"), make_bucket("qhold")
+    client = seaweed.client()
+    with db_engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE refs (k text)"))
+        connection.execute(sa.text("INSERT INTO refs VALUES ('kept.npy')"))
+    keys = ["kept.npy", "a.npy", "b.npy", "c.npy"]
+    for key in keys:
+        put(client, bucket, key, key.encode() * 10)
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [key_source("SELECT k FROM refs")],
+                                        "quarantine": {"bucket": holding, "keep_days": 30}}})
+    while utc_now() < max(o.last_modified for o in client.list_objects(bucket)) + timedelta(seconds=2):
+        time.sleep(0.2)
+    harness.scan(bucket)
+    cleanup = harness.delete(dry_run=False, allow_mass_delete=True)
+    meta = harness.metadata("orphan_deletions", bucket)
+    assert meta["deleted_count"] == 3 and listed_keys(client, bucket) == {"kept.npy"}
+    assert (meta["quarantined_objects"], meta["quarantined_bytes"]) == (3, 3 * 50)
+    assert meta["quarantine_location"] == f"{holding}/{bucket}/"
+    assert client.get_bucket_lifecycle(holding).rules[0].expiration.days == 30
+
+    put(client, bucket, "c.npy", b"a newer c")
+    restore(harness, bucket=bucket, run_id=cleanup.run_id)  # a dry run by default
+    assert listed_keys(client, bucket) == {"kept.npy", "c.npy"}
+    assert (observation(harness, bucket)["restore_would_restore"], observation(harness, bucket)["restore_refused"]) \
+        == (2, 1)
+    restore(harness, bucket=bucket, run_id=cleanup.run_id, dry_run=False)
+    seen = observation(harness, bucket)
+    assert (seen["restore_restored"], seen["restore_refused"]) == (2, 1)
+    assert "a newer object sits at 'c.npy'" in seen["restore_refusals"]["c.npy"]
+    assert listed_keys(client, bucket) == set(keys)
+    assert client.get_object(bucket, "a.npy").read() == b"a.npy" * 10
+    assert {o.object_name for o in client.list_objects(holding, recursive=True)} == {f"{bucket}/c.npy"}
+    # Restored moves are marked in the audit log: a second launch finds nothing left to restore but c.npy.
+    restore(harness, bucket=bucket, run_id=cleanup.run_id, dry_run=False)
+    seen = observation(harness, bucket)
+    assert (seen["restore_refused"], seen["restore_restored"]) == (1, 0)
+
+
+def test_restore_needs_exactly_one_selection(harness_factory, make_bucket):
+    bucket = make_bucket("qsel")
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [key_source("SELECT 'x'")]}})
+    result = restore(harness, raise_on_error=False, bucket=bucket)
+    assert not result.success
+    assert "exactly one of keys, run_id or plan" in str(result.failure_data_for_node("restore_quarantined"))
