@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import sqlalchemy as sa
 import yaml
 from pydantic import (
     AfterValidator,
@@ -117,6 +116,8 @@ def _read_only_query(query: str) -> str:
     if locking:
         raise ValueError(f"'query' must not lock rows ({' '.join(locking.group(0).upper().split())}), which a "
                          f"read-only snapshot refuses; remove the locking clause")
+    import sqlalchemy as sa  # here: validating a policy is the only use, and the diff's process needs no driver
+
     # Some reads run the query through SQLAlchemy's text() and the COPY read sends it as written:
     # text() must leave it unchanged, or the re-check before a delete would read other rows.
     parsed = sa.text(query)

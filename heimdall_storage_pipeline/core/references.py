@@ -40,7 +40,12 @@ from heimdall_storage_pipeline.core.keys import (
     expand_container,
     parse_reference,
 )
-from heimdall_storage_pipeline.core.manifests import REFERENCES_SCHEMA, ManifestStore, in_background
+from heimdall_storage_pipeline.core.manifests import (
+    REFERENCES_SCHEMA,
+    BackgroundWriter,
+    ManifestStore,
+    in_background,
+)
 from heimdall_storage_pipeline.core.policy import DEFAULT_STATEMENT_TIMEOUT, BucketPolicy, ReferenceSource
 
 FETCH_ROWS = 10_000  # rows per server-side cursor fetch (the re-check's reads)
@@ -50,12 +55,13 @@ CONNECT_TIMEOUT_SECONDS = 10
 # The references manifest is read once, by the diff, and pruned later: fast to write beats
 # small. Keys are unique, so a dictionary for them is wasted work; the source name repeats.
 REFERENCES_PARQUET = {"compression": "none", "use_dictionary": ["source"], "write_statistics": ["source"]}
-# DuckDB's distinct count spills to disk beyond this, so memory stays flat at any number of keys
-# (much less and its hash table cannot grow to tens of millions of keys).
-DISTINCT_MEMORY_LIMIT = "128MB"
-# Bytes per Arrow batch ADBC reads, and batches read or counted ahead of the normalisation: with
+# The distinct count: one thread (PostgreSQL and the read hold the other cores), and a memory
+# limit past which its hash table spills, so memory stays flat at any number of keys.
+DISTINCT_CONFIG = {"threads": 1, "memory_limit": "128MB", "preserve_insertion_order": False}
+_KEYS = pa.schema([("key", pa.string())])
+# Bytes per Arrow batch ADBC reads, and batches read ahead of the normalisation: with
 # the writer's queue, they bound the read's memory.
-BATCH_BYTES = 2 << 20
+BATCH_BYTES = 1 << 20
 AHEAD = 2
 _COLUMN = "heimdall_ref"
 _MAX_SLICE = 1 << 30
@@ -521,64 +527,6 @@ def source_key_arrays(
         yield source_keys(bucket, source, values, counts)
 
 
-class DistinctCount:
-    """``count(DISTINCT key)`` of the arrays fed to ``add``, by DuckDB on a thread of its own while
-    they stream past: its hash table spills to ``spill_dir`` beyond ``DISTINCT_MEMORY_LIMIT``."""
-
-    _SCHEMA = pa.schema([("key", pa.string())])
-
-    def __init__(self, spill_dir: str) -> None:
-        self._keys: queue.Queue[pa.RecordBatch | None] = queue.Queue(maxsize=AHEAD)
-        self._ended = False  # the last batch was taken
-        self._count: int | None = None
-        self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(spill_dir,), name="heimdall-distinct", daemon=True)
-        self._thread.start()
-
-    def _batches(self) -> Iterator[pa.RecordBatch]:
-        while (batch := self._keys.get()) is not None:
-            yield batch
-        self._ended = True
-
-    def _run(self, spill_dir: str) -> None:
-        # One thread: PostgreSQL and the read hold the other cores while the count runs.
-        config = {"threads": 1, "memory_limit": DISTINCT_MEMORY_LIMIT, "temp_directory": spill_dir,
-                  "preserve_insertion_order": False}
-        try:
-            with duckdb.connect(config=config) as database:
-                database.register("streamed", pa.RecordBatchReader.from_batches(self._SCHEMA, self._batches()))
-                self._count = database.execute("SELECT count(DISTINCT hash(key)) FROM streamed").fetchone()[0]
-        except BaseException as exc:  # handed to the caller
-            self._failure = exc
-            while not self._ended and self._keys.get() is not None:  # drain, so the caller never blocks
-                pass
-
-    def add(self, keys: pa.Array) -> None:
-        if self._failure is not None:
-            raise self._failure
-        self._keys.put(pa.record_batch([keys], schema=self._SCHEMA))
-
-    def close(self) -> int:
-        """Wait for the count (after the last ``add``)."""
-        if self._thread.is_alive():
-            self._keys.put(None)
-            self._thread.join()
-        if self._failure is not None:
-            raise self._failure
-        return int(self._count or 0)
-
-
-@contextmanager
-def distinct_count() -> Iterator[DistinctCount]:
-    with tempfile.TemporaryDirectory(prefix="heimdall-distinct-") as spill_dir:
-        counter = DistinctCount(spill_dir)
-        try:
-            yield counter
-        finally:
-            with suppress(BaseException):  # ends the thread; the caller's error, if any, is the one to report
-                counter.close()
-
-
 @dataclass(frozen=True)
 class ReferencesResult:
     bucket: str
@@ -601,6 +549,19 @@ def read_references_to_manifest(
 ) -> ReferencesResult:
     """Read every reference source of ``bucket`` in one snapshot into a references manifest."""
     counts = ReferenceCounts()
+    failure: list[BaseException] = []
+
+    def keys(cursor: Any, writer: BackgroundWriter) -> Iterator[pa.RecordBatch]:
+        try:
+            for source in bucket.references:
+                for batch in source_key_arrays(engine, cursor, bucket, source, counts):
+                    if len(batch):
+                        writer.write_batch(_references_batch(batch, source.name))
+                        yield pa.record_batch([batch], names=["key"])
+        except BaseException as exc:  # DuckDB reports it as its own error: the original is raised instead
+            failure.append(exc)
+            raise
+
     with adbc_snapshot(engine) as cursor:
         began = time.perf_counter()  # the read, not the connection (as psycopg2's pool had it ready)
         # The snapshot is taken by the first query; the clock is read just before it, so
@@ -610,13 +571,18 @@ def read_references_to_manifest(
         cursor.fetchall()
         uri = store.new_uri("references", bucket.name, snapshot_at, run_id)
         with (store.writer(uri, REFERENCES_SCHEMA, **REFERENCES_PARQUET) as parquet,
-              in_background(parquet) as writer, distinct_count() as distinct):
-            for source in bucket.references:
-                for keys in source_key_arrays(engine, cursor, bucket, source, counts):
-                    if len(keys):
-                        writer.write_batch(_references_batch(keys, source.name))
-                        distinct.add(keys)
-            referenced_count = distinct.close()  # while the writer's thread finishes the manifest
+              in_background(parquet, depth=2) as writer,
+              tempfile.TemporaryDirectory(prefix="heimdall-distinct-") as spill,
+              duckdb.connect(config={**DISTINCT_CONFIG, "temp_directory": spill}) as database):
+            # DuckDB pulls the batches through the normalisation and counts distinct keys as they
+            # pass; its hash table spills beyond the memory limit.
+            database.register("streamed", pa.RecordBatchReader.from_batches(_KEYS, keys(cursor, writer)))
+            try:
+                referenced_count = database.execute("SELECT count(DISTINCT hash(key)) FROM streamed").fetchone()[0]
+            except duckdb.Error:
+                if failure:
+                    raise failure[0] from None
+                raise
     return ReferencesResult(
         bucket=bucket.name,
         referenced_count=referenced_count,
