@@ -135,16 +135,6 @@ def _read_only_query(query: str) -> str:
     return query.strip().rstrip(";").rstrip()
 
 
-def check_read_only_query(query: str, where: str) -> str:
-    """Refuse anything but a single SELECT (or WITH ... SELECT) statement."""
-    if not isinstance(query, str):
-        raise PolicyError(f"{where}: 'query' must be a non-empty SQL SELECT statement")
-    try:
-        return _read_only_query(query)
-    except ValueError as exc:
-        raise PolicyError(f"{where}: {exc}") from None
-
-
 def _one_of(*allowed: str) -> BeforeValidator:
     def check(value: Any) -> Any:
         if value not in allowed:
