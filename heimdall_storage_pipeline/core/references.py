@@ -476,7 +476,7 @@ def _source_column(cursor: Any, bucket: BucketPolicy, source: ReferenceSource) -
     # the newlines keep a trailing '--' comment from swallowing the parenthesis.
     cursor.execute(f"SELECT {_COLUMN}_0 FROM (\n{source.query}\n) AS heimdall_refs({names})")
     with cursor.fetch_record_batch() as batches:
-        yield from _read_ahead(batch.column(0) for batch in batches)
+        yield from (batch.column(0) for batch in batches)
 
 
 def _read_ahead(items: Iterator[pa.Array], depth: int = AHEAD) -> Iterator[pa.Array]:
@@ -514,17 +514,19 @@ def _read_ahead(items: Iterator[pa.Array], depth: int = AHEAD) -> Iterator[pa.Ar
 def source_key_arrays(
     engine: Engine, cursor: Any, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
 ) -> Iterator[pa.Array]:
-    """The keys ``source`` names, batch by batch; a database error becomes one ``ReferenceDatabaseError`` line."""
+    """The keys ``source`` names, batch by batch; a database error becomes one ``ReferenceDatabaseError`` line.
+
+    Read and normalised on a thread of its own, ahead of the caller, which counts and writes them.
+    """
     began = time.monotonic()
-    column = _source_column(cursor, bucket, source)
-    while True:
+
+    def values() -> Iterator[pa.Array]:
         try:
-            values = next(column)
-        except StopIteration:
-            return
+            yield from _source_column(cursor, bucket, source)
         except _ADBC_ERRORS as exc:
             raise _source_error(engine, bucket, source, exc, time.monotonic() - began) from None
-        yield source_keys(bucket, source, values, counts)
+
+    yield from _read_ahead(source_keys(bucket, source, batch, counts) for batch in values())
 
 
 @dataclass(frozen=True)
