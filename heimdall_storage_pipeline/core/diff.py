@@ -175,8 +175,9 @@ def compute_orphan_diff(
     attempt = partial(_compute_orphan_diff, bucket, store, inventory_uri, references_uri,
                       ensure_utc(as_of, "as_of"), run_id, work_dir)
     limits = MEMORY_LIMITS
-    if len(limits) > 1 and store.open(inventory_uri).metadata.num_rows > LARGE_BUCKET:
-        limits = limits[1:]
+    with store.open(inventory_uri) as inventory:
+        if len(limits) > 1 and inventory.metadata.num_rows > LARGE_BUCKET:
+            limits = limits[1:]
     *smaller, largest = limits
     for memory_limit in smaller:
         with suppress(duckdb.OutOfMemoryException):
