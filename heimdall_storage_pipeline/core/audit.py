@@ -8,7 +8,7 @@ rows; the next run reconciles them against the bucket (gone: ``deleted``; still 
 Pending rows are found through a small table of open intents (one row per batch, written with
 the batch's rows and removed with their final marks), not through an index on ``status``:
 with ``status`` in no index and over half of each page left free, a mark is a HOT update that
-touches no index (~4 ms of PostgreSQL's CPU per 1000 rows against ~15 ms).
+touches no index.
 """
 
 from __future__ import annotations
@@ -94,13 +94,9 @@ FROM {open_intents.name} AS o
 LEFT JOIN {deletion_audit.name} AS a ON a.id BETWEEN o.first_id AND o.last_id AND a.status = 'pending'
 WHERE o.bucket = :bucket
 """
-# By primary key: a run's rows are always new to the planner's statistics, so a condition on
-# (run_id, bucket, key = ANY) was planned as a scan of the whole run's rows, filtered; each
-# batch then cost more than the one before (66 ms per 1000 keys at 50k rows, growing). Even
-# by id = ANY the planner read the whole table while it was under ~100k rows (it prices 1000
-# index probes as disk reads; the pages are in memory), so again each batch cost more than the
-# last. The range of the ids (one INSERT's, so close together) is what the index scan reads;
-# ``id + 0`` keeps the list a filter, so that the plan does not hinge on pricing the probes.
+# By the range of the ids (one INSERT's, so close together), which the primary key's index scan
+# reads; ``id + 0`` keeps the list a filter, so the plan does not hinge on how the planner prices
+# index probes for rows its statistics have not seen yet (docs/performance.md, "Deletion").
 _MARK = f"""
 UPDATE {deletion_audit.name} SET status = :status, deleted_at = :at, error = :error
 WHERE id BETWEEN :lowest AND :highest AND id + 0 = ANY(CAST(:ids AS bigint[]))
@@ -133,9 +129,8 @@ def array_literal(values: Iterable[str]) -> str:
     """``values`` as one PostgreSQL array literal (``'{"a","b"}'``), to bind as a single string.
 
     A driver binds a Python list as ``ARRAY['a', 'b', ...]``, one expression per element for
-    PostgreSQL to parse; ``array_in`` reads one string in a single pass (PostgreSQL's CPU for a
-    1000-row intent: ~22 ms against ~28 ms). Every element is quoted, so no key, however
-    spelled, can end one early.
+    PostgreSQL to parse; ``array_in`` reads one string in a single pass. Every element is quoted,
+    so no key, however spelled, can end one early.
     """
     return "{" + ",".join('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values) + "}"
 
@@ -223,8 +218,7 @@ class AuditLog:
         candidates = list(candidates)
         if not candidates:
             return {}
-        # One statement over arrays, with any driver: ~12 ms per 1000 rows where an executemany
-        # took ~36 ms, inside every batch of a live deletion.
+        # One statement over arrays, with any driver: cheaper than an executemany in every batch.
         with self.engine.begin() as connection:
             return dict(connection.execute(sa.text(_INSERT_PENDING), {
                 "run_id": run_id, "job": job, "bucket": bucket, "at": at, "plan_id": plan_id,

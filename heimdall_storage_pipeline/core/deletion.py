@@ -205,8 +205,8 @@ class DeletionContext:
     # workers, at least one: a check takes a fraction of a delete, and each is a listing request.
     revalidate_ahead: int | None = None
     # Name each object's ETag as a DeleteObjects condition (``DeleteIfUnchanged``). Off by default:
-    # SeaweedFS 4.48 spends up to ~40 % more CPU per conditionally deleted key, and the stat just
-    # before the request already bounds the window it closes to REVALIDATION_MAX_AGE.
+    # it costs the server CPU per key, and the stat just before the request already bounds the
+    # window it closes to REVALIDATION_MAX_AGE.
     conditional_deletes: bool = False
     plan_id: str | None = None  # the plan a live run applies, recorded with each audit row
 

@@ -21,7 +21,12 @@ import pyarrow as pa
 from heimdall_storage_pipeline.core.clock import ensure_utc
 from heimdall_storage_pipeline.core.errors import StaleInputError
 from heimdall_storage_pipeline.core.health import health_status, share
-from heimdall_storage_pipeline.core.keys import NEEDS_NORMALISATION_PATTERN, InvalidKeyError, normalize_key
+from heimdall_storage_pipeline.core.keys import (
+    CONTROL_PATTERN,
+    DOT_SEGMENT_PATTERN,
+    NEEDS_NORMALISATION_PATTERN,
+    SLASH_RUNS_PATTERN,
+)
 from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy, CompanionRule
 from heimdall_storage_pipeline.core.safety import age_cutoff
@@ -34,9 +39,11 @@ AGE_BIN_LABELS = (*(f"{low}-{high} d" for low, high in zip((0, *AGE_BINS_DAYS), 
                   f">= {AGE_BINS_DAYS[-1]} d")
 # DuckDB's budgets, past which it spills; the process peaks well above them (docs/performance.md).
 # DuckDB sometimes fails with an out-of-memory error instead of spilling: the diff then runs again
-# with the next budget.
-MEMORY_LIMITS = ("90MB", "180MB", "360MB")
-# DuckDB wants ~125 MB per thread to join out of core, more than the first budget.
+# with the next budget. A bucket of more than LARGE_BUCKET objects starts at the second: its
+# out-of-core join keeps buffers for more partitions than the first budget holds.
+MEMORY_LIMITS = ("48MB", "90MB", "180MB", "360MB")
+LARGE_BUCKET = 2_000_000
+# DuckDB wants ~125 MB per thread to join out of core, more than the budgets above.
 THREADS = 1
 _DAY_US = timedelta(days=1) // timedelta(microseconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -97,13 +104,6 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _normalised_or_null(key: str) -> str | None:
-    try:
-        return normalize_key(key)
-    except InvalidKeyError:
-        return None
-
-
 def _connect(spill_directory: str, memory_limit: str) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect(config={
         "memory_limit": memory_limit,
@@ -112,8 +112,14 @@ def _connect(spill_directory: str, memory_limit: str) -> duckdb.DuckDBPyConnecti
         "threads": THREADS,
         "autoinstall_known_extensions": False,  # nothing is downloaded while a diff runs
     })
-    varchar = duckdb.sqltype("VARCHAR")
-    connection.create_function("normalize_key", _normalised_or_null, [varchar], varchar, null_handling="special")
+    # keys.normalize_key in SQL (its patterns are RE2 too), NULL for a key it refuses.
+    connection.execute(f"""
+        CREATE MACRO collapsed(k) AS ltrim(regexp_replace(k, {_sql_string(SLASH_RUNS_PATTERN)}, '/', 'g'), '/');
+        CREATE MACRO normalize_key(k) AS CASE
+            WHEN regexp_matches(k, {_sql_string(CONTROL_PATTERN)}) OR collapsed(k) = ''
+                 OR regexp_matches(collapsed(k), {_sql_string(DOT_SEGMENT_PATTERN)}) THEN NULL
+            ELSE collapsed(k) END;
+    """)
     return connection
 
 
@@ -129,7 +135,7 @@ def _create_views(connection: duckdb.DuckDBPyConnection, inventory: str, referen
     connection.execute(f"""
         CREATE VIEW listed AS
         SELECT file_row_number AS row, key, size, last_modified, etag,
-               -- keys needing normalisation are rare: only they pay for the Python call
+               -- keys needing normalisation are rare: only they pay for it
                CASE WHEN regexp_matches(key, {_sql_string(NEEDS_NORMALISATION_PATTERN)})
                     THEN normalize_key(key) ELSE key END AS normalised
         FROM read_parquet({_sql_string(inventory)}, file_row_number = true)
@@ -177,7 +183,11 @@ def compute_orphan_diff(
     pa.default_memory_pool().release_unused()
     attempt = partial(_compute_orphan_diff, bucket, store, inventory_uri, references_uri,
                       ensure_utc(as_of, "as_of"), run_id, work_dir)
-    *smaller, largest = MEMORY_LIMITS
+    limits = MEMORY_LIMITS
+    with store.open(inventory_uri) as inventory:
+        if len(limits) > 1 and inventory.metadata.num_rows > LARGE_BUCKET:
+            limits = limits[1:]
+    *smaller, largest = limits
     for memory_limit in smaller:
         with suppress(duckdb.OutOfMemoryException):
             return replace(attempt(memory_limit), **(versions or {}))

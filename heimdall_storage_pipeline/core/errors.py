@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
-import sqlalchemy as sa
+if TYPE_CHECKING:  # imported where used: the diff and the listing need no database driver
+    import sqlalchemy as sa
 
 # A URL's userinfo ends at the LAST '@' before the host, whatever the password holds ('@', '/',
 # ':', '#', '?'); masking up to the first '@' left the rest of such a password in messages.
@@ -40,6 +41,8 @@ def split_url(url: str) -> tuple[str, str | None, str | None, str]:
 
 def database_url(url: str) -> sa.URL:
     """A SQLAlchemy URL whose password is exactly the one written, however it was written."""
+    import sqlalchemy as sa
+
     scheme, user, password, rest = split_url(url.strip())
     if user is None:
         return sa.make_url(url.strip())

@@ -25,8 +25,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import unquote
 
-_SLASH_RUNS = re.compile(r"/{2,}")
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# Patterns of normalize_key, valid for Python and RE2 (the diff runs them in DuckDB).
+CONTROL_PATTERN = r"[\x00-\x1f\x7f]"
+SLASH_RUNS_PATTERN = r"/{2,}"
+DOT_SEGMENT_PATTERN = r"(^|/)\.\.?(/|$)"
+_SLASH_RUNS = re.compile(SLASH_RUNS_PATTERN)
+_CONTROL_CHARS = re.compile(CONTROL_PATTERN)
 _MALFORMED_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # Keys matching this need the slow path; everything else is already normal.
 NEEDS_NORMALISATION_PATTERN = r"^/|//|(^|/)\.\.?(/|$)|[\x00-\x1f\x7f]"

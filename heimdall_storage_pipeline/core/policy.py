@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import sqlalchemy as sa
 import yaml
 from pydantic import (
     AfterValidator,
@@ -121,6 +120,8 @@ def _read_only_query(query: str) -> str:
     if locking:
         raise ValueError(f"'query' must not lock rows ({' '.join(locking.group(0).upper().split())}), which a "
                          f"read-only snapshot refuses; remove the locking clause")
+    import sqlalchemy as sa  # here: validating a policy is the only use, and the diff's process needs no driver
+
     # Some reads run the query through SQLAlchemy's text() and the COPY read sends it as written:
     # text() must leave it unchanged, or the re-check before a delete would read other rows.
     parsed = sa.text(query)
@@ -136,16 +137,6 @@ def _read_only_query(query: str) -> str:
             "written; write a backslash and a colon as chr(92) || chr(58), or the colon alone"
         )
     return query.strip().rstrip(";").rstrip()
-
-
-def check_read_only_query(query: str, where: str) -> str:
-    """Refuse anything but a single SELECT (or WITH ... SELECT) statement."""
-    if not isinstance(query, str):
-        raise PolicyError(f"{where}: 'query' must be a non-empty SQL SELECT statement")
-    try:
-        return _read_only_query(query)
-    except ValueError as exc:
-        raise PolicyError(f"{where}: {exc}") from None
 
 
 def _one_of(*allowed: str) -> BeforeValidator:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -39,7 +40,12 @@ from heimdall_storage_pipeline.core.keys import (
     expand_container,
     parse_reference,
 )
-from heimdall_storage_pipeline.core.manifests import REFERENCES_SCHEMA, ManifestStore, in_background
+from heimdall_storage_pipeline.core.manifests import (
+    REFERENCES_SCHEMA,
+    BackgroundWriter,
+    ManifestStore,
+    in_background,
+)
 from heimdall_storage_pipeline.core.policy import DEFAULT_STATEMENT_TIMEOUT, BucketPolicy, ReferenceSource
 
 FETCH_ROWS = 10_000  # rows per server-side cursor fetch (the re-check's reads)
@@ -49,22 +55,19 @@ CONNECT_TIMEOUT_SECONDS = 10
 # The references manifest is read once, by the diff, and pruned later: fast to write beats
 # small. Keys are unique, so a dictionary for them is wasted work; the source name repeats.
 REFERENCES_PARQUET = {"compression": "none", "use_dictionary": ["source"], "write_statistics": ["source"]}
-# DuckDB's distinct count spills to disk beyond this, so memory stays flat at any number of keys
-# (much less and its hash table cannot grow to tens of millions of keys).
-DISTINCT_MEMORY_LIMIT = "128MB"
-# Bytes per Arrow batch ADBC reads, and batches read or counted ahead of the normalisation: with
+# The distinct count: one thread (PostgreSQL and the read hold the other cores), and a memory
+# limit past which its hash table spills, so memory stays flat at any number of keys.
+DISTINCT_CONFIG = {"threads": 1, "memory_limit": "128MB", "preserve_insertion_order": False}
+_KEYS = pa.schema([("key", pa.string())])
+# Bytes per Arrow batch ADBC reads, and batches read ahead of the normalisation: with
 # the writer's queue, they bound the read's memory.
-BATCH_BYTES = 2 << 20
+BATCH_BYTES = 1 << 20
 AHEAD = 2
 _COLUMN = "heimdall_ref"
 _MAX_SLICE = 1 << 30
 # A batch with more JSON values than this share outside the simple shape goes wholly through
 # Python: many tiny vectorised runs between them would cost more than they save.
 _SLOW_SHARE = 1 / 64
-# jsonb's text of an object whose members are all strings without escapes or control
-# characters: {"k": "v", "k2": "v2"}. Such values expand without JSON decoding.
-_STRING = r'"[^"\\\x00-\x1f]*"'
-_SIMPLE_OBJECT = rf"^\{{{_STRING}: {_STRING}(, {_STRING}: {_STRING})*\}}$"
 _CONTROL = r"[\x00-\x1f\x7f]"
 _QUERY_CANCELED = "57014"
 _SERVER_ERROR = "XX000"  # a query error the server reported, of unknown kind
@@ -184,12 +187,16 @@ def _strip_prefix(values: pa.Array, length: int) -> pa.Array:
     return pc.binary_slice(values.view(pa.binary()), length, _MAX_SLICE).view(pa.string())
 
 
+def _offsets(values: pa.Array) -> np.ndarray:
+    return np.frombuffer(values.buffers()[1], dtype=np.int32, count=len(values) + 1, offset=values.offset * 4)
+
+
 def _matches(values: pa.Array, pattern: str) -> pa.Array:
     """``match_substring_regex`` per value, run only when the batch's bytes hold a match at all: a
     pattern that matches no value usually matches nowhere in their concatenation, one fast pass."""
     if len(values) == 0:
         return pa.array([], pa.bool_())
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32, count=len(values) + 1, offset=values.offset * 4)
+    offsets = _offsets(values)
     bounds = pa.py_buffer(np.array([offsets[0], offsets[-1]], dtype=np.int32))
     together = pa.Array.from_buffers(pa.binary(), 1, [None, bounds, values.buffers()[2] or pa.py_buffer(b"")])
     if not pc.match_substring_regex(together, pattern)[0].as_py():
@@ -258,7 +265,13 @@ def normalise_string_array(
 def _one_key(bucket: BucketPolicy, source: ReferenceSource, value: str, counts: ReferenceCounts) -> str | None:
     """The per-value path for one scalar value already counted in ``reference_rows``."""
     counts.reference_rows -= 1
-    return next(normalise_source_values(bucket, replace(source, container="none"), (value,), counts), None)
+    return next(normalise_source_values(bucket, _scalar(source), (value,), counts), None)
+
+
+@lru_cache(maxsize=64)
+def _scalar(source: ReferenceSource) -> ReferenceSource:
+    """``source`` for the values inside its containers, validated once (it runs per batch)."""
+    return replace(source, container="none")
 
 
 def normalise_json_array(
@@ -273,17 +286,8 @@ def normalise_json_array(
     decoding; any other value takes the per-value path, in order.
     """
     texts = _strings(texts)
-    simple = _simple_objects(texts)
-    objects = texts if pc.all(simple).as_py() else texts.filter(simple)
-    members, pairs = _split_objects(objects)
-    names, values = pc.list_element(pairs, 0), pc.list_element(pairs, 1)
-    lengths = np.zeros(len(texts), dtype=np.int64)  # members of each simple object, in ``values``
-    simple_rows = np.flatnonzero(simple.to_numpy(zero_copy_only=False))
-    lengths[simple_rows] = pc.list_value_length(members).to_numpy()
-    slow = np.ones(len(texts), dtype=bool)
-    slow[simple_rows] = False
-    slow[simple_rows[_unordered_objects(members, names)]] = True
-    slow_rows = np.flatnonzero(slow)
+    simple, values, lengths = _simple_objects(texts)
+    slow_rows = np.flatnonzero(~simple)
 
     def per_value(rows: Iterable[int]) -> pa.Array:
         raw = texts.take(pa.array(list(rows), pa.int64())).to_pylist()
@@ -294,7 +298,7 @@ def normalise_json_array(
         return per_value(range(len(texts)))
     # Vectorised runs of simple objects between the few other values, in input order.
     ends = np.concatenate(([0], np.cumsum(lengths)))
-    scalar = replace(source, container="none")
+    scalar = _scalar(source)
     parts: list[pa.Array] = []
     start = 0
     for row in [*slow_rows.tolist(), len(texts)]:
@@ -307,44 +311,54 @@ def normalise_json_array(
     return parts[0] if len(parts) == 1 else pa.concat_arrays(parts) if parts else pa.array([], pa.string())
 
 
-def _split_objects(objects: pa.Array) -> tuple[pa.ListArray, pa.ListArray]:
-    """Per object, its members ``['k": "v', ...]``, and per member its name and value."""
-    inner = pc.binary_slice(objects.view(pa.binary()), 2, -2).view(pa.string())  # 'k": "v", "k2": "v2'
-    members = pc.split_pattern(inner, '", "')
-    return members, pc.split_pattern(pc.list_flatten(members), '": "', max_splits=1)
+def _spans(data: pa.Buffer, starts: np.ndarray, ends: np.ndarray) -> pa.Array:
+    """The strings ``data[start:end]``, copied into one array (spans in increasing order)."""
+    if len(starts) == 0:
+        return pa.array([], pa.string())
+    bounds = np.empty(2 * len(starts), dtype=np.int32)
+    bounds[0::2], bounds[1::2] = starts, ends  # each span, then the gap up to the next one
+    both = pa.Array.from_buffers(pa.string(), len(bounds) - 1, [None, pa.py_buffer(bounds), data])
+    return both.take(pa.array(np.arange(0, len(bounds), 2)))
 
 
-def _simple_objects(texts: pa.Array) -> pa.Array:
-    """True for the texts that ``_SIMPLE_OBJECT`` matches.
+def _simple_objects(texts: pa.Array) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """Which texts are ``{"k": "v", "k2": "v2"}`` (string members without escapes or control
+    characters, names in jsonb's strictly increasing order: byte length, then bytes), those
+    objects' values in order, and each text's number of them (0 for the others).
 
-    The pattern is only run where cheaper tests cannot tell: a printable ASCII text between
-    ``{"`` and ``"}`` without a backslash is such an object when every member splits into a name
-    and a value and no name or value holds a '"'.
+    Found from the positions of the batch's '"' bytes: such an object has four per member, with
+    exactly ``: `` between a name and its value and ``, `` between members.
     """
-    shaped = pc.and_(pc.starts_with(texts, '{"'), pc.ends_with(texts, '"}'))
-    candidates = pc.and_(pc.and_(shaped, pc.ascii_is_printable(texts)), pc.invert(_matches(texts, r"\\")))
-    _, pairs = _split_objects(texts.filter(candidates))
-    if pc.all(pc.equal(pc.list_value_length(pairs), 2)).as_py() and not pc.any(
-            _matches(pc.list_flatten(pairs), '"')).as_py():
-        others = pc.and_(shaped, pc.invert(candidates))  # non-ASCII or escaped text: the pattern decides
-        if not pc.any(others).as_py():
-            return candidates
-        return pc.or_(candidates, pc.and_(others, pc.match_substring_regex(texts, _SIMPLE_OBJECT)))
-    return pc.and_(shaped, pc.match_substring_regex(texts, _SIMPLE_OBJECT))
-
-
-def _unordered_objects(members: pa.ListArray, names: pa.Array) -> np.ndarray:
-    """Positions (in ``members``) of objects whose names are not in jsonb's strictly increasing
-    order (by byte length, then bytes): only those may hold a name twice."""
-    if len(names) < 2:
-        return np.zeros(0, dtype=np.int64)
-    parents = pc.list_parent_indices(members).to_numpy()
-    lengths = pc.binary_length(names).to_numpy()
-    first, second = names.slice(0, len(names) - 1), names.slice(1)
-    shorter = lengths[:-1] < lengths[1:]
-    before = (lengths[:-1] == lengths[1:]) & pc.less(first, second).to_numpy(zero_copy_only=False)
-    same_object = parents[:-1] == parents[1:]
-    return np.unique(parents[:-1][same_object & ~(shorter | before)])
+    rows = len(texts)
+    offsets = _offsets(texts)
+    data = texts.buffers()[2] or pa.py_buffer(b"")
+    raw = np.frombuffer(data, dtype=np.uint8)
+    printable = pc.ascii_is_printable(texts)
+    clean = printable if pc.all(printable).as_py() else pc.invert(_matches(texts, r"[\x00-\x1f]"))
+    plain = pc.and_(pc.and_(pc.starts_with(texts, '{"'), pc.ends_with(texts, '"}')),
+                    pc.and_(clean, pc.invert(_matches(texts, r"\\"))))
+    plain = plain.to_numpy(zero_copy_only=False) if rows else np.zeros(0, dtype=bool)
+    quotes = np.flatnonzero(raw[offsets[0]:offsets[-1]] == ord('"')) + offsets[0]
+    per_row = np.diff(np.searchsorted(quotes, offsets))
+    plain &= per_row % 4 == 0
+    if not plain.all():
+        quotes = quotes[np.repeat(plain, per_row)]
+    quads = quotes.reshape(-1, 4)  # per member: the quotes around its name and its value
+    member_rows = np.repeat(np.arange(rows), np.where(plain, per_row // 4, 0))
+    ok = (quads[:, 2] == quads[:, 1] + 3) & (raw[quads[:, 1] + 1] == ord(":")) & (raw[quads[:, 1] + 2] == ord(" "))
+    inner = np.flatnonzero(member_rows[:-1] == member_rows[1:])  # members followed by one of their object
+    name_lengths = quads[:, 1] - quads[:, 0]
+    follows = (quads[inner + 1, 0] == quads[inner, 3] + 3) & (raw[quads[inner, 3] + 1] == ord(",")) & (
+        raw[quads[inner, 3] + 2] == ord(" "))
+    names = _spans(data, quads[:, 0] + 1, quads[:, 1])
+    if len(inner):
+        before = pc.less(names.slice(0, len(names) - 1), names.slice(1)).to_numpy(zero_copy_only=False)[inner]
+        first, second = name_lengths[inner], name_lengths[inner + 1]
+        ok[inner] &= follows & ((first < second) | ((first == second) & before))
+    plain[member_rows[~ok]] = False
+    keep = plain[member_rows]
+    quads = quads[keep] if not keep.all() else quads
+    return plain, _spans(data, quads[:, 2] + 1, quads[:, 3]), np.where(plain, per_row // 4, 0)
 
 
 def _python_keys(bucket: BucketPolicy, source: ReferenceSource, values: list[Any], counts: ReferenceCounts) -> pa.Array:
@@ -462,7 +476,7 @@ def _source_column(cursor: Any, bucket: BucketPolicy, source: ReferenceSource) -
     # the newlines keep a trailing '--' comment from swallowing the parenthesis.
     cursor.execute(f"SELECT {_COLUMN}_0 FROM (\n{source.query}\n) AS heimdall_refs({names})")
     with cursor.fetch_record_batch() as batches:
-        yield from _read_ahead(batch.column(0) for batch in batches)
+        yield from (batch.column(0) for batch in batches)
 
 
 def _read_ahead(items: Iterator[pa.Array], depth: int = AHEAD) -> Iterator[pa.Array]:
@@ -500,75 +514,19 @@ def _read_ahead(items: Iterator[pa.Array], depth: int = AHEAD) -> Iterator[pa.Ar
 def source_key_arrays(
     engine: Engine, cursor: Any, bucket: BucketPolicy, source: ReferenceSource, counts: ReferenceCounts
 ) -> Iterator[pa.Array]:
-    """The keys ``source`` names, batch by batch; a database error becomes one ``ReferenceDatabaseError`` line."""
+    """The keys ``source`` names, batch by batch; a database error becomes one ``ReferenceDatabaseError`` line.
+
+    Read and normalised on a thread of its own, ahead of the caller, which counts and writes them.
+    """
     began = time.monotonic()
-    column = _source_column(cursor, bucket, source)
-    while True:
+
+    def values() -> Iterator[pa.Array]:
         try:
-            values = next(column)
-        except StopIteration:
-            return
+            yield from _source_column(cursor, bucket, source)
         except _ADBC_ERRORS as exc:
             raise _source_error(engine, bucket, source, exc, time.monotonic() - began) from None
-        yield source_keys(bucket, source, values, counts)
 
-
-class DistinctCount:
-    """``count(DISTINCT key)`` of the arrays fed to ``add``, by DuckDB on a thread of its own while
-    they stream past: its hash table spills to ``spill_dir`` beyond ``DISTINCT_MEMORY_LIMIT``."""
-
-    _SCHEMA = pa.schema([("key", pa.string())])
-
-    def __init__(self, spill_dir: str) -> None:
-        self._keys: queue.Queue[pa.RecordBatch | None] = queue.Queue(maxsize=AHEAD)
-        self._ended = False  # the last batch was taken
-        self._count: int | None = None
-        self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(spill_dir,), name="heimdall-distinct", daemon=True)
-        self._thread.start()
-
-    def _batches(self) -> Iterator[pa.RecordBatch]:
-        while (batch := self._keys.get()) is not None:
-            yield batch
-        self._ended = True
-
-    def _run(self, spill_dir: str) -> None:
-        # One thread: PostgreSQL and the read hold the other cores while the count runs.
-        config = {"threads": 1, "memory_limit": DISTINCT_MEMORY_LIMIT, "temp_directory": spill_dir,
-                  "preserve_insertion_order": False}
-        try:
-            with duckdb.connect(config=config) as database:
-                database.register("streamed", pa.RecordBatchReader.from_batches(self._SCHEMA, self._batches()))
-                self._count = database.execute("SELECT count(DISTINCT hash(key)) FROM streamed").fetchone()[0]
-        except BaseException as exc:  # handed to the caller
-            self._failure = exc
-            while not self._ended and self._keys.get() is not None:  # drain, so the caller never blocks
-                pass
-
-    def add(self, keys: pa.Array) -> None:
-        if self._failure is not None:
-            raise self._failure
-        self._keys.put(pa.record_batch([keys], schema=self._SCHEMA))
-
-    def close(self) -> int:
-        """Wait for the count (after the last ``add``)."""
-        if self._thread.is_alive():
-            self._keys.put(None)
-            self._thread.join()
-        if self._failure is not None:
-            raise self._failure
-        return int(self._count or 0)
-
-
-@contextmanager
-def distinct_count() -> Iterator[DistinctCount]:
-    with tempfile.TemporaryDirectory(prefix="heimdall-distinct-") as spill_dir:
-        counter = DistinctCount(spill_dir)
-        try:
-            yield counter
-        finally:
-            with suppress(BaseException):  # ends the thread; the caller's error, if any, is the one to report
-                counter.close()
+    yield from _read_ahead(source_keys(bucket, source, batch, counts) for batch in values())
 
 
 @dataclass(frozen=True)
@@ -593,6 +551,19 @@ def read_references_to_manifest(
 ) -> ReferencesResult:
     """Read every reference source of ``bucket`` in one snapshot into a references manifest."""
     counts = ReferenceCounts()
+    failure: list[BaseException] = []
+
+    def keys(cursor: Any, writer: BackgroundWriter) -> Iterator[pa.RecordBatch]:
+        try:
+            for source in bucket.references:
+                for batch in source_key_arrays(engine, cursor, bucket, source, counts):
+                    if len(batch):
+                        writer.write_batch(_references_batch(batch, source.name))
+                        yield pa.record_batch([batch], names=["key"])
+        except BaseException as exc:  # DuckDB reports it as its own error: the original is raised instead
+            failure.append(exc)
+            raise
+
     with adbc_snapshot(engine) as cursor:
         began = time.perf_counter()  # the read, not the connection (as psycopg2's pool had it ready)
         # The snapshot is taken by the first query; the clock is read just before it, so
@@ -602,13 +573,21 @@ def read_references_to_manifest(
         cursor.fetchall()
         uri = store.new_uri("references", bucket.name, snapshot_at, run_id)
         with (store.writer(uri, REFERENCES_SCHEMA, **REFERENCES_PARQUET) as parquet,
-              in_background(parquet) as writer, distinct_count() as distinct):
-            for source in bucket.references:
-                for keys in source_key_arrays(engine, cursor, bucket, source, counts):
-                    if len(keys):
-                        writer.write_batch(_references_batch(keys, source.name))
-                        distinct.add(keys)
-            referenced_count = distinct.close()  # while the writer's thread finishes the manifest
+              in_background(parquet, depth=2) as writer,
+              tempfile.TemporaryDirectory(prefix="heimdall-distinct-") as spill,
+              duckdb.connect(config={**DISTINCT_CONFIG, "temp_directory": spill}) as database):
+            # DuckDB pulls the batches through the normalisation and counts distinct keys as they
+            # pass; its hash table spills beyond the memory limit.
+            batches = keys(cursor, writer)
+            database.register("streamed", pa.RecordBatchReader.from_batches(_KEYS, batches))
+            try:
+                referenced_count = database.execute("SELECT count(DISTINCT hash(key)) FROM streamed").fetchone()[0]
+            except duckdb.Error:
+                if failure:
+                    raise failure[0] from None
+                raise
+            finally:
+                batches.close()  # after a failure of DuckDB's own, stops the read (and its thread) here
     return ReferencesResult(
         bucket=bucket.name,
         referenced_count=referenced_count,

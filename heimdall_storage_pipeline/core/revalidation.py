@@ -89,10 +89,9 @@ def unusual_spelling_sql(fmt: ReferenceFormat, expression: str) -> str:
 
 
 def _may_name(fmt: ReferenceFormat, expression: str) -> str:
-    # The spellings travel as one newline-separated text: PostgreSQL folds string_to_array of a
-    # constant into a constant array (hashed ANY, index scans), and binding one string costs
-    # ~1 ms per query where a 1000-element array literal cost ~4 ms. Keys hold no control
-    # characters, so no spelling holds a newline (``narrowed_query`` checks).
+    # The spellings travel as one newline-separated text, cheaper to bind than an array literal:
+    # PostgreSQL folds string_to_array of a constant into a constant array (hashed ANY, index
+    # scans). Keys hold no control characters, so no spelling holds a newline (``narrowed_query`` checks).
     return f"{expression} = ANY(string_to_array(:spellings, chr(10))) OR {unusual_spelling_sql(fmt, expression)}"
 
 
@@ -102,12 +101,9 @@ def narrowed_query(
     """The source query restricted to rows that may name one of ``keys``, or the whole query.
 
     ``column_type`` is the type OID of the query's first column and ``columns`` its column
-    count (``describe_query``). One statement with the exact and unusual arms ORed, not two
-    (a UNION ALL): measured on 1M ``varchar(512)`` URIs and 1000 keys, medians of 5 runs,
-    without an index 374 ms against 553 ms (the UNION ALL scans the table twice); with the
-    btree index and the partial index on ``unusual_spelling_sql`` both take ~11 ms (a BitmapOr
-    of the two indexes). Only with the btree index alone does the UNION ALL win (313 ms against
-    380 ms), and both still scan the table then: the partial index is what makes it O(batch).
+    count (``describe_query``). One statement with the exact and unusual arms ORed, not a UNION
+    ALL, which scans an unindexed table twice; with a btree index and the partial index on
+    ``unusual_spelling_sql`` it is a BitmapOr of the two (docs/performance.md, "Deletion").
     """
     fmt = ReferenceFormat(source.format)
     if source.percent_decode or column_type is None:
@@ -153,8 +149,8 @@ def narrowed_query(
     if any("\n" in spelling for spelling in spellings):  # not a key (control character); read whole
         return source.query, {}
     # A server-side cursor's query is planned for its first 10 % of rows (cursor_tuple_fraction),
-    # which prefers a sequential scan to the index scans that answer this query (measured on 1M
-    # rows: 450 ms against 13 ms); a MATERIALIZED CTE is planned for all of its rows.
+    # which prefers a sequential scan to the index scans that answer it; a MATERIALIZED CTE is
+    # planned for all of its rows.
     return (f"WITH narrowed AS MATERIALIZED (\n{base}\nWHERE {where}\n) SELECT {_REF} FROM narrowed",
             {"spellings": "\n".join(spellings)})
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import urllib3
-from minio import Minio
-from minio.error import S3Error
 
 from heimdall_storage_pipeline.core.errors import (
     BucketNotFoundError,
@@ -17,6 +16,9 @@ from heimdall_storage_pipeline.core.errors import (
     StorageUnreachableError,
     redact,
 )
+
+if TYPE_CHECKING:  # imported where used: the manifests and the diff need no S3 client
+    from minio import Minio
 
 _DENIED_CODES = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken"}
 
@@ -51,6 +53,8 @@ def http_pool(settings: S3Settings, retries: int = 3, read_timeout: float = 120.
 
 def make_client(settings: S3Settings, retries: int = 3, read_timeout: float = 120.0) -> Minio:
     """A minio client on ``http_pool``."""
+    from minio import Minio
+
     return Minio(
         settings.endpoint,
         access_key=settings.access_key,
@@ -71,6 +75,8 @@ def missing_bucket_error(settings: S3Settings, bucket: str) -> BucketNotFoundErr
 @contextmanager
 def s3_errors(settings: S3Settings, bucket: str) -> Iterator[None]:
     """Turn S3 and connection failures into errors that name the bucket, endpoint and fix."""
+    from minio.error import S3Error
+
     secrets = (settings.secret_key, settings.access_key)
     try:
         yield
