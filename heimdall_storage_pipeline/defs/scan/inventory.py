@@ -8,6 +8,7 @@ inventory it replaces (drift).
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import dagster as dg
@@ -39,8 +40,6 @@ DRIFT_KEYS = ("drift_count", "drift_missing_count", "drift_extra_count", "drift_
 
 
 def drift_check_spec(partitions_def: dg.PartitionsDefinition) -> dg.AssetCheckSpec:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.PreviewWarning)  # partitioned checks are "preview" in Dagster 1.13
         return dg.AssetCheckSpec(
