@@ -17,7 +17,7 @@ from minio.commonconfig import ENABLED
 from minio.error import S3Error
 from minio.versioningconfig import VersioningConfig
 
-from heimdall_storage_pipeline.core import revalidation
+from heimdall_storage_pipeline.core import deletion, revalidation
 from heimdall_storage_pipeline.core.deletion import delete_noncurrent, keys_with_noncurrent
 from heimdall_storage_pipeline.core.diff import compute_orphan_diff
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
@@ -226,3 +226,42 @@ def test_fresh_versions_from_one_bounded_listing_match_each_keys_own_listing(sea
     assert listed == one_by_one
     assert listed["batch/k04"][0].delete_marker and listed["batch/missing"] == []
     assert all(v.noncurrent_since is not None for versions in listed.values() for v in versions if not v.is_latest)
+
+
+def test_an_undelete_between_listing_and_delete_keeps_the_version_it_made_current(rig, seaweed, make_bucket,
+                                                                                   monkeypatch):
+    bucket = versioned_bucket(seaweed, make_bucket)
+    client = seaweed.client()
+    table = refs_table(rig.engine)
+    three_versions_and_a_marker(client, bucket, "data/undeleted.npy", marker_on_top=True)
+    for size in (4, 5):
+        put(client, bucket, "data/other.npy", size)
+    policy = replace(bucket_policy(bucket, table), noncurrent_min_age=timedelta(days=1))
+    _, versions = scan(rig, policy)
+    keys = list(keys_with_noncurrent(rig.store, versions))
+    rig.offset = timedelta(days=2)
+    real_fresh_versions = deletion.fresh_versions
+    listings = []
+
+    def undelete_after_the_first_listing(lister: ListObjectsV2, batch: list[str]) -> dict:
+        found = real_fresh_versions(lister, batch)
+        if not listings:  # someone removes the delete marker right after the pass listed the versions
+            (marker,) = [v for v in found["data/undeleted.npy"] if v.delete_marker]
+            client.remove_object(bucket, "data/undeleted.npy", version_id=marker.version_id)
+        listings.append(batch)
+        return found
+
+    monkeypatch.setattr(deletion, "fresh_versions", undelete_after_the_first_listing)
+    monkeypatch.setattr(deletion, "REVALIDATION_MAX_AGE", 0.0)  # every listing counts as too old
+    report = delete_noncurrent(rig.context(), policy, keys, dry_run=False, batch_size=1000)
+
+    after = server_versions(client, bucket)
+    # The undeleted key keeps every version, the 30-byte one current again; the other key lost its old one.
+    assert sorted((v[4], v[2], v[3]) for v in after if v[0] == "data/undeleted.npy") == [
+        (10, False, False), (20, False, False), (30, True, False)]
+    assert [(v[2], v[4]) for v in after if v[0] == "data/other.npy"] == [(True, 5)]
+    assert (report.versions, report.delete_markers) == (1, 0)
+    rows = {r.key: r for r in rig.audit_rows(bucket)}
+    assert rows["data/undeleted.npy"].status == "not_deleted" and rows["data/other.npy"].status == "deleted"
+    assert "when checked again" in rows["data/undeleted.npy"].error
+    assert len(listings) == 2  # listed again before the request
