@@ -48,7 +48,7 @@ from heimdall_storage_pipeline.core.quarantine import copy_to_quarantine, discar
 from heimdall_storage_pipeline.core.references import read_only_snapshot
 from heimdall_storage_pipeline.core.revalidation import Version, fresh_versions, referenced_among, stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client, s3_errors
-from heimdall_storage_pipeline.core.safety import Candidate, Outcome, age_cutoff, deletion_verdict
+from heimdall_storage_pipeline.core.safety import Candidate, Outcome, age_cutoff, deletion_verdict, same_second
 
 DELETE_WORKERS = 4  # DeleteObjects requests in flight at once; S3 servers take parallel requests well
 # A batch's DeleteObjects starts at most this long after its re-validation, or it is re-validated
@@ -487,7 +487,9 @@ def _with_versions(ctx: DeletionContext, bucket: str, batch: list[Candidate], li
         latest = next((v for v in found if v.is_latest), None)
         if latest is None or latest.delete_marker:
             skipped.append((candidate, Outcome.SKIPPED_MISSING.value))
-        elif latest.etag != candidate.etag.strip('"'):
+        # The same bytes uploaded again are a new, young version with the same ETag: the time tells.
+        elif latest.etag != candidate.etag.strip('"') or not same_second(latest.last_modified,
+                                                                          candidate.last_modified):
             skipped.append((candidate, Outcome.SKIPPED_CHANGED.value))
         else:
             ready.append(replace(candidate, size=sum(v.size for v in found),

@@ -18,6 +18,7 @@ from minio.error import S3Error
 from minio.versioningconfig import VersioningConfig
 
 from heimdall_storage_pipeline.core import deletion, revalidation
+from heimdall_storage_pipeline.core.clock import utc_now
 from heimdall_storage_pipeline.core.deletion import delete_noncurrent, keys_with_noncurrent
 from heimdall_storage_pipeline.core.diff import compute_orphan_diff
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
@@ -26,6 +27,7 @@ from heimdall_storage_pipeline.core.policy import BucketPolicy
 from heimdall_storage_pipeline.core.references import read_references_to_manifest
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
 from heimdall_storage_pipeline_tests.cleanup_support import CoreRig, add_refs, bucket_policy, make_rig, refs_table
+from heimdall_storage_pipeline_tests.events_support import wait_for
 
 OLD = timedelta(days=31)
 
@@ -265,3 +267,32 @@ def test_an_undelete_between_listing_and_delete_keeps_the_version_it_made_curren
     assert rows["data/undeleted.npy"].status == "not_deleted" and rows["data/other.npy"].status == "deleted"
     assert "when checked again" in rows["data/undeleted.npy"].error
     assert len(listings) == 2  # listed again before the request
+
+
+def test_the_same_bytes_uploaded_again_after_the_check_make_the_key_changed(rig, seaweed, make_bucket, monkeypatch):
+    bucket = versioned_bucket(seaweed, make_bucket)
+    client = seaweed.client()
+    body = b"the same bytes"
+    for _ in range(2):
+        client.put_object(bucket, "data/orphan.npy", io.BytesIO(body), len(body))
+    policy = bucket_policy(bucket, refs_table(rig.engine))
+    rig.offset = OLD
+    orphans, _ = scan(rig, policy)
+    scanned = client.stat_object(bucket, "data/orphan.npy").last_modified
+    real_revalidate = deletion._revalidate
+
+    def upload_again_after_the_check(*args: object, **kwargs: object) -> tuple:
+        checked = real_revalidate(*args, **kwargs)
+        # A new second, so that the new version's Last-Modified differs from the scanned one.
+        wait_for(lambda: utc_now().replace(microsecond=0) > scanned, "a new second on the clock")
+        client.put_object(bucket, "data/orphan.npy", io.BytesIO(body), len(body))
+        return checked
+
+    monkeypatch.setattr(deletion, "_revalidate", upload_again_after_the_check)
+    before = server_versions(client, bucket)
+    report = rig.delete(policy, orphans)
+
+    assert report.outcomes == {"skipped_changed": 1}, report
+    after = server_versions(client, bucket)  # the young version and the old ones all stay
+    assert len(after) == 3 and {v[1] for v in before} < {v[1] for v in after}
+    assert rig.audit_rows(bucket) == []
