@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -28,6 +28,14 @@ DEFAULT_PORT = 8002
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 TOKEN_ENV = "HEIMDALL_EVENTS_TOKEN"
+# A connection silent this long (headers or body trickling in, or idle between requests) is closed,
+# so that a slow or stalled client cannot hold a thread for ever.
+REQUEST_TIMEOUT_SECONDS = 30.0
+# Connections served at once, each on a thread; one more is answered 503 at once, without a thread.
+MAX_CONCURRENT_REQUESTS = 32
+_BUSY_BODY = json.dumps({"error": "too many requests at once; retry later"}).encode()
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
 class EventReceiver:
@@ -102,7 +110,8 @@ def _one_line(exc: BaseException) -> str:
     return redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def make_handler(receiver: EventReceiver) -> type[BaseHTTPRequestHandler]:
+def make_handler(receiver: EventReceiver, timeout: float = REQUEST_TIMEOUT_SECONDS
+                 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "heimdall-storage-events"
 
@@ -128,19 +137,62 @@ def make_handler(receiver: EventReceiver) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return self._answer(401, {"error": "missing or wrong bearer token"})
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            # isdigit alone takes '²' and other digits int() refuses.
+            if length is None or not (length.isascii() and length.isdigit()):
                 self.close_connection = True
                 return self._answer(411, {"error": "a Content-Length is required"})
             if int(length) > receiver.max_body:
                 self.close_connection = True  # the body is not read: whatever it announced is lost
                 receiver.lost(receiver.buckets)
                 return self._answer(413, {"error": f"the body is larger than {receiver.max_body} bytes"})
-            self._answer(*receiver.receive(self.rfile.read(int(length))))
+            try:
+                body = self.rfile.read(int(length))
+            except TimeoutError:
+                self.close_connection = True  # the body never came whole: whatever it announced is lost
+                receiver.lost(receiver.buckets)
+                return self._answer(408, {"error": f"the body did not arrive within {timeout:g} s"})
+            self._answer(*receiver.receive(body))
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s %s", self.address_string(), format % args)  # the request line: never a header
 
+    Handler.timeout = timeout  # the socket's timeout for every read and write
     return Handler
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_requests`` at once; beyond that, 503 and the connection closed."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_requests: int,
+                 on_refused: Callable[[], None]) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_requests)
+        self.on_refused = on_refused
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.on_refused()
+            try:
+                request.settimeout(1.0)  # on the accepting thread: never wait long for a client
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            finally:
+                self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 @dataclass(frozen=True)
@@ -189,9 +241,14 @@ def consume_amqp(receiver: EventReceiver, source: AmqpSource, stop: threading.Ev
 
 
 def serve(receiver: EventReceiver, host: str, port: int, stop: threading.Event | None = None,
-          amqp: AmqpSource | None = None) -> None:
-    server = ThreadingHTTPServer((host, port), make_handler(receiver))
-    server.daemon_threads = True
+          amqp: AmqpSource | None = None, *, timeout: float = REQUEST_TIMEOUT_SECONDS,
+          max_requests: int = MAX_CONCURRENT_REQUESTS, bound: Callable[[int], None] | None = None) -> None:
+    """Receive until ``stop`` is set; ``bound`` is told the port bound (0 asks for a free one)."""
+    # A refused request may have carried events: its buckets' streams get a gap.
+    server = BoundedHTTPServer((host, port), make_handler(receiver, timeout), max_requests,
+                               lambda: receiver.lost(receiver.buckets))
+    if bound is not None:
+        bound(server.server_address[1])
     stop = stop or threading.Event()
     receiver.start()
     threading.Thread(target=server.serve_forever, name="heimdall-events-http", daemon=True).start()
