@@ -266,6 +266,8 @@ def delete_candidates(
             report.reconciled = ctx.audit.reconcile(
                 bucket.name, lambda keys: stat_objects(client, bucket.name, keys, lister), ctx.clock(),
                 discard=lambda locations: discard_copies(client, locations),
+                versions=lambda keys: {key: {v.version_id for v in found}
+                                       for key, found in fresh_versions(lister, keys).items()},
             )
         if any(report.reconciled.values()):
             ctx.log(f"{bucket.name}: settled pending audit rows of an earlier run: {report.reconciled}")

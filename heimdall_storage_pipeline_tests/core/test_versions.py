@@ -19,12 +19,13 @@ from minio.versioningconfig import VersioningConfig
 
 from heimdall_storage_pipeline.core import deletion, revalidation
 from heimdall_storage_pipeline.core.clock import utc_now
-from heimdall_storage_pipeline.core.deletion import delete_noncurrent, keys_with_noncurrent
+from heimdall_storage_pipeline.core.deletion import delete_candidates, delete_noncurrent, keys_with_noncurrent
 from heimdall_storage_pipeline.core.diff import compute_orphan_diff
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
 from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
 from heimdall_storage_pipeline.core.policy import BucketPolicy
 from heimdall_storage_pipeline.core.references import read_references_to_manifest
+from heimdall_storage_pipeline.core.safety import Candidate
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
 from heimdall_storage_pipeline_tests.cleanup_support import CoreRig, add_refs, bucket_policy, make_rig, refs_table
 from heimdall_storage_pipeline_tests.events_support import wait_for
@@ -296,3 +297,27 @@ def test_the_same_bytes_uploaded_again_after_the_check_make_the_key_changed(rig,
     after = server_versions(client, bucket)  # the young version and the old ones all stay
     assert len(after) == 3 and {v[1] for v in before} < {v[1] for v in after}
     assert rig.audit_rows(bucket) == []
+
+
+def test_pending_rows_of_the_noncurrent_pass_are_settled_by_their_versions(rig, seaweed, make_bucket):
+    bucket = versioned_bucket(seaweed, make_bucket)
+    client = seaweed.client()
+    for key in ("data/went.npy", "data/stayed.npy", "data/half.npy"):
+        for size in (1, 2, 3):
+            put(client, bucket, key, size)
+    noncurrent = {key: tuple(v[1] for v in server_versions(client, bucket) if v[0] == key and not v[2])
+                  for key in ("data/went.npy", "data/stayed.npy", "data/half.npy")}
+    # A noncurrent pass records its intent, then dies: after its request for one key, during another's.
+    rig.audit.record_intent(run_id="crashed/noncurrent", job="test", bucket=bucket, at=rig.clock(), candidates=[
+        Candidate(key, 3, rig.clock(), "", ids) for key, ids in noncurrent.items()])
+    for version_id in noncurrent["data/went.npy"]:
+        client.remove_object(bucket, "data/went.npy", version_id=version_id)
+    client.remove_object(bucket, "data/half.npy", version_id=noncurrent["data/half.npy"][0])
+
+    policy = bucket_policy(bucket, refs_table(rig.engine))
+    report = delete_candidates(rig.context(), policy, [], dry_run=False, batch_size=10)
+
+    assert report.reconciled == {"deleted": 1, "not_deleted": 1, "failed": 1}
+    assert {r.key: r.status for r in rig.audit_rows(bucket)} == {
+        "data/went.npy": "deleted", "data/stayed.npy": "not_deleted", "data/half.npy": "failed"}
+    assert rig.audit.pending(bucket) == ([], [])
