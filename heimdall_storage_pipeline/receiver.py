@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
@@ -28,6 +29,7 @@ DEFAULT_PORT = 8002
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 TOKEN_ENV = "HEIMDALL_EVENTS_TOKEN"
+AMQP_URL_ENV = "HEIMDALL_EVENTS_AMQP_URL"  # the way to pass a URL with a password: argv shows in ps
 # A connection silent this long (headers or body trickling in, or idle between requests) is closed,
 # so that a slow or stalled client cannot hold a thread for ever.
 REQUEST_TIMEOUT_SECONDS = 30.0
@@ -280,9 +282,10 @@ def add_events_command(commands: Any) -> argparse.ArgumentParser:
                         help="where events are stored (default: $HEIMDALL_AUDIT_DB_URL, else $DAGSTER_PG_URL)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                         help=f"larger notifications are refused with 413 (default {DEFAULT_MAX_BODY})")
-    parser.add_argument("--amqp-url", default=os.environ.get("HEIMDALL_EVENTS_AMQP_URL"),
-                        help="also consume MinIO's AMQP target from RabbitMQ, e.g. "
-                             "amqp://user:password@127.0.0.1:5672// (default: $HEIMDALL_EVENTS_AMQP_URL)")
+    parser.add_argument("--amqp-url", default=None,
+                        help=f"also consume MinIO's AMQP target from RabbitMQ; a URL without a password only "
+                             f"(the command line shows in ps): set ${AMQP_URL_ENV}, e.g. "
+                             f"amqp://user:password@127.0.0.1:5672//, instead")
     parser.add_argument("--amqp-exchange", default="bucketevents", help="notify_amqp's exchange (default bucketevents)")
     parser.add_argument("--amqp-exchange-type", default="fanout", help="notify_amqp's exchange_type (default fanout)")
     parser.add_argument("--amqp-routing-key", default="bucketlogs",
@@ -310,6 +313,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("no event database: set HEIMDALL_AUDIT_DB_URL (or DAGSTER_PG_URL) or pass --database-url",
               file=sys.stderr)
         return 2
+    try:
+        password = urlsplit(args.amqp_url).password if args.amqp_url else None
+    except ValueError:
+        password = "unknown"  # not a URL: whatever it holds, refused like one with a password
+    if password is not None:
+        print(f"--amqp-url holds a password, which any user of this machine can read (ps); "
+              f"set {AMQP_URL_ENV} instead", file=sys.stderr)
+        return 2
+    amqp_url = args.amqp_url or os.environ.get(AMQP_URL_ENV)
     problem = database_url_problem(args.database_url, "--database-url (HEIMDALL_AUDIT_DB_URL)")
     if problem:
         print(problem, file=sys.stderr)
@@ -333,8 +345,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        amqp = AmqpSource(args.amqp_url, args.amqp_exchange, args.amqp_exchange_type, args.amqp_routing_key,
-                          args.amqp_queue) if args.amqp_url else None
+        amqp = AmqpSource(amqp_url, args.amqp_exchange, args.amqp_exchange_type, args.amqp_routing_key,
+                          args.amqp_queue) if amqp_url else None
         serve(receiver, args.host, int(args.port), stop, amqp)
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc.strerror}; choose another --port", file=sys.stderr)

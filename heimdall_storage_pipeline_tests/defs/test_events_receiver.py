@@ -83,6 +83,14 @@ def test_binding_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
     assert done.returncode == 2 and "set HEIMDALL_EVENTS_TOKEN" in done.stderr and "secret" not in done.stderr
 
 
+def test_an_amqp_url_with_a_password_on_the_command_line_is_refused(tmp_path: Path) -> None:
+    command = [str(Path(sys.executable).parent / "heimdall-storage"), "events", "--amqp-url",
+               "amqp://heimdall:hunter2@127.0.0.1:5672//", "--database-url", "postgresql+psycopg2://u@127.0.0.1:1/db"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 2 and "set HEIMDALL_EVENTS_AMQP_URL" in done.stderr and "hunter2" not in done.stderr
+
+
 def test_events_it_could_not_store_become_a_gap_once_the_database_is_back(database_url: str) -> None:
     engine = sa.create_engine(database_url)
     apply_migrations(engine, "audit")
@@ -170,15 +178,17 @@ def test_missed_and_duplicated_minio_events_get_nothing_deleted_wrongly(setup, s
 
 
 def test_minio_amqp_target_through_rabbitmq(seaweed: SeaweedFS, make_bucket, database_url: str,
-                                             tmp_path: Path) -> None:
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MinIO's notify_amqp publishes each notification to an exchange; the receiver's queue gets them."""
     from kombu import Connection, Exchange, Queue
 
     bucket, name = make_bucket("amqp"), f"heimdall-test-{secrets.token_hex(4)}"
     policy = write_policy(tmp_path, {bucket: {"min_age": "1s", "references": [key_source("SELECT 'x'")]}})
     url = "amqp://guest:guest@127.0.0.1:5672//"
+    monkeypatch.setenv("HEIMDALL_EVENTS_AMQP_URL", url)  # the receiver's process inherits it; never in argv
     receiver = Receiver(free_ports(1)[0], policy, database_url, TOKEN, tmp_path / "receiver.log", extra=(
-        "--amqp-url", url, "--amqp-exchange", name, "--amqp-routing-key", "bucketlogs", "--amqp-queue", name)).start()
+        "--amqp-exchange", name, "--amqp-routing-key", "bucketlogs", "--amqp-queue", name)).start()
+    assert "guest:guest" not in " ".join(receiver.command)
     exchange = Exchange(name, type="fanout", durable=True)
     try:
         wait_for(lambda: f"consuming queue {name}" in (tmp_path / "receiver.log").read_text(), "the AMQP consumer")
