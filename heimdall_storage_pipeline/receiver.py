@@ -12,10 +12,11 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
@@ -28,6 +29,15 @@ DEFAULT_PORT = 8002
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 TOKEN_ENV = "HEIMDALL_EVENTS_TOKEN"
+AMQP_URL_ENV = "HEIMDALL_EVENTS_AMQP_URL"  # the way to pass a URL with a password: argv shows in ps
+# A connection silent this long (headers or body trickling in, or idle between requests) is closed,
+# so that a slow or stalled client cannot hold a thread for ever.
+REQUEST_TIMEOUT_SECONDS = 30.0
+# Connections served at once, each on a thread; one more is answered 503 at once, without a thread.
+MAX_CONCURRENT_REQUESTS = 32
+_BUSY_BODY = json.dumps({"error": "too many requests at once; retry later"}).encode()
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
 class EventReceiver:
@@ -102,7 +112,8 @@ def _one_line(exc: BaseException) -> str:
     return redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def make_handler(receiver: EventReceiver) -> type[BaseHTTPRequestHandler]:
+def make_handler(receiver: EventReceiver, timeout: float = REQUEST_TIMEOUT_SECONDS
+                 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "heimdall-storage-events"
 
@@ -128,19 +139,62 @@ def make_handler(receiver: EventReceiver) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return self._answer(401, {"error": "missing or wrong bearer token"})
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            # isdigit alone takes '²' and other digits int() refuses.
+            if length is None or not (length.isascii() and length.isdigit()):
                 self.close_connection = True
                 return self._answer(411, {"error": "a Content-Length is required"})
             if int(length) > receiver.max_body:
                 self.close_connection = True  # the body is not read: whatever it announced is lost
                 receiver.lost(receiver.buckets)
                 return self._answer(413, {"error": f"the body is larger than {receiver.max_body} bytes"})
-            self._answer(*receiver.receive(self.rfile.read(int(length))))
+            try:
+                body = self.rfile.read(int(length))
+            except TimeoutError:
+                self.close_connection = True  # the body never came whole: whatever it announced is lost
+                receiver.lost(receiver.buckets)
+                return self._answer(408, {"error": f"the body did not arrive within {timeout:g} s"})
+            self._answer(*receiver.receive(body))
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s %s", self.address_string(), format % args)  # the request line: never a header
 
+    Handler.timeout = timeout  # the socket's timeout for every read and write
     return Handler
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_requests`` at once; beyond that, 503 and the connection closed."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_requests: int,
+                 on_refused: Callable[[], None]) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_requests)
+        self.on_refused = on_refused
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.on_refused()
+            try:
+                request.settimeout(1.0)  # on the accepting thread: never wait long for a client
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            finally:
+                self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 @dataclass(frozen=True)
@@ -189,9 +243,14 @@ def consume_amqp(receiver: EventReceiver, source: AmqpSource, stop: threading.Ev
 
 
 def serve(receiver: EventReceiver, host: str, port: int, stop: threading.Event | None = None,
-          amqp: AmqpSource | None = None) -> None:
-    server = ThreadingHTTPServer((host, port), make_handler(receiver))
-    server.daemon_threads = True
+          amqp: AmqpSource | None = None, *, timeout: float = REQUEST_TIMEOUT_SECONDS,
+          max_requests: int = MAX_CONCURRENT_REQUESTS, bound: Callable[[int], None] | None = None) -> None:
+    """Receive until ``stop`` is set; ``bound`` is told the port bound (0 asks for a free one)."""
+    # A refused request may have carried events: its buckets' streams get a gap.
+    server = BoundedHTTPServer((host, port), make_handler(receiver, timeout), max_requests,
+                               lambda: receiver.lost(receiver.buckets))
+    if bound is not None:
+        bound(server.server_address[1])
     stop = stop or threading.Event()
     receiver.start()
     threading.Thread(target=server.serve_forever, name="heimdall-events-http", daemon=True).start()
@@ -223,9 +282,10 @@ def add_events_command(commands: Any) -> argparse.ArgumentParser:
                         help="where events are stored (default: $HEIMDALL_AUDIT_DB_URL, else $DAGSTER_PG_URL)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                         help=f"larger notifications are refused with 413 (default {DEFAULT_MAX_BODY})")
-    parser.add_argument("--amqp-url", default=os.environ.get("HEIMDALL_EVENTS_AMQP_URL"),
-                        help="also consume MinIO's AMQP target from RabbitMQ, e.g. "
-                             "amqp://user:password@127.0.0.1:5672// (default: $HEIMDALL_EVENTS_AMQP_URL)")
+    parser.add_argument("--amqp-url", default=None,
+                        help=f"also consume MinIO's AMQP target from RabbitMQ; a URL without a password only "
+                             f"(the command line shows in ps): set ${AMQP_URL_ENV}, e.g. "
+                             f"amqp://user:password@127.0.0.1:5672//, instead")
     parser.add_argument("--amqp-exchange", default="bucketevents", help="notify_amqp's exchange (default bucketevents)")
     parser.add_argument("--amqp-exchange-type", default="fanout", help="notify_amqp's exchange_type (default fanout)")
     parser.add_argument("--amqp-routing-key", default="bucketlogs",
@@ -253,6 +313,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("no event database: set HEIMDALL_AUDIT_DB_URL (or DAGSTER_PG_URL) or pass --database-url",
               file=sys.stderr)
         return 2
+    try:
+        password = urlsplit(args.amqp_url).password if args.amqp_url else None
+    except ValueError:
+        password = "unknown"  # not a URL: whatever it holds, refused like one with a password
+    if password is not None:
+        print(f"--amqp-url holds a password, which any user of this machine can read (ps); "
+              f"set {AMQP_URL_ENV} instead", file=sys.stderr)
+        return 2
+    amqp_url = args.amqp_url or os.environ.get(AMQP_URL_ENV)
     problem = database_url_problem(args.database_url, "--database-url (HEIMDALL_AUDIT_DB_URL)")
     if problem:
         print(problem, file=sys.stderr)
@@ -276,8 +345,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        amqp = AmqpSource(args.amqp_url, args.amqp_exchange, args.amqp_exchange_type, args.amqp_routing_key,
-                          args.amqp_queue) if args.amqp_url else None
+        amqp = AmqpSource(amqp_url, args.amqp_exchange, args.amqp_exchange_type, args.amqp_routing_key,
+                          args.amqp_queue) if amqp_url else None
         serve(receiver, args.host, int(args.port), stop, amqp)
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc.strerror}; choose another --port", file=sys.stderr)

@@ -89,7 +89,7 @@ SELECT key, id FROM intent
 """
 # Every open intent of the bucket, with its rows that are still pending (none: a.id is NULL).
 _PENDING = f"""
-SELECT o.first_id, a.id, a.run_id, a.key, a.quarantine_bucket, a.quarantine_key
+SELECT o.first_id, a.id, a.run_id, a.key, a.quarantine_bucket, a.quarantine_key, a.version_ids
 FROM {open_intents.name} AS o
 LEFT JOIN {deletion_audit.name} AS a ON a.id BETWEEN o.first_id AND o.last_id AND a.status = 'pending'
 WHERE o.bucket = :bucket
@@ -141,6 +141,7 @@ class PendingDeletion:
     run_id: str
     key: str
     quarantine: tuple[str, str] | None = None  # where a move was copying the object to
+    version_ids: tuple[str, ...] = ()  # the versions the delete named, on a versioned bucket
 
 
 @dataclass(frozen=True)
@@ -258,27 +259,44 @@ class AuditLog:
             found = connection.execute(sa.text(_PENDING), {"bucket": bucket}).all()
         rows = {row.id: PendingDeletion(id=row.id, run_id=row.run_id, key=row.key,
                                         quarantine=(row.quarantine_bucket, row.quarantine_key)
-                                        if row.quarantine_key else None)
+                                        if row.quarantine_key else None,
+                                        version_ids=tuple(row.version_ids or ()))
                 for row in found if row.id is not None}
         return list(rows.values()), sorted({row.first_id for row in found})
 
     def reconcile(self, bucket: str, stat: Callable[[list[str]], dict[str, FreshStat | None]],
-                  at: datetime, discard: Callable[[list[tuple[str, str]]], None] | None = None) -> dict[str, int]:
+                  at: datetime, discard: Callable[[list[tuple[str, str]]], None] | None = None,
+                  versions: Callable[[list[str]], dict[str, set[str]]] | None = None) -> dict[str, int]:
         """Settle ``pending`` rows left by a run that died mid-batch, and close their intents.
 
+        A row that names versions is settled by them (``versions``: the version ids each key has
+        now), not by its key, which a delete of noncurrent versions leaves in place: deleted when
+        none remains, not deleted when all do, failed when some do.
         A move to quarantine that died between copy and delete left its original: ``discard`` removes
         the copy, so that the next run moves the object once, re-validated.
         """
         pending, intents = self.pending(bucket)
-        stats = stat(sorted({p.key for p in pending})) if pending else {}
-        gone = [row.id for row in pending if stats[row.key] is None]
-        still_there = [row.id for row in pending if stats[row.key] is not None]
-        copies = [row.quarantine for row in pending if row.quarantine and stats[row.key] is not None]
+        by_versions = [row for row in pending if row.version_ids]
+        if by_versions and versions is None:
+            raise ValueError("pending rows name versions: reconcile needs their versions")
+        by_key = [row for row in pending if not row.version_ids]
+        stats = stat(sorted({p.key for p in by_key})) if by_key else {}
+        remaining = versions(sorted({p.key for p in by_versions})) if by_versions and versions else {}
+        left = {row.id: len(remaining[row.key].intersection(row.version_ids)) for row in by_versions}
+        gone = [row.id for row in by_key if stats[row.key] is None] + [i for i, n in left.items() if n == 0]
+        partly = [row.id for row in by_versions if 0 < left[row.id] < len(row.version_ids)]
+        still_there = [row.id for row in by_key if stats[row.key] is not None] + [
+            row.id for row in by_versions if left[row.id] == len(row.version_ids)]
+        kept = set(still_there) | set(partly)
+        copies = [row.quarantine for row in pending if row.quarantine and row.id in kept]
         if copies and discard is not None:
             discard(copies)
         self.finish([Mark(gone, "deleted", at),
-                     Mark(still_there, "not_deleted", None, "run ended before the delete")], intents=intents)
-        return {"deleted": len(gone), "not_deleted": len(still_there)}
+                     Mark(still_there, "not_deleted", None, "run ended before the delete"),
+                     Mark(partly, "failed", None, "run ended during the delete: some of its versions remain")],
+                    intents=intents)
+        settled = {"deleted": len(gone), "not_deleted": len(still_there)}
+        return settled | ({"failed": len(partly)} if partly else {})
 
     def moved(self, bucket: str, *, keys: list[str] | None = None, run_id: str | None = None,
               plan_id: str | None = None) -> list[Moved]:

@@ -48,7 +48,7 @@ from heimdall_storage_pipeline.core.quarantine import copy_to_quarantine, discar
 from heimdall_storage_pipeline.core.references import read_only_snapshot
 from heimdall_storage_pipeline.core.revalidation import Version, fresh_versions, referenced_among, stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client, s3_errors
-from heimdall_storage_pipeline.core.safety import Candidate, Outcome, age_cutoff, deletion_verdict
+from heimdall_storage_pipeline.core.safety import Candidate, Outcome, age_cutoff, deletion_verdict, same_second
 
 DELETE_WORKERS = 4  # DeleteObjects requests in flight at once; S3 servers take parallel requests well
 # A batch's DeleteObjects starts at most this long after its re-validation, or it is re-validated
@@ -266,6 +266,8 @@ def delete_candidates(
             report.reconciled = ctx.audit.reconcile(
                 bucket.name, lambda keys: stat_objects(client, bucket.name, keys, lister), ctx.clock(),
                 discard=lambda locations: discard_copies(client, locations),
+                versions=lambda keys: {key: {v.version_id for v in found}
+                                       for key, found in fresh_versions(lister, keys).items()},
             )
         if any(report.reconciled.values()):
             ctx.log(f"{bucket.name}: settled pending audit rows of an earlier run: {report.reconciled}")
@@ -487,7 +489,9 @@ def _with_versions(ctx: DeletionContext, bucket: str, batch: list[Candidate], li
         latest = next((v for v in found if v.is_latest), None)
         if latest is None or latest.delete_marker:
             skipped.append((candidate, Outcome.SKIPPED_MISSING.value))
-        elif latest.etag != candidate.etag.strip('"'):
+        # The same bytes uploaded again are a new, young version with the same ETag: the time tells.
+        elif latest.etag != candidate.etag.strip('"') or not same_second(latest.last_modified,
+                                                                          candidate.last_modified):
             skipped.append((candidate, Outcome.SKIPPED_CHANGED.value))
         else:
             ready.append(replace(candidate, size=sum(v.size for v in found),
@@ -606,17 +610,22 @@ def delete_noncurrent(ctx: DeletionContext, bucket: BucketPolicy, keys: Iterable
     """Remove the versions noncurrent for ``bucket.noncurrent_min_age`` and the delete markers left alone.
 
     Each batch's versions are listed fresh and removed by version id, so a current version is never
-    touched; audited under ``<run id>/noncurrent``, one row per key with its version ids.
+    touched; audited under ``<run id>/noncurrent``, one row per key with its version ids. A listing
+    older than REVALIDATION_MAX_AGE when a request goes out (the first or a retry) is made again, and a
+    key whose chosen versions are no longer all expired (a delete marker removed: an older version is
+    current again) is left whole, recorded as not deleted.
     """
     report = NoncurrentReport(dry_run)
     if bucket.noncurrent_min_age is None:
         return report
+    min_age = bucket.noncurrent_min_age
     client = make_client(ctx.s3, read_timeout=DELETE_REQUEST_TIMEOUT)
     lister = ListObjectsV2(ctx.s3, bucket.name)
     for batch in batched(keys, batch_size):
         with s3_errors(ctx.s3, bucket.name):
             found = fresh_versions(lister, batch)
-        cutoff = age_cutoff(ctx.clock(), bucket.noncurrent_min_age)
+        listed = time.perf_counter()
+        cutoff = age_cutoff(ctx.clock(), min_age)
         chosen = {key: expired for key in batch if (expired := expired_versions(found[key], cutoff))}
         candidates = [Candidate(key, sum(v.size for v in vs), max(v.last_modified for v in vs), "",
                                 tuple(v.version_id for v in vs)) for key, vs in chosen.items()]
@@ -625,9 +634,30 @@ def delete_noncurrent(ctx: DeletionContext, bucket: BucketPolicy, keys: Iterable
             assert ctx.audit is not None
             ids = ctx.audit.record_intent(run_id=f"{ctx.run_id}/noncurrent"[:64], job=ctx.job, bucket=bucket.name,
                                           candidates=candidates, at=ctx.clock())
+
+            # Before each request, the first or a retry: a listing older than the bound is made again.
+            def still_expired(objects: list[DeleteObject]) -> list[DeleteObject]:
+                nonlocal listed, candidates
+                if time.perf_counter() - listed <= REVALIDATION_MAX_AGE:
+                    return objects
+                again = time.perf_counter()
+                with s3_errors(ctx.s3, bucket.name):
+                    fresh = fresh_versions(lister, [c.key for c in candidates])
+                listed = again
+                candidates = _still_expired(candidates, fresh, age_cutoff(ctx.clock(), min_age))
+                return _delete_objects(ctx, candidates)
+
             with s3_errors(ctx.s3, bucket.name):
-                errors = delete_batch(client, bucket.name, _delete_objects(ctx, candidates), ctx.log, ctx.sleep)
-            ctx.audit.finish(_outcomes(candidates, ids, errors, ctx.clock)[1], intents=[min(ids.values())])
+                errors = delete_batch(client, bucket.name, _delete_objects(ctx, candidates), ctx.log, ctx.sleep,
+                                      still_expired)
+            sent = {c.key for c in candidates}
+            changed = [key for key in chosen if key not in sent]
+            for key in changed:
+                chosen.pop(key)
+            ctx.audit.finish([*_outcomes(candidates, ids, errors, ctx.clock)[1],
+                              Mark([ids[key] for key in changed], "not_deleted",
+                                   error=f"{Outcome.SKIPPED_CHANGED} when checked again")],
+                             intents=[min(ids.values())])
         for key, versions in chosen.items():
             report.failed_keys += key in errors
             if key not in errors:
@@ -635,3 +665,20 @@ def delete_noncurrent(ctx: DeletionContext, bucket: BucketPolicy, keys: Iterable
                 report.bytes += sum(v.size for v in versions)
                 report.delete_markers += sum(v.delete_marker for v in versions)
     return report
+
+
+def _still_expired(candidates: list[Candidate], fresh: dict[str, list[Version]], cutoff: datetime
+                   ) -> list[Candidate]:
+    """The candidates each of whose chosen versions is either gone or still expired in ``fresh``.
+
+    A version now latest (its delete marker removed) or a lone delete marker with versions behind it
+    again is no longer expired: its key is left whole, so that its audit row names exactly what went.
+    """
+    kept = []
+    for candidate in candidates:
+        versions = fresh[candidate.key]
+        expired = {v.version_id for v in expired_versions(versions, cutoff)}
+        present = {v.version_id for v in versions}
+        if all(version_id in expired or version_id not in present for version_id in candidate.version_ids):
+            kept.append(candidate)
+    return kept

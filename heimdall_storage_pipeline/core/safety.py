@@ -56,7 +56,7 @@ def age_cutoff(now: datetime, min_age: timedelta) -> datetime:
     return ensure_utc(now) - min_age
 
 
-def _same_second(a: datetime, b: datetime) -> bool:
+def same_second(a: datetime, b: datetime) -> bool:
     # A listing may carry milliseconds while HEAD's Last-Modified has whole seconds.
     return ensure_utc(a).replace(microsecond=0) == ensure_utc(b).replace(microsecond=0)
 
@@ -79,7 +79,7 @@ def deletion_verdict(
         return Outcome.SKIPPED_REFERENCED
     if stat is None:
         return Outcome.SKIPPED_MISSING
-    if stat.etag.strip('"') != candidate.etag.strip('"') or not _same_second(
+    if stat.etag.strip('"') != candidate.etag.strip('"') or not same_second(
         stat.last_modified, candidate.last_modified
     ):
         return Outcome.SKIPPED_CHANGED

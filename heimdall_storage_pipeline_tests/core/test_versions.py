@@ -17,15 +17,18 @@ from minio.commonconfig import ENABLED
 from minio.error import S3Error
 from minio.versioningconfig import VersioningConfig
 
-from heimdall_storage_pipeline.core import revalidation
-from heimdall_storage_pipeline.core.deletion import delete_noncurrent, keys_with_noncurrent
+from heimdall_storage_pipeline.core import deletion, revalidation
+from heimdall_storage_pipeline.core.clock import utc_now
+from heimdall_storage_pipeline.core.deletion import delete_candidates, delete_noncurrent, keys_with_noncurrent
 from heimdall_storage_pipeline.core.diff import compute_orphan_diff
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
 from heimdall_storage_pipeline.core.listing import list_bucket_to_manifest
 from heimdall_storage_pipeline.core.policy import BucketPolicy
 from heimdall_storage_pipeline.core.references import read_references_to_manifest
+from heimdall_storage_pipeline.core.safety import Candidate
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
 from heimdall_storage_pipeline_tests.cleanup_support import CoreRig, add_refs, bucket_policy, make_rig, refs_table
+from heimdall_storage_pipeline_tests.events_support import wait_for
 
 OLD = timedelta(days=31)
 
@@ -226,3 +229,95 @@ def test_fresh_versions_from_one_bounded_listing_match_each_keys_own_listing(sea
     assert listed == one_by_one
     assert listed["batch/k04"][0].delete_marker and listed["batch/missing"] == []
     assert all(v.noncurrent_since is not None for versions in listed.values() for v in versions if not v.is_latest)
+
+
+def test_an_undelete_between_listing_and_delete_keeps_the_version_it_made_current(rig, seaweed, make_bucket,
+                                                                                   monkeypatch):
+    bucket = versioned_bucket(seaweed, make_bucket)
+    client = seaweed.client()
+    table = refs_table(rig.engine)
+    three_versions_and_a_marker(client, bucket, "data/undeleted.npy", marker_on_top=True)
+    for size in (4, 5):
+        put(client, bucket, "data/other.npy", size)
+    policy = replace(bucket_policy(bucket, table), noncurrent_min_age=timedelta(days=1))
+    _, versions = scan(rig, policy)
+    keys = list(keys_with_noncurrent(rig.store, versions))
+    rig.offset = timedelta(days=2)
+    real_fresh_versions = deletion.fresh_versions
+    listings = []
+
+    def undelete_after_the_first_listing(lister: ListObjectsV2, batch: list[str]) -> dict:
+        found = real_fresh_versions(lister, batch)
+        if not listings:  # someone removes the delete marker right after the pass listed the versions
+            (marker,) = [v for v in found["data/undeleted.npy"] if v.delete_marker]
+            client.remove_object(bucket, "data/undeleted.npy", version_id=marker.version_id)
+        listings.append(batch)
+        return found
+
+    monkeypatch.setattr(deletion, "fresh_versions", undelete_after_the_first_listing)
+    monkeypatch.setattr(deletion, "REVALIDATION_MAX_AGE", 0.0)  # every listing counts as too old
+    report = delete_noncurrent(rig.context(), policy, keys, dry_run=False, batch_size=1000)
+
+    after = server_versions(client, bucket)
+    # The undeleted key keeps every version, the 30-byte one current again; the other key lost its old one.
+    assert sorted((v[4], v[2], v[3]) for v in after if v[0] == "data/undeleted.npy") == [
+        (10, False, False), (20, False, False), (30, True, False)]
+    assert [(v[2], v[4]) for v in after if v[0] == "data/other.npy"] == [(True, 5)]
+    assert (report.versions, report.delete_markers) == (1, 0)
+    rows = {r.key: r for r in rig.audit_rows(bucket)}
+    assert rows["data/undeleted.npy"].status == "not_deleted" and rows["data/other.npy"].status == "deleted"
+    assert "when checked again" in rows["data/undeleted.npy"].error
+    assert len(listings) == 2  # listed again before the request
+
+
+def test_the_same_bytes_uploaded_again_after_the_check_make_the_key_changed(rig, seaweed, make_bucket, monkeypatch):
+    bucket = versioned_bucket(seaweed, make_bucket)
+    client = seaweed.client()
+    body = b"the same bytes"
+    for _ in range(2):
+        client.put_object(bucket, "data/orphan.npy", io.BytesIO(body), len(body))
+    policy = bucket_policy(bucket, refs_table(rig.engine))
+    rig.offset = OLD
+    orphans, _ = scan(rig, policy)
+    scanned = client.stat_object(bucket, "data/orphan.npy").last_modified
+    real_revalidate = deletion._revalidate
+
+    def upload_again_after_the_check(*args: object, **kwargs: object) -> tuple:
+        checked = real_revalidate(*args, **kwargs)
+        # A new second, so that the new version's Last-Modified differs from the scanned one.
+        wait_for(lambda: utc_now().replace(microsecond=0) > scanned, "a new second on the clock")
+        client.put_object(bucket, "data/orphan.npy", io.BytesIO(body), len(body))
+        return checked
+
+    monkeypatch.setattr(deletion, "_revalidate", upload_again_after_the_check)
+    before = server_versions(client, bucket)
+    report = rig.delete(policy, orphans)
+
+    assert report.outcomes == {"skipped_changed": 1}, report
+    after = server_versions(client, bucket)  # the young version and the old ones all stay
+    assert len(after) == 3 and {v[1] for v in before} < {v[1] for v in after}
+    assert rig.audit_rows(bucket) == []
+
+
+def test_pending_rows_of_the_noncurrent_pass_are_settled_by_their_versions(rig, seaweed, make_bucket):
+    bucket = versioned_bucket(seaweed, make_bucket)
+    client = seaweed.client()
+    for key in ("data/went.npy", "data/stayed.npy", "data/half.npy"):
+        for size in (1, 2, 3):
+            put(client, bucket, key, size)
+    noncurrent = {key: tuple(v[1] for v in server_versions(client, bucket) if v[0] == key and not v[2])
+                  for key in ("data/went.npy", "data/stayed.npy", "data/half.npy")}
+    # A noncurrent pass records its intent, then dies: after its request for one key, during another's.
+    rig.audit.record_intent(run_id="crashed/noncurrent", job="test", bucket=bucket, at=rig.clock(), candidates=[
+        Candidate(key, 3, rig.clock(), "", ids) for key, ids in noncurrent.items()])
+    for version_id in noncurrent["data/went.npy"]:
+        client.remove_object(bucket, "data/went.npy", version_id=version_id)
+    client.remove_object(bucket, "data/half.npy", version_id=noncurrent["data/half.npy"][0])
+
+    policy = bucket_policy(bucket, refs_table(rig.engine))
+    report = delete_candidates(rig.context(), policy, [], dry_run=False, batch_size=10)
+
+    assert report.reconciled == {"deleted": 1, "not_deleted": 1, "failed": 1}
+    assert {r.key: r.status for r in rig.audit_rows(bucket)} == {
+        "data/went.npy": "deleted", "data/stayed.npy": "not_deleted", "data/half.npy": "failed"}
+    assert rig.audit.pending(bucket) == ([], [])

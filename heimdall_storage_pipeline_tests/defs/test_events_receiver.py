@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -21,10 +23,11 @@ from heimdall_storage_pipeline.core.events import EventLog
 from heimdall_storage_pipeline.core.manifests import ManifestStore
 from heimdall_storage_pipeline.core.migrations import apply_migrations
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS, free_ports
-from heimdall_storage_pipeline.receiver import EventReceiver
+from heimdall_storage_pipeline.receiver import EventReceiver, serve
 from heimdall_storage_pipeline_tests.cleanup_support import listed_keys, put
 from heimdall_storage_pipeline_tests.conftest import ScanHarness, key_source, write_policy
 from heimdall_storage_pipeline_tests.events_support import (
+    DEADLINE_SECONDS,
     Receiver,
     minio_notification,
     minio_record,
@@ -78,6 +81,14 @@ def test_binding_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert done.returncode == 2 and "set HEIMDALL_EVENTS_TOKEN" in done.stderr and "secret" not in done.stderr
+
+
+def test_an_amqp_url_with_a_password_on_the_command_line_is_refused(tmp_path: Path) -> None:
+    command = [str(Path(sys.executable).parent / "heimdall-storage"), "events", "--amqp-url",
+               "amqp://heimdall:hunter2@127.0.0.1:5672//", "--database-url", "postgresql+psycopg2://u@127.0.0.1:1/db"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 2 and "set HEIMDALL_EVENTS_AMQP_URL" in done.stderr and "hunter2" not in done.stderr
 
 
 def test_events_it_could_not_store_become_a_gap_once_the_database_is_back(database_url: str) -> None:
@@ -167,15 +178,17 @@ def test_missed_and_duplicated_minio_events_get_nothing_deleted_wrongly(setup, s
 
 
 def test_minio_amqp_target_through_rabbitmq(seaweed: SeaweedFS, make_bucket, database_url: str,
-                                             tmp_path: Path) -> None:
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MinIO's notify_amqp publishes each notification to an exchange; the receiver's queue gets them."""
     from kombu import Connection, Exchange, Queue
 
     bucket, name = make_bucket("amqp"), f"heimdall-test-{secrets.token_hex(4)}"
     policy = write_policy(tmp_path, {bucket: {"min_age": "1s", "references": [key_source("SELECT 'x'")]}})
     url = "amqp://guest:guest@127.0.0.1:5672//"
+    monkeypatch.setenv("HEIMDALL_EVENTS_AMQP_URL", url)  # the receiver's process inherits it; never in argv
     receiver = Receiver(free_ports(1)[0], policy, database_url, TOKEN, tmp_path / "receiver.log", extra=(
-        "--amqp-url", url, "--amqp-exchange", name, "--amqp-routing-key", "bucketlogs", "--amqp-queue", name)).start()
+        "--amqp-exchange", name, "--amqp-routing-key", "bucketlogs", "--amqp-queue", name)).start()
+    assert "guest:guest" not in " ".join(receiver.command)
     exchange = Exchange(name, type="fanout", durable=True)
     try:
         wait_for(lambda: f"consuming queue {name}" in (tmp_path / "receiver.log").read_text(), "the AMQP consumer")
@@ -231,3 +244,54 @@ def test_an_incremental_inventory_that_cannot_be_built_is_a_full_listing(setup, 
     third = harness.metadata("bucket_inventory", bucket)
     assert third["mode"] == "full" and "are missing from the event log" in third["mode_reason"]
     assert third["object_count"] == 3
+
+
+@pytest.fixture
+def small_server(database_url: str) -> Iterator[tuple[int, str, EventLog]]:
+    """``serve`` in a thread: requests time out after 0.5 s, one connection at a time."""
+    engine = sa.create_engine(database_url)
+    apply_migrations(engine, "audit")
+    bucket = f"slow-{secrets.token_hex(4)}"
+    log = EventLog(engine)
+    receiver = EventReceiver(log, {bucket}, max_body=2 << 20, heartbeat_seconds=0.2)
+    stop, ports = threading.Event(), []
+    thread = threading.Thread(target=serve, args=(receiver, "127.0.0.1", 0, stop),
+                              kwargs={"timeout": 0.5, "max_requests": 1, "bound": ports.append}, daemon=True)
+    thread.start()
+    port = wait_for(lambda: ports and ports[0], "the server to listen")
+    yield port, bucket, log
+    stop.set()
+    thread.join(timeout=30)
+    engine.dispose()
+
+
+def _exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` and read the answer until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_SECONDS) as connection:
+        connection.sendall(data)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_a_client_that_trickles_its_body_is_cut_off_and_holds_no_slot(small_server) -> None:
+    port, bucket, log = small_server
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_SECONDS) as slow:
+        slow.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n{")
+        # It holds the only slot: the next connection is refused at once, not queued behind it.
+        assert _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 503")
+        answer = b""
+        while chunk := slow.recv(65536):  # the server closes the connection after its timeout
+            answer += chunk
+    assert answer.split(b"\r\n")[0].endswith(b"408 Request Timeout"), answer
+    # The slot is free again, and the body that never came whole left a gap in the bucket's stream.
+    wait_for(lambda: _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.0 200"),
+             "the slot to be free")
+    wait_for(lambda: "refused or could not store" in (log.state(bucket).gap_reason or ""), "a gap")
+
+
+def test_a_content_length_of_other_digits_is_refused(small_server) -> None:
+    port, _, _ = small_server
+    answer = _exchange(port, "POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: ²\r\n\r\n".encode("latin-1"))
+    assert answer.startswith(b"HTTP/1.0 411"), answer
