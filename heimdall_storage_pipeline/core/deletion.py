@@ -395,9 +395,18 @@ def _process_batch(
         copied: set[str] = set()
 
         def still_deletable(objects: list[DeleteObject]) -> list[DeleteObject]:
-            """Before each request, the first or a retry: a check older than the bound is made again;
-            with a quarantine, what is still deletable is copied there first."""
+            """Before each request, the first or a retry: with a quarantine, what is still deletable is
+            copied there first; then a check older than the bound (the copies take time) is made again."""
             nonlocal deletable, checked
+            if quarantine is not None:
+                failed = copy_to_quarantine(client, bucket.name, quarantine,
+                                            [c for c in deletable if c.key not in copied])
+                copied.update(c.key for c in deletable if c.key not in failed)
+                rows.extend((c, Outcome.FAILED.value) for c in deletable if c.key in failed)
+                result.failures.update(failed)
+                marks.extend(Mark([audit_ids[key]], "failed", error=error) for key, error in failed.items())
+                deletable = [c for c in deletable if c.key not in failed]
+                objects = _delete_objects(ctx, deletable)
             if time.perf_counter() - checked > REVALIDATION_MAX_AGE:
                 again = time.perf_counter()
                 skipped, deletable = _revalidate(ctx, bucket, deletable, client, lister, age_exempt)
@@ -408,16 +417,7 @@ def _process_batch(
                 marks.extend(Mark([audit_ids[key] for key in keys], "not_deleted",
                                   error=f"{outcome} when checked again")
                              for outcome, keys in _keys_by_outcome(skipped).items())
-                objects = _delete_objects(ctx, deletable)
-            if quarantine is not None:
-                failed = copy_to_quarantine(client, bucket.name, quarantine,
-                                            [c for c in deletable if c.key not in copied])
-                copied.update(c.key for c in deletable if c.key not in failed)
-                rows.extend((c, Outcome.FAILED.value) for c in deletable if c.key in failed)
-                result.failures.update(failed)
-                marks.extend(Mark([audit_ids[key]], "failed", error=error) for key, error in failed.items())
-                deletable = [c for c in deletable if c.key not in failed]
-                objects = _delete_objects(ctx, deletable)
+                objects = _delete_objects(ctx, deletable)  # the copies of the skipped go after the request
             return objects
 
         with slots:  # one of ctx.workers DeleteObjects requests in flight

@@ -18,6 +18,7 @@ from minio.commonconfig import ENABLED, Filter
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from minio.versioningconfig import VersioningConfig
 
+from heimdall_storage_pipeline.core import deletion
 from heimdall_storage_pipeline.core.audit import AuditLog
 from heimdall_storage_pipeline.core.clock import utc_now
 from heimdall_storage_pipeline.core.deletion import delete_batch
@@ -191,3 +192,29 @@ def test_on_a_versioned_bucket_a_move_keeps_the_current_version_and_frees_every_
                                                                                   recursive=True))
     assert versions == [("data/kept.npy", "true"), ("q/data/orphan-0.npy", "true")]
     assert _read(client, bucket, "q/data/orphan-0.npy") == b"second"
+
+
+def test_a_reference_added_while_the_copies_are_made_keeps_the_original_and_drops_its_copy(
+        rig, seaweed, make_bucket, monkeypatch):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine)
+    rig.offset = OLD
+    orphans = rig.scan(policy)
+    table = policy.references[0].query.split()[-1]
+    real_copy = deletion.copy_to_quarantine
+
+    def copy_then_reference(*args, **kwargs):
+        errors = real_copy(*args, **kwargs)
+        add_refs(rig.engine, table, ["data/orphan-1.npy"])  # referenced while the batch was being copied
+        return errors
+
+    monkeypatch.setattr(deletion, "copy_to_quarantine", copy_then_reference)
+    monkeypatch.setattr(deletion, "REVALIDATION_MAX_AGE", 0.0)  # the copies took longer than the bound
+    report = rig.delete(policy, orphans)
+    assert report.outcomes["deleted"] == 2
+    assert _read(client, bucket, "data/orphan-1.npy") == bodies["data/orphan-1.npy"]
+    listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
+    assert listed == {"data/kept.npy", "data/orphan-1.npy", "q/data/orphan-0.npy", "q/data/orphan-2.npy"}
+    statuses = {r.key: r.status for r in rig.audit_rows(bucket)}
+    assert statuses == {"data/orphan-0.npy": "deleted", "data/orphan-1.npy": "not_deleted",
+                        "data/orphan-2.npy": "deleted"}
