@@ -146,19 +146,29 @@ def _stat(client: Minio, bucket: str, key: str) -> tuple[str, int] | None:
     return None if found is None else (found.etag, found.size)
 
 
-def restore_one(client: Minio, bucket: str, moved: Moved, *, dry_run: bool) -> str:
-    """Put ``moved`` back under its key; returns ``restored``, ``would_restore`` or why it was refused."""
-    if _stat(client, bucket, moved.key) is not None:
-        return f"refused: a newer object sits at {moved.key!r}; it is left as it is (copy the quarantined one by hand)"
+def restore_one(client: Minio, bucket: str, moved: Moved, *, dry_run: bool,
+                restored: Callable[[], None] = lambda: None, warn: Callable[[str], None] = print) -> str:
+    """Put ``moved`` back under its key; returns ``restored``, ``would_restore`` or why it was refused.
+
+    ``restored`` records the restore (before the quarantine copy is removed, so that a failed removal
+    cannot leave the move looking unrestored); ``warn`` reports a copy that could not be removed.
+    """
     held = _stat(client, *moved.quarantine)
     if held is None:
         return f"refused: the quarantine copy {moved.quarantine[0]}/{moved.quarantine[1]} is gone (expired?)"
     if not same_content(moved.etag, moved.size, *held):
         return f"refused: the quarantine copy's ETag {held[0]} is not the moved object's {moved.etag}"
+    # Looked at last, right before the copy, so that an upload since is not overwritten.
+    if _stat(client, bucket, moved.key) is not None:
+        return f"refused: a newer object sits at {moved.key!r}; it is left as it is (copy the quarantined one by hand)"
     if dry_run:
         return "would_restore"
     back = client.copy_object(bucket, moved.key, CopySource(*moved.quarantine, match_etag=held[0]))
     if not same_content(moved.etag, moved.size, back.etag or "", held[1]):
         return f"failed: the restored object's ETag {back.etag} is not {moved.etag}; the quarantine copy is kept"
-    discard_copies(client, [moved.quarantine])
+    restored()
+    try:
+        discard_copies(client, [moved.quarantine])
+    except (StorageCleanupError, S3Error) as exc:
+        warn(f"{moved.key}: restored, but its quarantine copy stays until keep_days: {exc}")
     return "restored"

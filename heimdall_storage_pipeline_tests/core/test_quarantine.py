@@ -19,9 +19,11 @@ from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from minio.versioningconfig import VersioningConfig
 
 from heimdall_storage_pipeline.core import deletion
+from heimdall_storage_pipeline.core import quarantine as quarantine_module
 from heimdall_storage_pipeline.core.audit import AuditLog
 from heimdall_storage_pipeline.core.clock import utc_now
 from heimdall_storage_pipeline.core.deletion import delete_batch
+from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.policy import Quarantine
 from heimdall_storage_pipeline.core.quarantine import expire_and_count, restore_one, rule_id, set_expiry_rule
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
@@ -112,6 +114,7 @@ from datetime import timedelta
 from dataclasses import replace
 import sqlalchemy as sa
 from heimdall_storage_pipeline.core import deletion
+from heimdall_storage_pipeline.core import quarantine as quarantine_module
 from heimdall_storage_pipeline.core.policy import Quarantine
 from heimdall_storage_pipeline.core.s3 import S3Settings
 from heimdall_storage_pipeline_tests.cleanup_support import bucket_policy, make_rig
@@ -218,3 +221,36 @@ def test_a_reference_added_while_the_copies_are_made_keeps_the_original_and_drop
     statuses = {r.key: r.status for r in rig.audit_rows(bucket)}
     assert statuses == {"data/orphan-0.npy": "deleted", "data/orphan-1.npy": "not_deleted",
                         "data/orphan-2.npy": "deleted"}
+
+
+def test_restore_looks_for_a_newer_object_right_before_the_copy_and_records_before_removing_the_copy(
+        rig, seaweed, make_bucket, monkeypatch):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine, orphans=2)
+    rig.offset = OLD
+    run_id = secrets.token_hex(8)
+    rig.delete(policy, rig.scan(policy), run_id=run_id)
+    moved = {m.key: m for m in AuditLog(rig.engine).moved(bucket, run_id=run_id)}
+    real_stat = quarantine_module._stat
+
+    def upload_while_looking(on, bucket_name, key):
+        found = real_stat(on, bucket_name, key)
+        if key == "q/data/orphan-0.npy":  # an upload lands while the quarantine copy is looked at
+            client.put_object(bucket, "data/orphan-0.npy", io.BytesIO(b"newer"), 5)
+        return found
+
+    monkeypatch.setattr(quarantine_module, "_stat", upload_while_looking)
+    outcome = restore_one(client, bucket, moved["data/orphan-0.npy"], dry_run=False)
+    assert outcome.startswith("refused: a newer object sits at")
+    assert _read(client, bucket, "data/orphan-0.npy") == b"newer"
+
+    def cannot_discard(*args):
+        raise StorageCleanupError("could not remove 1 quarantine copies")
+
+    monkeypatch.setattr(quarantine_module, "discard_copies", cannot_discard)
+    recorded, warnings = [], []
+    outcome = restore_one(client, bucket, moved["data/orphan-1.npy"], dry_run=False,
+                          restored=lambda: recorded.append(True), warn=warnings.append)
+    assert outcome == "restored" and recorded == [True]
+    assert warnings and "quarantine copy stays" in warnings[0]
+    assert _read(client, bucket, "data/orphan-1.npy") == bodies["data/orphan-1.npy"]

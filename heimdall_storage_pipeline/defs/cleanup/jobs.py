@@ -503,12 +503,19 @@ def restore_quarantined(
     missing = sorted(set(config.keys) - {m.key for m in moved})
     client = make_client(s3.settings())
     outcomes: dict[str, str] = {key: "refused: no move to quarantine of this key is recorded" for key in missing}
-    with audit.exclusive(config.bucket, run_id=context.run.run_id, wait=timedelta(seconds=DEFAULT_LOCK_WAIT_SECONDS)):
-        for item in moved:
-            with s3_errors(s3.settings(), config.bucket):
-                outcomes[item.key] = restore_one(client, config.bucket, item, dry_run=config.dry_run)
-            if outcomes[item.key] == "restored":
-                audit.mark_restored(item.audit_id, utc_now())
+    # A dry run changes nothing: it neither waits for nor blocks a cleanup of the bucket.
+    lock = nullcontext() if config.dry_run else audit.exclusive(
+        config.bucket, run_id=context.run.run_id, wait=timedelta(seconds=DEFAULT_LOCK_WAIT_SECONDS))
+    try:
+        with lock:
+            for item in moved:
+                with s3_errors(s3.settings(), config.bucket):
+                    outcomes[item.key] = restore_one(
+                        client, config.bucket, item, dry_run=config.dry_run,
+                        restored=lambda moved_id=item.audit_id: audit.mark_restored(moved_id, utc_now()),
+                        warn=context.log.warning)
+    except StorageCleanupError as exc:
+        raise dg.Failure(description=str(exc)) from None
     for key, outcome in outcomes.items():
         (context.log.info if outcome in ("restored", "would_restore") else context.log.warning)(f"{key}: {outcome}")
     counts = {name: sum(o.startswith(name) for o in outcomes.values())
