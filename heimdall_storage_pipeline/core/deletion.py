@@ -44,7 +44,7 @@ from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
 from heimdall_storage_pipeline.core.list_objects_v2 import VERSIONED, ListObjectsV2
 from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy
-from heimdall_storage_pipeline.core.quarantine import copy_to_quarantine, discard_copies
+from heimdall_storage_pipeline.core.quarantine import COPY_READ_TIMEOUT, copy_to_quarantine, discard_copies
 from heimdall_storage_pipeline.core.references import read_only_snapshot
 from heimdall_storage_pipeline.core.revalidation import Version, fresh_versions, referenced_among, stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client, s3_errors
@@ -257,6 +257,8 @@ def delete_candidates(
     # A stalled server holds a DeleteObjects at most this long: it bounds how old a check can be when
     # the server carries the delete out (REVALIDATION_MAX_AGE before sending, plus this).
     client = make_client(ctx.s3, read_timeout=DELETE_REQUEST_TIMEOUT)
+    # Server-side copies of big objects take longer than a delete: their own client, bounded too.
+    copier = make_client(ctx.s3, read_timeout=COPY_READ_TIMEOUT) if bucket.quarantine and not dry_run else client
     lister = ListObjectsV2(ctx.s3, bucket.name)
     with s3_errors(ctx.s3, bucket.name):
         # Asked now, not taken from the scan: a delete without version ids frees nothing on a versioned bucket.
@@ -327,7 +329,8 @@ def delete_candidates(
                     wait([f for f in in_flight if not f.done()] or in_flight, return_when=FIRST_COMPLETED)
                     settle_finished()
                 in_flight.append(pool.submit(_process_batch, ctx, bucket, batch, client, lister, slots,
-                                             checks, dry_run=dry_run, age_exempt=age_exempt, versioned=versioned))
+                                             checks, dry_run=dry_run, age_exempt=age_exempt, versioned=versioned,
+                                             copier=copier))
             while in_flight:
                 settle_oldest()
             if logged is not None and logged[1] < report.batches:
@@ -373,6 +376,7 @@ def _process_batch(
     dry_run: bool,
     age_exempt: bool,
     versioned: bool = False,
+    copier: Minio | None = None,
 ) -> BatchResult:
     began = time.perf_counter()
     with checks:
@@ -399,7 +403,7 @@ def _process_batch(
             copied there first; then a check older than the bound (the copies take time) is made again."""
             nonlocal deletable, checked
             if quarantine is not None:
-                failed = copy_to_quarantine(client, bucket.name, quarantine,
+                failed = copy_to_quarantine(copier or client, bucket.name, quarantine,
                                             [c for c in deletable if c.key not in copied])
                 copied.update(c.key for c in deletable if c.key not in failed)
                 rows.extend((c, Outcome.FAILED.value) for c in deletable if c.key in failed)

@@ -27,6 +27,8 @@ from heimdall_storage_pipeline.core.s3 import S3Settings
 from heimdall_storage_pipeline.core.safety import Candidate
 
 COPY_THREADS = 8
+# Seconds a server-side copy may go without an answer: a big object's copy answers only when done.
+COPY_READ_TIMEOUT = 900.0
 
 
 def same_content(etag: str, size: int, copied_etag: str, copied_size: int) -> bool:
@@ -40,9 +42,14 @@ def _copy_one(client: Minio, bucket: str, quarantine: Quarantine, candidate: Can
     try:
         # Only the checked content is copied (match_etag), with its metadata (the default COPY directive).
         copied = client.copy_object(where, key, CopySource(bucket, candidate.key, match_etag=candidate.etag))
+        if (copied.etag or "").strip('"') == candidate.etag.strip('"'):
+            return None
+        held = _stat(client, where, key)  # a multipart ETag the copy recomputed: the sizes must agree
     except S3Error as exc:
         return f"copy to quarantine failed: {exc.code}"
-    if not same_content(candidate.etag, candidate.size, copied.etag or "", candidate.size):
+    except Exception as exc:  # a timeout or a dropped connection fails this key, not the run
+        return f"copy to quarantine failed: {type(exc).__name__}: {str(exc)[:200]}"
+    if held is None or not same_content(candidate.etag, candidate.size, held[0], held[1]):
         return f"the quarantine copy's ETag {copied.etag} differs from {candidate.etag}"
     return None
 

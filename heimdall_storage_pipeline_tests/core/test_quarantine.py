@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import urllib3
 from minio.commonconfig import ENABLED, Filter
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from minio.versioningconfig import VersioningConfig
@@ -113,6 +114,7 @@ import json, os, signal, sys
 from datetime import timedelta
 from dataclasses import replace
 import sqlalchemy as sa
+import urllib3
 from heimdall_storage_pipeline.core import deletion
 from heimdall_storage_pipeline.core import quarantine as quarantine_module
 from heimdall_storage_pipeline.core.policy import Quarantine
@@ -254,3 +256,35 @@ def test_restore_looks_for_a_newer_object_right_before_the_copy_and_records_befo
     assert outcome == "restored" and recorded == [True]
     assert warnings and "quarantine copy stays" in warnings[0]
     assert _read(client, bucket, "data/orphan-1.npy") == bodies["data/orphan-1.npy"]
+
+
+def test_a_copy_that_times_out_fails_its_key_only_and_copies_use_a_longer_bounded_timeout(
+        rig, seaweed, make_bucket, monkeypatch):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine, orphans=12)
+    rig.offset = OLD
+    real_copy, timeouts = quarantine_module.copy_to_quarantine, []
+
+    class TimesOutOnOne:
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def copy_object(self, where, key, source):
+            if key.endswith("orphan-1.npy"):
+                raise urllib3.exceptions.ReadTimeoutError(None, key, "Read timed out.")
+            return self.real.copy_object(where, key, source)
+
+    def copy_with_timeout(copier, *args):
+        timeouts.append(copier._http.connection_pool_kw["timeout"].read_timeout)
+        return real_copy(TimesOutOnOne(copier), *args)
+
+    monkeypatch.setattr(deletion, "copy_to_quarantine", copy_with_timeout)
+    report = rig.delete(policy, rig.scan(policy))
+    assert (report.outcomes["deleted"], report.outcomes["failed"]) == (11, 1)
+    assert "ReadTimeoutError" in report.failures[0]
+    assert timeouts and all(t == quarantine_module.COPY_READ_TIMEOUT for t in timeouts)
+    assert _read(client, bucket, "data/orphan-1.npy") == bodies["data/orphan-1.npy"]
+    assert {r.key: r.status for r in rig.audit_rows(bucket)}["data/orphan-1.npy"] == "failed"
