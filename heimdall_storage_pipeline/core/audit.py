@@ -314,6 +314,17 @@ class AuditLog:
             return [Moved(row.id, row.key, row.size, row.etag, (row.quarantine_bucket, row.quarantine_key))
                     for row in connection.execute(query)]
 
+    def quarantine_copies(self, where: str, keys: list[str]) -> dict[str, list[tuple[str, int]]]:
+        """Which of ``keys`` in bucket ``where`` a move put there: each one's moved ETags and sizes."""
+        a = deletion_audit.c
+        query = sa.select(a.quarantine_key, a.etag, a.size).where(
+            a.quarantine_bucket == where, a.quarantine_key.in_(keys), a.status.in_(("deleted", "restored")))
+        found: dict[str, list[tuple[str, int]]] = {}
+        with self.engine.connect() as connection:
+            for row in connection.execute(query):
+                found.setdefault(row.quarantine_key, []).append((row.etag, row.size))
+        return found
+
     def mark_restored(self, audit_id: int, at: datetime) -> None:
         """The moved object is back under its key (``deleted_at`` keeps when it had been moved)."""
         with self.engine.begin() as connection:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,6 +26,9 @@ from heimdall_storage_pipeline.core.policy import Quarantine
 from heimdall_storage_pipeline.core.revalidation import stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings
 from heimdall_storage_pipeline.core.safety import Candidate
+
+if TYPE_CHECKING:
+    from heimdall_storage_pipeline.core.audit import AuditLog
 
 COPY_THREADS = 8
 # Seconds a server-side copy may go without an answer: a big object's copy answers only when done.
@@ -80,10 +84,34 @@ def rule_id(bucket: str) -> str:
     return f"heimdall-quarantine-{bucket}"
 
 
+def _copies(page: pa.RecordBatch, where: str, audit: AuditLog) -> pa.Array:
+    """Which rows of a listing of the quarantine location are copies a move made (by the audit log)."""
+    keys = page.column("key").to_pylist()
+    recorded = audit.quarantine_copies(where, keys)
+    return pa.array([any(same_content(etag, size, listed_etag, listed_size) for etag, size in recorded.get(key, ()))
+                     for key, listed_etag, listed_size in zip(keys, page.column("etag").to_pylist(),
+                                                              page.column("size").to_pylist(), strict=True)],
+                    pa.bool_())
+
+
+def check_only_copies(settings: S3Settings, bucket: str, quarantine: Quarantine, audit: AuditLog) -> None:
+    """Refuse a quarantine location that holds objects no move put there: its expiry would delete them."""
+    where, prefix = quarantine.location(bucket, "")
+    for page in ListObjectsV2(settings, where).batches(prefix=prefix):
+        foreign = page.filter(pc.invert(_copies(page, where, audit)))
+        if foreign.num_rows:
+            raise StorageCleanupError(
+                f"the quarantine location {where}/{prefix} holds {foreign.num_rows}+ objects no move put there "
+                f"(first: {foreign.column('key')[0].as_py()!r}), which its expiry would delete; nothing was "
+                f"moved or deleted. Point quarantine at an empty prefix or bucket, or move those objects away"
+            )
+
+
 def set_expiry_rule(client: Minio, bucket: str, quarantine: Quarantine) -> bool:
     """Put the lifecycle rule that expires ``bucket``'s quarantined objects, keeping the bucket's other rules.
 
     False when the server refuses lifecycle configuration: the cleanup job's expiry then does it alone.
+    Call ``check_only_copies`` first: the rule expires whatever sits under the location.
     """
     where, prefix = quarantine.location(bucket, "")
     try:
@@ -111,30 +139,53 @@ class QuarantineFigures:
     oldest: datetime | None = None  # when the oldest quarantined object was moved
     expired: int = 0  # removed by this run (or, in a dry run, due for removal)
     expired_bytes: int = 0
+    foreign: int = 0  # objects under the location no move put there: left alone, not counted above
     errors: list[str] = field(default_factory=list)
 
 
 def expire_and_count(settings: S3Settings, client: Minio, bucket: str, quarantine: Quarantine, now: datetime,
-                     *, dry_run: bool, delete: Callable[[str, list[DeleteObject]], dict[str, object]]
-                     ) -> QuarantineFigures:
-    """Remove quarantined objects moved ``keep_days`` ago or earlier (unless a dry run) and count the rest."""
+                     *, dry_run: bool, delete: Callable[[str, list[DeleteObject]], dict[str, object]],
+                     audit: AuditLog, run_id: str, job: str) -> QuarantineFigures:
+    """Remove the copies moves made ``keep_days`` ago or earlier (unless a dry run) and count the rest.
+
+    Only objects the audit log records as a move's copy (same ETag) are touched; each removal is
+    audited, as a row of the quarantine bucket.
+    """
     where, prefix = quarantine.location(bucket, "")
     cutoff = now - timedelta(days=quarantine.keep_days)
     figures = QuarantineFigures()
-    for page in ListObjectsV2(settings, where).batches(prefix=prefix):
+    for listed in ListObjectsV2(settings, where).batches(prefix=prefix):
+        copies = _copies(listed, where, audit)
+        figures.foreign += listed.num_rows - (pc.sum(copies).as_py() or 0)
+        page = listed.filter(copies)
         old = pc.less_equal(page.column("last_modified"), pa.scalar(cutoff, page.schema.field("last_modified").type))
         expired, kept = page.filter(old), page.filter(pc.invert(old))
         figures.expired += expired.num_rows
         figures.expired_bytes += pc.sum(expired.column("size")).as_py() or 0
         if expired.num_rows and not dry_run:
-            errors = delete(where, [DeleteObject(key) for key in expired.column("key").to_pylist()])
-            figures.errors += [f"{key}: {error}" for key, error in errors.items()][:10]
+            figures.errors += _expire(where, expired, delete, audit, run_id, job, now)[:10]
         figures.objects += kept.num_rows
         figures.bytes += pc.sum(kept.column("size")).as_py() or 0
         if kept.num_rows:
             oldest = min(utc_datetimes(kept.column("last_modified")))
             figures.oldest = oldest if figures.oldest is None else min(figures.oldest, oldest)
     return figures
+
+
+def _expire(where: str, expired: pa.RecordBatch, delete: Callable[[str, list[DeleteObject]], dict[str, object]],
+            audit: AuditLog, run_id: str, job: str, now: datetime) -> list[str]:
+    from heimdall_storage_pipeline.core.audit import Mark  # audit imports this module
+
+    candidates = [Candidate(key, size, modified, etag) for key, size, modified, etag in zip(
+        expired.column("key").to_pylist(), expired.column("size").to_pylist(),
+        utc_datetimes(expired.column("last_modified")), expired.column("etag").to_pylist(), strict=True)]
+    ids = audit.record_intent(run_id=run_id, job=job, bucket=where, candidates=candidates, at=now)
+    errors = delete(where, [DeleteObject(c.key) for c in candidates])
+    audit.finish([Mark([ids[c.key] for c in candidates if c.key not in errors], "deleted", now,
+                       "quarantine copy expired after keep_days"),
+                  *(Mark([ids[key]], "failed", None, f"quarantine expiry: {error}") for key, error in errors.items())],
+                 intents=[min(ids.values())])
+    return [f"{key}: {error}" for key, error in errors.items()]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,13 @@ from heimdall_storage_pipeline.core.clock import utc_now
 from heimdall_storage_pipeline.core.deletion import delete_batch
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.policy import Quarantine
-from heimdall_storage_pipeline.core.quarantine import expire_and_count, restore_one, rule_id, set_expiry_rule
+from heimdall_storage_pipeline.core.quarantine import (
+    check_only_copies,
+    expire_and_count,
+    restore_one,
+    rule_id,
+    set_expiry_rule,
+)
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
 from heimdall_storage_pipeline_tests.cleanup_support import CoreRig, add_refs, bucket_policy, make_rig, refs_table
 
@@ -96,17 +102,29 @@ def test_expiry_rule_is_set_and_the_job_expires_what_the_server_leaves(rig, seaw
 
     rig.offset = OLD
     rig.delete(policy, rig.scan(policy))
+    # Not a move's copy: an object someone put under the location, and one that replaced a copy.
+    client.put_object(quarantine_bucket, f"{bucket}/someone-elses.npy", io.BytesIO(b"data"), 4)
+    client.put_object(quarantine_bucket, f"{bucket}/data/orphan-2.npy", io.BytesIO(b"replaced"), 8)
+    with pytest.raises(StorageCleanupError, match=r"holds 2\+ objects no move put there .*nothing was moved"):
+        check_only_copies(rig.s3, bucket, quarantine, AuditLog(rig.engine))
     delete = lambda on, objects: delete_batch(client, on, objects, print)  # noqa: E731
+    expire = lambda now, dry_run: expire_and_count(  # noqa: E731
+        rig.s3, client, bucket, quarantine, now, dry_run=dry_run, delete=delete, audit=AuditLog(rig.engine),
+        run_id="expiry-run", job="delete_orphans_job")
     now = utc_now()
-    fresh = expire_and_count(rig.s3, client, bucket, quarantine, now, dry_run=False, delete=delete)
-    assert (fresh.objects, fresh.bytes, fresh.expired) == (3, 100 + 101 + 102, 0) and fresh.oldest <= now
+    fresh = expire(now, dry_run=False)
+    assert (fresh.objects, fresh.bytes, fresh.expired, fresh.foreign) == (2, 100 + 101, 0, 2) and fresh.oldest <= now
     later = now + timedelta(days=3, seconds=1)
-    dry = expire_and_count(rig.s3, client, bucket, quarantine, later, dry_run=True, delete=delete)
-    assert (dry.objects, dry.expired, dry.expired_bytes) == (0, 3, 303)
-    assert len(list(client.list_objects(quarantine_bucket, recursive=True))) == 3
-    expired = expire_and_count(rig.s3, client, bucket, quarantine, later, dry_run=False, delete=delete)
-    assert (expired.objects, expired.expired) == (0, 3)
-    assert list(client.list_objects(quarantine_bucket, recursive=True)) == []
+    dry = expire(later, dry_run=True)
+    assert (dry.objects, dry.expired, dry.expired_bytes) == (0, 2, 201)
+    assert len(list(client.list_objects(quarantine_bucket, recursive=True))) == 4
+    expired = expire(later, dry_run=False)
+    assert (expired.objects, expired.expired, expired.foreign) == (0, 2, 2)
+    assert {o.object_name for o in client.list_objects(quarantine_bucket, recursive=True)} == {
+        f"{bucket}/someone-elses.npy", f"{bucket}/data/orphan-2.npy"}
+    assert _read(client, quarantine_bucket, f"{bucket}/data/orphan-2.npy") == b"replaced"
+    assert sorted((r.key, r.status, r.run_id) for r in rig.audit_rows(quarantine_bucket)) == [
+        (f"{bucket}/data/orphan-{i}.npy", "deleted", "expiry-run") for i in range(2)]
 
 
 _KILLED_RUN = """
