@@ -44,7 +44,7 @@ from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
 from heimdall_storage_pipeline.core.list_objects_v2 import VERSIONED, ListObjectsV2
 from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy
-from heimdall_storage_pipeline.core.quarantine import COPY_READ_TIMEOUT, copy_to_quarantine, discard_copies
+from heimdall_storage_pipeline.core.quarantine import COPY_READ_TIMEOUT, copy_to_quarantine, discard_copies, still_there
 from heimdall_storage_pipeline.core.references import read_only_snapshot
 from heimdall_storage_pipeline.core.revalidation import Version, fresh_versions, referenced_among, stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client, s3_errors
@@ -430,12 +430,29 @@ def _process_batch(
         # its final status in the transaction that closes the intent.
         outcomes, final = _outcomes(deletable, audit_ids, errors, ctx.clock)
         rows += outcomes
-        if moved_to is not None:  # copies whose original stayed go again: no object is kept twice
+        if moved_to is not None:
             deleted = {c.key for c, outcome in outcomes if outcome == Outcome.DELETED.value}
-            with s3_errors(ctx.s3, bucket.name):
-                discard_copies(client, [moved_to(key) for key in copied - deleted])
+            final += _settle_copies(ctx, bucket.name, client, lister, moved_to, audit_ids,
+                                    [c for c in batch if c.key in copied - deleted])
         ctx.audit.finish(marks + final, intents=[min(audit_ids.values())])
     return result
+
+
+def _settle_copies(
+    ctx: DeletionContext, bucket: str, client: Minio, lister: ListObjectsV2,
+    moved_to: Callable[[str], tuple[str, str]], audit_ids: dict[str, int], stayed: list[Candidate],
+) -> list[Mark]:
+    """Copies whose original was not reported deleted: removed where the checked object still sits at
+    its key (no object is kept twice); kept where it is gone or replaced, and its row then records the move."""
+    if not stayed:
+        return []
+    with s3_errors(ctx.s3, bucket):
+        stats = stat_objects(client, bucket, [c.key for c in stayed], lister)
+        duplicates = {c.key for c in stayed if still_there(stats[c.key], c.etag, c.last_modified)}
+        discard_copies(client, [moved_to(key) for key in duplicates])
+    return [Mark([audit_ids[c.key] for c in stayed if c.key not in duplicates], "deleted", ctx.clock(),
+                 "the delete was not confirmed, but the checked object is gone from its key; its quarantine copy "
+                 "holds it")]
 
 
 def _revalidate(

@@ -19,13 +19,13 @@ from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
-from heimdall_storage_pipeline.core.clock import utc_datetimes
+from heimdall_storage_pipeline.core.clock import ensure_utc, utc_datetimes
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
 from heimdall_storage_pipeline.core.policy import Quarantine
 from heimdall_storage_pipeline.core.revalidation import stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings
-from heimdall_storage_pipeline.core.safety import Candidate
+from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
 
 if TYPE_CHECKING:
     from heimdall_storage_pipeline.core.audit import AuditLog
@@ -39,6 +39,13 @@ def same_content(etag: str, size: int, copied_etag: str, copied_size: int) -> bo
     """A copy holds the object: same ETag, or, for a multipart ETag a copy may recompute, the same size."""
     etag, copied_etag = etag.strip('"'), copied_etag.strip('"')
     return etag == copied_etag or ("-" in etag and size == copied_size)
+
+
+def still_there(stat: FreshStat | None, etag: str, last_modified: datetime) -> bool:
+    """The checked object still sits at its key: only then is its quarantine copy a duplicate to remove."""
+    # A HEAD gives Last-Modified to the second, a listing to the millisecond.
+    return (stat is not None and stat.etag.strip('"') == etag.strip('"')
+            and abs(ensure_utc(stat.last_modified) - ensure_utc(last_modified)) < timedelta(seconds=1))
 
 
 def _copy_one(client: Minio, bucket: str, quarantine: Quarantine, candidate: Candidate) -> str | None:

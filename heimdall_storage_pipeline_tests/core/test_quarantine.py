@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 import urllib3
 from minio.commonconfig import ENABLED, Filter
+from minio.deleteobjects import DeleteError
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from minio.versioningconfig import VersioningConfig
 
@@ -306,3 +307,50 @@ def test_a_copy_that_times_out_fails_its_key_only_and_copies_use_a_longer_bounde
     assert timeouts and all(t == quarantine_module.COPY_READ_TIMEOUT for t in timeouts)
     assert _read(client, bucket, "data/orphan-1.npy") == bodies["data/orphan-1.npy"]
     assert {r.key: r.status for r in rig.audit_rows(bucket)}["data/orphan-1.npy"] == "failed"
+
+
+def test_a_copy_is_removed_only_where_the_checked_original_still_sits_at_its_key(
+        rig, seaweed, make_bucket, monkeypatch):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine, orphans=20)
+    rig.offset = OLD
+    real_delete = deletion.delete_batch
+
+    def gone_yet_failed(client_, on, objects, log, sleep, before_attempt):
+        # orphan-0: the server deletes it but reports an error; orphan-1: really refused.
+        def without_orphan_1(sent):
+            return [o for o in before_attempt(sent) if o.name != "data/orphan-1.npy"]
+
+        errors = real_delete(client_, on, objects, log, sleep, without_orphan_1)
+        return {**errors, **{key: DeleteError("InternalError", "try again", key, None)
+                             for key in ("data/orphan-0.npy", "data/orphan-1.npy")}}
+
+    monkeypatch.setattr(deletion, "delete_batch", gone_yet_failed)
+    report = rig.delete(policy, rig.scan(policy))
+    assert (report.outcomes["deleted"], report.outcomes["failed"]) == (18, 2)
+    listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
+    assert "data/orphan-0.npy" not in listed and _read(client, bucket, "q/data/orphan-0.npy") == bodies[
+        "data/orphan-0.npy"]  # the only copy left is kept
+    assert "data/orphan-1.npy" in listed and "q/data/orphan-1.npy" not in listed  # a duplicate goes
+    statuses = {r.key: r.status for r in rig.audit_rows(bucket)}
+    assert (statuses["data/orphan-0.npy"], statuses["data/orphan-1.npy"]) == ("deleted", "failed")
+    assert [m.key for m in AuditLog(rig.engine).moved(bucket, keys=["data/orphan-0.npy"])] == ["data/orphan-0.npy"]
+
+
+def test_after_a_crash_a_copy_whose_original_was_replaced_is_kept(rig, seaweed, make_bucket, database_url, tmp_path):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine)
+    rig.offset = OLD
+    orphans = rig.scan(policy)
+    args = {"s3": {"endpoint": seaweed.endpoint, "access_key": seaweed.access_key, "secret_key": seaweed.secret_key},
+            "db": database_url, "root": str(tmp_path / "manifests"), "bucket": bucket,
+            "table": policy.references[0].query.split()[-1], "orphans": orphans}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(args)], timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert killed.returncode == -9
+    client.put_object(bucket, "data/orphan-0.npy", io.BytesIO(b"new"), 3)  # uploaded after the crash
+    report = rig.delete(policy, orphans)
+    assert report.reconciled == {"deleted": 1, "not_deleted": 2}
+    assert _read(client, bucket, "data/orphan-0.npy") == b"new"
+    assert _read(client, bucket, "q/data/orphan-0.npy") == bodies["data/orphan-0.npy"]
+    assert report.outcomes["skipped_changed"] == 1 and report.outcomes["deleted"] == 2
