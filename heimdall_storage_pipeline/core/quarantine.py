@@ -51,6 +51,9 @@ def still_there(stat: FreshStat | None, etag: str, last_modified: datetime) -> b
 def _copy_one(client: Minio, bucket: str, quarantine: Quarantine, candidate: Candidate) -> str | None:
     where, key = quarantine.location(bucket, candidate.key)
     try:
+        if _stat(client, where, key) is not None:  # an earlier move's copy: never overwritten before keep_days
+            return (f"refused: {where}/{key} already holds the quarantine copy of an earlier move of this key; "
+                    f"the key is moved once that copy is restored or expires (or remove it by hand)")
         # Only the checked content is copied (match_etag), with its metadata (the default COPY directive).
         copied = client.copy_object(where, key, CopySource(bucket, candidate.key, match_etag=candidate.etag))
         if (copied.etag or "").strip('"') == candidate.etag.strip('"'):

@@ -24,7 +24,7 @@ from heimdall_storage_pipeline.core import deletion
 from heimdall_storage_pipeline.core import quarantine as quarantine_module
 from heimdall_storage_pipeline.core.audit import AuditLog
 from heimdall_storage_pipeline.core.clock import utc_now
-from heimdall_storage_pipeline.core.deletion import delete_batch
+from heimdall_storage_pipeline.core.deletion import DeletionAbortedError, delete_batch
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.policy import Quarantine
 from heimdall_storage_pipeline.core.quarantine import (
@@ -354,3 +354,17 @@ def test_after_a_crash_a_copy_whose_original_was_replaced_is_kept(rig, seaweed, 
     assert _read(client, bucket, "data/orphan-0.npy") == b"new"
     assert _read(client, bucket, "q/data/orphan-0.npy") == bodies["data/orphan-0.npy"]
     assert report.outcomes["skipped_changed"] == 1 and report.outcomes["deleted"] == 2
+
+
+def test_a_second_move_of_a_key_never_overwrites_the_first_copy(rig, seaweed, make_bucket):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine)
+    rig.offset = OLD
+    rig.delete(policy, rig.scan(policy))
+    client.put_object(bucket, "data/orphan-0.npy", io.BytesIO(b"second life"), 11)  # re-uploaded, orphaned again
+    # The only candidate of its batch fails: the bucket stops, naming why.
+    with pytest.raises(DeletionAbortedError, match="already holds the quarantine copy of an earlier move"):
+        rig.delete(policy, rig.scan(policy))
+    assert sorted(r.status for r in rig.audit_rows(bucket) if r.key == "data/orphan-0.npy") == ["deleted", "failed"]
+    assert _read(client, bucket, "q/data/orphan-0.npy") == bodies["data/orphan-0.npy"]
+    assert _read(client, bucket, "data/orphan-0.npy") == b"second life"
