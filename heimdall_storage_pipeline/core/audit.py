@@ -26,8 +26,7 @@ from sqlalchemy.engine import Engine
 from heimdall_storage_pipeline.core.clock import ensure_utc
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.migrations import apply_migrations
-from heimdall_storage_pipeline.core.quarantine import Moved
-from heimdall_storage_pipeline.core.quarantine import still_there as still_there_unchanged
+from heimdall_storage_pipeline.core.quarantine import Moved, checked_object_remains
 from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
 
 # The tables' layout is in migrations/audit/*.sql; these describe them for queries.
@@ -295,13 +294,13 @@ class AuditLog:
             if row.quarantine is None:
                 return stats[row.key] is not None
             assert row.last_modified is not None
-            return still_there_unchanged(stats[row.key], row.etag, row.last_modified)
+            return checked_object_remains(stats[row.key], row.etag, row.last_modified)
 
         gone = [row.id for row in by_key if not stayed(row)] + [i for i, n in left.items() if n == 0]
         partly = [row.id for row in by_versions if 0 < left[row.id] < len(row.version_ids)]
         still_there = [row.id for row in by_key if stayed(row)] + [
             row.id for row in by_versions if left[row.id] == len(row.version_ids)]
-        kept = set(still_there) | {row.id for row in by_versions if row.id in partly and row.quarantine is None}
+        kept = set(still_there)  # a copy of a partly deleted key stays: its checked version may be gone
         copies = [row.quarantine for row in pending if row.quarantine and row.id in kept]
         if copies and discard is not None:
             discard(copies)
@@ -327,6 +326,17 @@ class AuditLog:
         with self.engine.connect() as connection:
             return [Moved(row.id, row.key, row.size, row.etag, (row.quarantine_bucket, row.quarantine_key))
                     for row in connection.execute(query)]
+
+    def quarantine_copies(self, where: str, keys: list[str]) -> dict[str, list[tuple[str, int]]]:
+        """Which of ``keys`` in bucket ``where`` a move put there: each one's moved ETags and sizes."""
+        a = deletion_audit.c
+        query = sa.select(a.quarantine_key, a.etag, a.size).where(
+            a.quarantine_bucket == where, a.quarantine_key.in_(keys), a.status.in_(("deleted", "restored")))
+        found: dict[str, list[tuple[str, int]]] = {}
+        with self.engine.connect() as connection:
+            for row in connection.execute(query):
+                found.setdefault(row.quarantine_key, []).append((row.etag, row.size))
+        return found
 
     def mark_restored(self, audit_id: int, at: datetime) -> None:
         """The moved object is back under its key (``deleted_at`` keeps when it had been moved)."""

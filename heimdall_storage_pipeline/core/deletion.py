@@ -44,7 +44,12 @@ from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
 from heimdall_storage_pipeline.core.list_objects_v2 import VERSIONED, ListObjectsV2
 from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy
-from heimdall_storage_pipeline.core.quarantine import COPY_READ_TIMEOUT, copy_to_quarantine, discard_copies, still_there
+from heimdall_storage_pipeline.core.quarantine import (
+    COPY_READ_TIMEOUT,
+    checked_object_remains,
+    copy_to_quarantine,
+    discard_copies,
+)
 from heimdall_storage_pipeline.core.references import read_only_snapshot
 from heimdall_storage_pipeline.core.revalidation import Version, fresh_versions, referenced_among, stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client, s3_errors
@@ -448,7 +453,7 @@ def _settle_copies(
         return []
     with s3_errors(ctx.s3, bucket):
         stats = stat_objects(client, bucket, [c.key for c in stayed], lister)
-        duplicates = {c.key for c in stayed if still_there(stats[c.key], c.etag, c.last_modified)}
+        duplicates = {c.key for c in stayed if checked_object_remains(stats[c.key], c.etag, c.last_modified)}
         discard_copies(client, [moved_to(key) for key in duplicates])
     return [Mark([audit_ids[c.key] for c in stayed if c.key not in duplicates], "deleted", ctx.clock(),
                  "the delete was not confirmed, but the checked object is gone from its key; its quarantine copy "

@@ -41,7 +41,7 @@ def same_content(etag: str, size: int, copied_etag: str, copied_size: int) -> bo
     return etag == copied_etag or ("-" in etag and size == copied_size)
 
 
-def still_there(stat: FreshStat | None, etag: str, last_modified: datetime) -> bool:
+def checked_object_remains(stat: FreshStat | None, etag: str, last_modified: datetime) -> bool:
     """The checked object still sits at its key: only then is its quarantine copy a duplicate to remove."""
     # A HEAD gives Last-Modified to the second, a listing to the millisecond.
     return (stat is not None and stat.etag.strip('"') == etag.strip('"')
