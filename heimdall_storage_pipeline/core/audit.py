@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from heimdall_storage_pipeline.core.clock import ensure_utc
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.migrations import apply_migrations
-from heimdall_storage_pipeline.core.quarantine import Moved
+from heimdall_storage_pipeline.core.quarantine import Moved, checked_object_remains
 from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
 
 # The tables' layout is in migrations/audit/*.sql; these describe them for queries.
@@ -89,7 +89,8 @@ SELECT key, id FROM intent
 """
 # Every open intent of the bucket, with its rows that are still pending (none: a.id is NULL).
 _PENDING = f"""
-SELECT o.first_id, a.id, a.run_id, a.key, a.quarantine_bucket, a.quarantine_key, a.version_ids
+SELECT o.first_id, a.id, a.run_id, a.key, a.etag, a.last_modified, a.quarantine_bucket, a.quarantine_key,
+       a.version_ids
 FROM {open_intents.name} AS o
 LEFT JOIN {deletion_audit.name} AS a ON a.id BETWEEN o.first_id AND o.last_id AND a.status = 'pending'
 WHERE o.bucket = :bucket
@@ -142,6 +143,8 @@ class PendingDeletion:
     key: str
     quarantine: tuple[str, str] | None = None  # where a move was copying the object to
     version_ids: tuple[str, ...] = ()  # the versions the delete named, on a versioned bucket
+    etag: str = ""  # the object checked, which a move's copy holds
+    last_modified: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,8 @@ class AuditLog:
         rows = {row.id: PendingDeletion(id=row.id, run_id=row.run_id, key=row.key,
                                         quarantine=(row.quarantine_bucket, row.quarantine_key)
                                         if row.quarantine_key else None,
-                                        version_ids=tuple(row.version_ids or ()))
+                                        version_ids=tuple(row.version_ids or ()), etag=row.etag,
+                                        last_modified=row.last_modified)
                 for row in found if row.id is not None}
         return list(rows.values()), sorted({row.first_id for row in found})
 
@@ -273,7 +277,9 @@ class AuditLog:
         now), not by its key, which a delete of noncurrent versions leaves in place: deleted when
         none remains, not deleted when all do, failed when some do.
         A move to quarantine that died between copy and delete left its original: ``discard`` removes
-        the copy, so that the next run moves the object once, re-validated.
+        the copy, so that the next run moves the object once, re-validated. A copy whose original is
+        gone or replaced (by an upload since) holds the checked object: it is kept, the row ``deleted``;
+        so is a copy whose versions are partly gone (the checked one may be among them).
         """
         pending, intents = self.pending(bucket)
         by_versions = [row for row in pending if row.version_ids]
@@ -283,11 +289,18 @@ class AuditLog:
         stats = stat(sorted({p.key for p in by_key})) if by_key else {}
         remaining = versions(sorted({p.key for p in by_versions})) if by_versions and versions else {}
         left = {row.id: len(remaining[row.key].intersection(row.version_ids)) for row in by_versions}
-        gone = [row.id for row in by_key if stats[row.key] is None] + [i for i, n in left.items() if n == 0]
+
+        def stayed(row: PendingDeletion) -> bool:
+            if row.quarantine is None:
+                return stats[row.key] is not None
+            assert row.last_modified is not None
+            return checked_object_remains(stats[row.key], row.etag, row.last_modified)
+
+        gone = [row.id for row in by_key if not stayed(row)] + [i for i, n in left.items() if n == 0]
         partly = [row.id for row in by_versions if 0 < left[row.id] < len(row.version_ids)]
-        still_there = [row.id for row in by_key if stats[row.key] is not None] + [
+        still_there = [row.id for row in by_key if stayed(row)] + [
             row.id for row in by_versions if left[row.id] == len(row.version_ids)]
-        kept = set(still_there) | set(partly)
+        kept = set(still_there)  # a copy of a partly deleted key stays: its checked version may be gone
         copies = [row.quarantine for row in pending if row.quarantine and row.id in kept]
         if copies and discard is not None:
             discard(copies)
@@ -313,6 +326,17 @@ class AuditLog:
         with self.engine.connect() as connection:
             return [Moved(row.id, row.key, row.size, row.etag, (row.quarantine_bucket, row.quarantine_key))
                     for row in connection.execute(query)]
+
+    def quarantine_copies(self, where: str, keys: list[str]) -> dict[str, list[tuple[str, int]]]:
+        """Which of ``keys`` in bucket ``where`` a move put there: each one's moved ETags and sizes."""
+        a = deletion_audit.c
+        query = sa.select(a.quarantine_key, a.etag, a.size).where(
+            a.quarantine_bucket == where, a.quarantine_key.in_(keys), a.status.in_(("deleted", "restored")))
+        found: dict[str, list[tuple[str, int]]] = {}
+        with self.engine.connect() as connection:
+            for row in connection.execute(query):
+                found.setdefault(row.quarantine_key, []).append((row.etag, row.size))
+        return found
 
     def mark_restored(self, audit_id: int, at: datetime) -> None:
         """The moved object is back under its key (``deleted_at`` keeps when it had been moved)."""

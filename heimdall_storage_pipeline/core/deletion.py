@@ -44,7 +44,12 @@ from heimdall_storage_pipeline.core.keys import InvalidKeyError, normalize_key
 from heimdall_storage_pipeline.core.list_objects_v2 import VERSIONED, ListObjectsV2
 from heimdall_storage_pipeline.core.manifests import DELETIONS_SCHEMA, ManifestStore
 from heimdall_storage_pipeline.core.policy import BucketPolicy
-from heimdall_storage_pipeline.core.quarantine import copy_to_quarantine, discard_copies
+from heimdall_storage_pipeline.core.quarantine import (
+    COPY_READ_TIMEOUT,
+    checked_object_remains,
+    copy_to_quarantine,
+    discard_copies,
+)
 from heimdall_storage_pipeline.core.references import read_only_snapshot
 from heimdall_storage_pipeline.core.revalidation import Version, fresh_versions, referenced_among, stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings, make_client, s3_errors
@@ -257,6 +262,8 @@ def delete_candidates(
     # A stalled server holds a DeleteObjects at most this long: it bounds how old a check can be when
     # the server carries the delete out (REVALIDATION_MAX_AGE before sending, plus this).
     client = make_client(ctx.s3, read_timeout=DELETE_REQUEST_TIMEOUT)
+    # Server-side copies of big objects take longer than a delete: their own client, bounded too.
+    copier = make_client(ctx.s3, read_timeout=COPY_READ_TIMEOUT) if bucket.quarantine and not dry_run else client
     lister = ListObjectsV2(ctx.s3, bucket.name)
     with s3_errors(ctx.s3, bucket.name):
         # Asked now, not taken from the scan: a delete without version ids frees nothing on a versioned bucket.
@@ -327,7 +334,8 @@ def delete_candidates(
                     wait([f for f in in_flight if not f.done()] or in_flight, return_when=FIRST_COMPLETED)
                     settle_finished()
                 in_flight.append(pool.submit(_process_batch, ctx, bucket, batch, client, lister, slots,
-                                             checks, dry_run=dry_run, age_exempt=age_exempt, versioned=versioned))
+                                             checks, dry_run=dry_run, age_exempt=age_exempt, versioned=versioned,
+                                             copier=copier))
             while in_flight:
                 settle_oldest()
             if logged is not None and logged[1] < report.batches:
@@ -373,6 +381,7 @@ def _process_batch(
     dry_run: bool,
     age_exempt: bool,
     versioned: bool = False,
+    copier: Minio | None = None,
 ) -> BatchResult:
     began = time.perf_counter()
     with checks:
@@ -395,9 +404,18 @@ def _process_batch(
         copied: set[str] = set()
 
         def still_deletable(objects: list[DeleteObject]) -> list[DeleteObject]:
-            """Before each request, the first or a retry: a check older than the bound is made again;
-            with a quarantine, what is still deletable is copied there first."""
+            """Before each request, the first or a retry: with a quarantine, what is still deletable is
+            copied there first; then a check older than the bound (the copies take time) is made again."""
             nonlocal deletable, checked
+            if quarantine is not None:
+                failed = copy_to_quarantine(copier or client, bucket.name, quarantine,
+                                            [c for c in deletable if c.key not in copied])
+                copied.update(c.key for c in deletable if c.key not in failed)
+                rows.extend((c, Outcome.FAILED.value) for c in deletable if c.key in failed)
+                result.failures.update(failed)
+                marks.extend(Mark([audit_ids[key]], "failed", error=error) for key, error in failed.items())
+                deletable = [c for c in deletable if c.key not in failed]
+                objects = _delete_objects(ctx, deletable)
             if time.perf_counter() - checked > REVALIDATION_MAX_AGE:
                 again = time.perf_counter()
                 skipped, deletable = _revalidate(ctx, bucket, deletable, client, lister, age_exempt)
@@ -408,16 +426,7 @@ def _process_batch(
                 marks.extend(Mark([audit_ids[key] for key in keys], "not_deleted",
                                   error=f"{outcome} when checked again")
                              for outcome, keys in _keys_by_outcome(skipped).items())
-                objects = _delete_objects(ctx, deletable)
-            if quarantine is not None:
-                failed = copy_to_quarantine(client, bucket.name, quarantine,
-                                            [c for c in deletable if c.key not in copied])
-                copied.update(c.key for c in deletable if c.key not in failed)
-                rows.extend((c, Outcome.FAILED.value) for c in deletable if c.key in failed)
-                result.failures.update(failed)
-                marks.extend(Mark([audit_ids[key]], "failed", error=error) for key, error in failed.items())
-                deletable = [c for c in deletable if c.key not in failed]
-                objects = _delete_objects(ctx, deletable)
+                objects = _delete_objects(ctx, deletable)  # the copies of the skipped go after the request
             return objects
 
         with slots:  # one of ctx.workers DeleteObjects requests in flight
@@ -426,12 +435,29 @@ def _process_batch(
         # its final status in the transaction that closes the intent.
         outcomes, final = _outcomes(deletable, audit_ids, errors, ctx.clock)
         rows += outcomes
-        if moved_to is not None:  # copies whose original stayed go again: no object is kept twice
+        if moved_to is not None:
             deleted = {c.key for c, outcome in outcomes if outcome == Outcome.DELETED.value}
-            with s3_errors(ctx.s3, bucket.name):
-                discard_copies(client, [moved_to(key) for key in copied - deleted])
+            final += _settle_copies(ctx, bucket.name, client, lister, moved_to, audit_ids,
+                                    [c for c in batch if c.key in copied - deleted])
         ctx.audit.finish(marks + final, intents=[min(audit_ids.values())])
     return result
+
+
+def _settle_copies(
+    ctx: DeletionContext, bucket: str, client: Minio, lister: ListObjectsV2,
+    moved_to: Callable[[str], tuple[str, str]], audit_ids: dict[str, int], stayed: list[Candidate],
+) -> list[Mark]:
+    """Copies whose original was not reported deleted: removed where the checked object still sits at
+    its key (no object is kept twice); kept where it is gone or replaced, and its row then records the move."""
+    if not stayed:
+        return []
+    with s3_errors(ctx.s3, bucket):
+        stats = stat_objects(client, bucket, [c.key for c in stayed], lister)
+        duplicates = {c.key for c in stayed if checked_object_remains(stats[c.key], c.etag, c.last_modified)}
+        discard_copies(client, [moved_to(key) for key in duplicates])
+    return [Mark([audit_ids[c.key] for c in stayed if c.key not in duplicates], "deleted", ctx.clock(),
+                 "the delete was not confirmed, but the checked object is gone from its key; its quarantine copy "
+                 "holds it")]
 
 
 def _revalidate(

@@ -403,10 +403,23 @@ class BucketPolicy:
     quarantine: Annotated[Quarantine | None, AfterValidator(lambda q: q if q is None else _one_place(q))] = None
 
 
+def _quarantine_elsewhere(buckets: tuple[BucketPolicy, ...]) -> tuple[BucketPolicy, ...]:
+    # The expiry and lifecycle rule delete under the quarantine location: never a cleaned bucket's data.
+    names = {bucket.name for bucket in buckets}
+    for bucket in buckets:
+        if bucket.quarantine is not None and bucket.quarantine.bucket in names:
+            raise ValueError(
+                f"{bucket.name}: quarantine.bucket {bucket.quarantine.bucket!r} is a bucket of this policy, whose "
+                f"data its expiry would delete; name a bucket of its own, or use 'prefix' in the same bucket"
+            )
+    return buckets
+
+
 @dataclass(frozen=True, config=_NO_UNKNOWN_KEYS)
 class StoragePolicy:
     source: str  # where the policy came from, for error messages
-    buckets: Annotated[tuple[BucketPolicy, ...], BeforeValidator(_buckets_from_mapping)]
+    buckets: Annotated[tuple[BucketPolicy, ...], BeforeValidator(_buckets_from_mapping),
+                       AfterValidator(_quarantine_elsewhere)]
     manifest_retention_days: Annotated[StrictInt, AfterValidator(_at_least_one)] = DEFAULT_MANIFEST_RETENTION_DAYS
     allow_short_min_age: StrictBool = False
     # The disk that holds the buckets, for the days-until-full forecast; none: no forecast.

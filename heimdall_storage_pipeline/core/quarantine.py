@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,15 +19,20 @@ from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
-from heimdall_storage_pipeline.core.clock import utc_datetimes
+from heimdall_storage_pipeline.core.clock import ensure_utc, utc_datetimes
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
 from heimdall_storage_pipeline.core.list_objects_v2 import ListObjectsV2
 from heimdall_storage_pipeline.core.policy import Quarantine
 from heimdall_storage_pipeline.core.revalidation import stat_objects
 from heimdall_storage_pipeline.core.s3 import S3Settings
-from heimdall_storage_pipeline.core.safety import Candidate
+from heimdall_storage_pipeline.core.safety import Candidate, FreshStat
+
+if TYPE_CHECKING:
+    from heimdall_storage_pipeline.core.audit import AuditLog
 
 COPY_THREADS = 8
+# Seconds a server-side copy may go without an answer: a big object's copy answers only when done.
+COPY_READ_TIMEOUT = 900.0
 
 
 def same_content(etag: str, size: int, copied_etag: str, copied_size: int) -> bool:
@@ -35,14 +41,29 @@ def same_content(etag: str, size: int, copied_etag: str, copied_size: int) -> bo
     return etag == copied_etag or ("-" in etag and size == copied_size)
 
 
+def checked_object_remains(stat: FreshStat | None, etag: str, last_modified: datetime) -> bool:
+    """The checked object still sits at its key: only then is its quarantine copy a duplicate to remove."""
+    # A HEAD gives Last-Modified to the second, a listing to the millisecond.
+    return (stat is not None and stat.etag.strip('"') == etag.strip('"')
+            and abs(ensure_utc(stat.last_modified) - ensure_utc(last_modified)) < timedelta(seconds=1))
+
+
 def _copy_one(client: Minio, bucket: str, quarantine: Quarantine, candidate: Candidate) -> str | None:
     where, key = quarantine.location(bucket, candidate.key)
     try:
+        if _stat(client, where, key) is not None:  # an earlier move's copy: never overwritten before keep_days
+            return (f"refused: {where}/{key} already holds the quarantine copy of an earlier move of this key; "
+                    f"the key is moved once that copy is restored or expires (or remove it by hand)")
         # Only the checked content is copied (match_etag), with its metadata (the default COPY directive).
         copied = client.copy_object(where, key, CopySource(bucket, candidate.key, match_etag=candidate.etag))
+        if (copied.etag or "").strip('"') == candidate.etag.strip('"'):
+            return None
+        held = _stat(client, where, key)  # a multipart ETag the copy recomputed: the sizes must agree
     except S3Error as exc:
         return f"copy to quarantine failed: {exc.code}"
-    if not same_content(candidate.etag, candidate.size, copied.etag or "", candidate.size):
+    except Exception as exc:  # a timeout or a dropped connection fails this key, not the run
+        return f"copy to quarantine failed: {type(exc).__name__}: {str(exc)[:200]}"
+    if held is None or not same_content(candidate.etag, candidate.size, held[0], held[1]):
         return f"the quarantine copy's ETag {copied.etag} differs from {candidate.etag}"
     return None
 
@@ -73,10 +94,34 @@ def rule_id(bucket: str) -> str:
     return f"heimdall-quarantine-{bucket}"
 
 
+def _copies(page: pa.RecordBatch, where: str, audit: AuditLog) -> pa.Array:
+    """Which rows of a listing of the quarantine location are copies a move made (by the audit log)."""
+    keys = page.column("key").to_pylist()
+    recorded = audit.quarantine_copies(where, keys)
+    return pa.array([any(same_content(etag, size, listed_etag, listed_size) for etag, size in recorded.get(key, ()))
+                     for key, listed_etag, listed_size in zip(keys, page.column("etag").to_pylist(),
+                                                              page.column("size").to_pylist(), strict=True)],
+                    pa.bool_())
+
+
+def check_only_copies(settings: S3Settings, bucket: str, quarantine: Quarantine, audit: AuditLog) -> None:
+    """Refuse a quarantine location that holds objects no move put there: its expiry would delete them."""
+    where, prefix = quarantine.location(bucket, "")
+    for page in ListObjectsV2(settings, where).batches(prefix=prefix):
+        foreign = page.filter(pc.invert(_copies(page, where, audit)))
+        if foreign.num_rows:
+            raise StorageCleanupError(
+                f"the quarantine location {where}/{prefix} holds {foreign.num_rows}+ objects no move put there "
+                f"(first: {foreign.column('key')[0].as_py()!r}), which its expiry would delete; nothing was "
+                f"moved or deleted. Point quarantine at an empty prefix or bucket, or move those objects away"
+            )
+
+
 def set_expiry_rule(client: Minio, bucket: str, quarantine: Quarantine) -> bool:
     """Put the lifecycle rule that expires ``bucket``'s quarantined objects, keeping the bucket's other rules.
 
     False when the server refuses lifecycle configuration: the cleanup job's expiry then does it alone.
+    Call ``check_only_copies`` first: the rule expires whatever sits under the location.
     """
     where, prefix = quarantine.location(bucket, "")
     try:
@@ -104,30 +149,53 @@ class QuarantineFigures:
     oldest: datetime | None = None  # when the oldest quarantined object was moved
     expired: int = 0  # removed by this run (or, in a dry run, due for removal)
     expired_bytes: int = 0
+    foreign: int = 0  # objects under the location no move put there: left alone, not counted above
     errors: list[str] = field(default_factory=list)
 
 
 def expire_and_count(settings: S3Settings, client: Minio, bucket: str, quarantine: Quarantine, now: datetime,
-                     *, dry_run: bool, delete: Callable[[str, list[DeleteObject]], dict[str, object]]
-                     ) -> QuarantineFigures:
-    """Remove quarantined objects moved ``keep_days`` ago or earlier (unless a dry run) and count the rest."""
+                     *, dry_run: bool, delete: Callable[[str, list[DeleteObject]], dict[str, object]],
+                     audit: AuditLog, run_id: str, job: str) -> QuarantineFigures:
+    """Remove the copies moves made ``keep_days`` ago or earlier (unless a dry run) and count the rest.
+
+    Only objects the audit log records as a move's copy (same ETag) are touched; each removal is
+    audited, as a row of the quarantine bucket.
+    """
     where, prefix = quarantine.location(bucket, "")
     cutoff = now - timedelta(days=quarantine.keep_days)
     figures = QuarantineFigures()
-    for page in ListObjectsV2(settings, where).batches(prefix=prefix):
+    for listed in ListObjectsV2(settings, where).batches(prefix=prefix):
+        copies = _copies(listed, where, audit)
+        figures.foreign += listed.num_rows - (pc.sum(copies).as_py() or 0)
+        page = listed.filter(copies)
         old = pc.less_equal(page.column("last_modified"), pa.scalar(cutoff, page.schema.field("last_modified").type))
         expired, kept = page.filter(old), page.filter(pc.invert(old))
         figures.expired += expired.num_rows
         figures.expired_bytes += pc.sum(expired.column("size")).as_py() or 0
         if expired.num_rows and not dry_run:
-            errors = delete(where, [DeleteObject(key) for key in expired.column("key").to_pylist()])
-            figures.errors += [f"{key}: {error}" for key, error in errors.items()][:10]
+            figures.errors += _expire(where, expired, delete, audit, run_id, job, now)[:10]
         figures.objects += kept.num_rows
         figures.bytes += pc.sum(kept.column("size")).as_py() or 0
         if kept.num_rows:
             oldest = min(utc_datetimes(kept.column("last_modified")))
             figures.oldest = oldest if figures.oldest is None else min(figures.oldest, oldest)
     return figures
+
+
+def _expire(where: str, expired: pa.RecordBatch, delete: Callable[[str, list[DeleteObject]], dict[str, object]],
+            audit: AuditLog, run_id: str, job: str, now: datetime) -> list[str]:
+    from heimdall_storage_pipeline.core.audit import Mark  # audit imports this module
+
+    candidates = [Candidate(key, size, modified, etag) for key, size, modified, etag in zip(
+        expired.column("key").to_pylist(), expired.column("size").to_pylist(),
+        utc_datetimes(expired.column("last_modified")), expired.column("etag").to_pylist(), strict=True)]
+    ids = audit.record_intent(run_id=run_id, job=job, bucket=where, candidates=candidates, at=now)
+    errors = delete(where, [DeleteObject(c.key) for c in candidates])
+    audit.finish([Mark([ids[c.key] for c in candidates if c.key not in errors], "deleted", now,
+                       "quarantine copy expired after keep_days"),
+                  *(Mark([ids[key]], "failed", None, f"quarantine expiry: {error}") for key, error in errors.items())],
+                 intents=[min(ids.values())])
+    return [f"{key}: {error}" for key, error in errors.items()]
 
 
 @dataclass(frozen=True)
@@ -146,19 +214,29 @@ def _stat(client: Minio, bucket: str, key: str) -> tuple[str, int] | None:
     return None if found is None else (found.etag, found.size)
 
 
-def restore_one(client: Minio, bucket: str, moved: Moved, *, dry_run: bool) -> str:
-    """Put ``moved`` back under its key; returns ``restored``, ``would_restore`` or why it was refused."""
-    if _stat(client, bucket, moved.key) is not None:
-        return f"refused: a newer object sits at {moved.key!r}; it is left as it is (copy the quarantined one by hand)"
+def restore_one(client: Minio, bucket: str, moved: Moved, *, dry_run: bool,
+                restored: Callable[[], None] = lambda: None, warn: Callable[[str], None] = print) -> str:
+    """Put ``moved`` back under its key; returns ``restored``, ``would_restore`` or why it was refused.
+
+    ``restored`` records the restore (before the quarantine copy is removed, so that a failed removal
+    cannot leave the move looking unrestored); ``warn`` reports a copy that could not be removed.
+    """
     held = _stat(client, *moved.quarantine)
     if held is None:
         return f"refused: the quarantine copy {moved.quarantine[0]}/{moved.quarantine[1]} is gone (expired?)"
     if not same_content(moved.etag, moved.size, *held):
         return f"refused: the quarantine copy's ETag {held[0]} is not the moved object's {moved.etag}"
+    # Looked at last, right before the copy, so that an upload since is not overwritten.
+    if _stat(client, bucket, moved.key) is not None:
+        return f"refused: a newer object sits at {moved.key!r}; it is left as it is (copy the quarantined one by hand)"
     if dry_run:
         return "would_restore"
     back = client.copy_object(bucket, moved.key, CopySource(*moved.quarantine, match_etag=held[0]))
     if not same_content(moved.etag, moved.size, back.etag or "", held[1]):
         return f"failed: the restored object's ETag {back.etag} is not {moved.etag}; the quarantine copy is kept"
-    discard_copies(client, [moved.quarantine])
+    restored()
+    try:
+        discard_copies(client, [moved.quarantine])
+    except (StorageCleanupError, S3Error) as exc:
+        warn(f"{moved.key}: restored, but its quarantine copy stays until keep_days: {exc}")
     return "restored"

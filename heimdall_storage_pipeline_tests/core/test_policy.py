@@ -23,6 +23,7 @@ from heimdall_storage_pipeline.core.policy import (
     format_duration,
     load_policy,
     parse_duration,
+    parse_policy,
 )
 
 BUCKET = "good-bucket"
@@ -394,3 +395,19 @@ def test_the_shipped_policy_points_only_at_files_of_the_repository() -> None:
         target = (repo / path).resolve()
         assert target.is_relative_to(repo) and target.is_file(), f"the shipped policy points at {path}, outside " \
                                                                  f"the repository or missing"
+
+
+@pytest.mark.parametrize(("quarantine", "message"), [
+    ({"bucket": BUCKET, "keep_days": 7}, f"quarantine.bucket {BUCKET!r} is a bucket of this policy"),
+    ({"bucket": "second-bucket", "keep_days": 7}, "quarantine.bucket 'second-bucket' is a bucket of this policy"),
+    ({"prefix": "", "keep_days": 7}, "'prefix' must name a folder"),
+    ({"prefix": "/", "keep_days": 7}, "'prefix' must name a folder"),
+])
+def test_a_quarantine_that_would_expire_a_cleaned_bucket_is_refused(quarantine: dict[str, Any], message: str):
+    document = valid_document()
+    document["buckets"]["second-bucket"] = copy.deepcopy(document["buckets"][BUCKET])
+    document["buckets"][BUCKET]["quarantine"] = quarantine
+    with pytest.raises(PolicyError, match=re.escape(message)):
+        parse_policy(document, "p.yaml")
+    document["buckets"][BUCKET]["quarantine"] = {"bucket": "heimdall-quarantine", "keep_days": 7}
+    assert parse_policy(document, "p.yaml").bucket(BUCKET).quarantine.bucket == "heimdall-quarantine"

@@ -9,7 +9,7 @@ import dagster as dg
 import pyarrow.compute as pc
 from pydantic import Field
 
-from heimdall_storage_pipeline.core.audit import BucketBusyError
+from heimdall_storage_pipeline.core.audit import AuditLog, BucketBusyError
 from heimdall_storage_pipeline.core.clock import as_utc, isoformat_utc, utc_now
 from heimdall_storage_pipeline.core.deletion import (
     DELETE_WORKERS,
@@ -47,7 +47,12 @@ from heimdall_storage_pipeline.core.policy import (
     StoragePolicy,
 )
 from heimdall_storage_pipeline.core.purge import purge_dataset
-from heimdall_storage_pipeline.core.quarantine import expire_and_count, restore_one, set_expiry_rule
+from heimdall_storage_pipeline.core.quarantine import (
+    check_only_copies,
+    expire_and_count,
+    restore_one,
+    set_expiry_rule,
+)
 from heimdall_storage_pipeline.core.s3 import make_client, s3_errors
 from heimdall_storage_pipeline.core.safety import SKIP_OUTCOMES, Outcome
 from heimdall_storage_pipeline.defs import metadata as md
@@ -240,10 +245,12 @@ def delete_orphans(
     ctx = deletion_context(context, s3, reference_db, manifests, audit_db, config.dry_run,
                            workers=config.delete_concurrency, conditional_deletes=config.conditional_deletes)
     failures: dict[str, str] = {}
+    # A dry run reads the audit log too: it tells the quarantine's copies from other objects.
+    audit = ctx.audit or (audit_db.audit_log() if any(b.quarantine for b in buckets) else None)
     for bucket in buckets:
         try:
             with one_cleanup_at_a_time(context, ctx, bucket.name, config.lock_wait_seconds):
-                _clean_bucket(context, ctx, bucket, config)
+                _clean_bucket(context, ctx, bucket, config, audit)
         except (GuardTrippedError, StaleInputError, PlanRefusedError, BucketBusyError) as exc:
             # Refused before anything was deleted: recorded, so the UI and the exporter show it.
             failures[bucket.name] = str(exc)
@@ -282,7 +289,8 @@ def _plan_to_apply(context: dg.OpExecutionContext, ctx: DeletionContext, bucket:
 
 
 def _clean_bucket(
-    context: dg.OpExecutionContext, ctx: DeletionContext, bucket: BucketPolicy, config: DeleteOrphansConfig
+    context: dg.OpExecutionContext, ctx: DeletionContext, bucket: BucketPolicy, config: DeleteOrphansConfig,
+    audit: AuditLog | None = None,
 ) -> None:
     diff = latest_metadata(context.instance, "orphan_diff", bucket.name)
     check_diff_usable(bucket.name, diff, utc_now(), timedelta(minutes=config.max_diff_age_minutes))
@@ -335,7 +343,8 @@ def _clean_bucket(
         "refused": dg.MetadataValue.bool(False),
         "guard_verdict": dg.MetadataValue.text(verdict),
     }
-    extra |= _versioned_cleanup(context, ctx, bucket, config, report) | _quarantine_figures(ctx, bucket, config.dry_run)
+    extra |= _versioned_cleanup(context, ctx, bucket, config, report)
+    extra |= _quarantine_figures(context, ctx, bucket, config.dry_run, audit)
     if plan is not None:
         extra["plan_id"] = dg.MetadataValue.text(plan.plan_id)
     elif config.dry_run:
@@ -345,22 +354,29 @@ def _clean_bucket(
 
 def _set_quarantine_expiry(context: dg.OpExecutionContext, ctx: DeletionContext, bucket: BucketPolicy) -> None:
     """The lifecycle rule that expires quarantined objects; it also proves the quarantine bucket exists."""
-    assert bucket.quarantine is not None
+    assert bucket.quarantine is not None and ctx.audit is not None
     where, prefix = bucket.quarantine.location(bucket.name, "")
     with s3_errors(ctx.s3, where):
+        check_only_copies(ctx.s3, bucket.name, bucket.quarantine, ctx.audit)
         if not set_expiry_rule(make_client(ctx.s3), bucket.name, bucket.quarantine):
             context.log.warning(f"{where} takes no lifecycle rules: this job expires what sits under {prefix} itself")
 
 
-def _quarantine_figures(ctx: DeletionContext, bucket: BucketPolicy, dry_run: bool) -> dict[str, Any]:
+def _quarantine_figures(context: dg.OpExecutionContext, ctx: DeletionContext, bucket: BucketPolicy, dry_run: bool,
+                        audit: AuditLog | None) -> dict[str, Any]:
     """Expire quarantined objects past keep_days (where the server's lifecycle has not) and count the rest."""
     if bucket.quarantine is None:
         return {}
+    assert audit is not None
     client = make_client(ctx.s3)
     where, prefix = bucket.quarantine.location(bucket.name, "")
     with s3_errors(ctx.s3, where):
         figures = expire_and_count(ctx.s3, client, bucket.name, bucket.quarantine, utc_now(), dry_run=dry_run,
-                                   delete=lambda on, objects: delete_batch(client, on, objects, ctx.log, ctx.sleep))
+                                   delete=lambda on, objects: delete_batch(client, on, objects, ctx.log, ctx.sleep),
+                                   audit=audit, run_id=ctx.run_id, job=ctx.job)
+    if figures.foreign:
+        context.log.warning(f"{bucket.name}: {figures.foreign} objects under the quarantine location {where}/{prefix} "
+                            f"were not put there by a move; they are left alone and not counted")
     ctx.log(f"{bucket.name}: {figures.objects} objects ({figures.bytes} bytes) in quarantine at {where}/{prefix}; "
             f"{figures.expired} past keep_days {'would be ' if dry_run else ''}removed")
     if figures.errors:
@@ -374,6 +390,7 @@ def _quarantine_figures(ctx: DeletionContext, bucket: BucketPolicy, dry_run: boo
         **({"quarantine_oldest": md.timestamp(figures.oldest)} if figures.oldest else {}),
         "quarantine_expired": dg.MetadataValue.int(figures.expired),
         "quarantine_expired_bytes": dg.MetadataValue.int(figures.expired_bytes),
+        "quarantine_foreign_objects": dg.MetadataValue.int(figures.foreign),
     }
 
 
@@ -503,12 +520,19 @@ def restore_quarantined(
     missing = sorted(set(config.keys) - {m.key for m in moved})
     client = make_client(s3.settings())
     outcomes: dict[str, str] = {key: "refused: no move to quarantine of this key is recorded" for key in missing}
-    with audit.exclusive(config.bucket, run_id=context.run.run_id, wait=timedelta(seconds=DEFAULT_LOCK_WAIT_SECONDS)):
-        for item in moved:
-            with s3_errors(s3.settings(), config.bucket):
-                outcomes[item.key] = restore_one(client, config.bucket, item, dry_run=config.dry_run)
-            if outcomes[item.key] == "restored":
-                audit.mark_restored(item.audit_id, utc_now())
+    # A dry run changes nothing: it neither waits for nor blocks a cleanup of the bucket.
+    lock = nullcontext() if config.dry_run else audit.exclusive(
+        config.bucket, run_id=context.run.run_id, wait=timedelta(seconds=DEFAULT_LOCK_WAIT_SECONDS))
+    try:
+        with lock:
+            for item in moved:
+                with s3_errors(s3.settings(), config.bucket):
+                    outcomes[item.key] = restore_one(
+                        client, config.bucket, item, dry_run=config.dry_run,
+                        restored=lambda moved_id=item.audit_id: audit.mark_restored(moved_id, utc_now()),
+                        warn=context.log.warning)
+    except StorageCleanupError as exc:
+        raise dg.Failure(description=str(exc)) from None
     for key, outcome in outcomes.items():
         (context.log.info if outcome in ("restored", "would_restore") else context.log.warning)(f"{key}: {outcome}")
     counts = {name: sum(o.startswith(name) for o in outcomes.values())

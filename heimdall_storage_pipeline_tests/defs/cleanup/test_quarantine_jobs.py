@@ -8,7 +8,9 @@ from datetime import timedelta
 import dagster as dg
 import sqlalchemy as sa
 
+from heimdall_storage_pipeline.core.audit import AuditLog
 from heimdall_storage_pipeline.core.clock import utc_now
+from heimdall_storage_pipeline.defs.cleanup import jobs
 from heimdall_storage_pipeline_tests.cleanup_support import listed_keys, put
 from heimdall_storage_pipeline_tests.conftest import key_source
 
@@ -70,3 +72,38 @@ def test_restore_needs_exactly_one_selection(harness_factory, make_bucket):
     result = restore(harness, raise_on_error=False, bucket=bucket)
     assert not result.success
     assert "exactly one of keys, run_id or plan" in str(result.failure_data_for_node("restore_quarantined"))
+
+
+def test_a_dry_run_restore_ignores_a_busy_bucket_and_a_live_one_fails_with_one_line(
+        harness_factory, make_bucket, db_engine, monkeypatch):
+    bucket = make_bucket("qbusy")
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [key_source("SELECT 'x'")],
+                                        "quarantine": {"prefix": "q/", "keep_days": 30}}})
+    monkeypatch.setattr(jobs, "DEFAULT_LOCK_WAIT_SECONDS", 0)
+    with AuditLog(db_engine).exclusive(bucket, run_id="someone-else", wait=timedelta(0)):
+        assert restore(harness, bucket=bucket, keys=["a.npy"]).success  # a dry run takes no lock
+        live = restore(harness, raise_on_error=False, bucket=bucket, keys=["a.npy"], dry_run=False)
+    assert not live.success
+    failure = live.failure_data_for_node("restore_quarantined").user_failure_data
+    assert failure.description.startswith(f"another cleanup of {bucket!r} is running")
+
+
+def test_a_quarantine_prefix_over_existing_data_is_refused_before_anything_moves(
+        harness_factory, make_bucket, seaweed, db_engine):
+    bucket = make_bucket("qover")
+    client = seaweed.client()
+    with db_engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE refs_over (k text)"))
+        connection.execute(sa.text("INSERT INTO refs_over VALUES ('data/kept.npy')"))
+    for key in ("data/kept.npy", "a.npy"):
+        put(client, bucket, key, key.encode())
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [key_source("SELECT k FROM refs_over")],
+                                        "quarantine": {"prefix": "data/", "keep_days": 1}}})
+    while utc_now() < max(o.last_modified for o in client.list_objects(bucket, recursive=True)) + timedelta(seconds=2):
+        time.sleep(0.2)
+    harness.scan(bucket)
+    result = harness.delete(raise_on_error=False, dry_run=False, allow_mass_delete=True)
+    assert not result.success
+    assert "holds 1+ objects no move put there (first: 'data/kept.npy')" in str(
+        result.failure_data_for_node("delete_orphans"))
+    assert listed_keys(client, bucket) == {"data/kept.npy", "a.npy"}
