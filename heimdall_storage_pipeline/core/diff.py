@@ -43,7 +43,7 @@ AGE_BIN_LABELS = (*(f"{low}-{high} d" for low, high in zip((0, *AGE_BINS_DAYS), 
 # out-of-core join keeps buffers for more partitions than the first budget holds.
 MEMORY_LIMITS = ("48MB", "90MB", "180MB", "360MB")
 LARGE_BUCKET = 2_000_000
-# DuckDB wants ~125 MB per thread to join out of core, more than the budgets above.
+# One thread: each of DuckDB's out-of-core join threads needs more memory than the budgets above.
 THREADS = 1
 _DAY_US = timedelta(days=1) // timedelta(microseconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -152,8 +152,8 @@ rig.delete(policy, args["orphans"], run_id="killed-run")
 """
 
 
-def test_a_move_killed_between_copy_and_delete_resumes_without_loss_or_duplicates(
-        rig, seaweed, make_bucket, database_url, tmp_path):
+def _killed_move(rig, seaweed, make_bucket, database_url, tmp_path):
+    """A world scanned with old orphans, then a live move SIGKILLed between its copies and its delete."""
     quarantine = Quarantine(keep_days=7, prefix="q/")
     bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine)
     rig.offset = OLD
@@ -164,6 +164,12 @@ def test_a_move_killed_between_copy_and_delete_resumes_without_loss_or_duplicate
     killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(args)], timeout=120,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert killed.returncode == -9
+    return bucket, client, policy, bodies, orphans
+
+
+def test_a_move_killed_between_copy_and_delete_resumes_without_loss_or_duplicates(
+        rig, seaweed, make_bucket, database_url, tmp_path):
+    bucket, client, policy, bodies, orphans = _killed_move(rig, seaweed, make_bucket, database_url, tmp_path)
     listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
     assert listed == set(bodies) | {f"q/{key}" for key in bodies if "orphan" in key}  # copied, not deleted
     assert {r.status for r in rig.audit_rows(bucket)} == {"pending"}
@@ -338,16 +344,7 @@ def test_a_copy_is_removed_only_where_the_checked_original_still_sits_at_its_key
 
 
 def test_after_a_crash_a_copy_whose_original_was_replaced_is_kept(rig, seaweed, make_bucket, database_url, tmp_path):
-    quarantine = Quarantine(keep_days=7, prefix="q/")
-    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine)
-    rig.offset = OLD
-    orphans = rig.scan(policy)
-    args = {"s3": {"endpoint": seaweed.endpoint, "access_key": seaweed.access_key, "secret_key": seaweed.secret_key},
-            "db": database_url, "root": str(tmp_path / "manifests"), "bucket": bucket,
-            "table": policy.references[0].query.split()[-1], "orphans": orphans}
-    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(args)], timeout=120,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert killed.returncode == -9
+    bucket, client, policy, bodies, orphans = _killed_move(rig, seaweed, make_bucket, database_url, tmp_path)
     client.put_object(bucket, "data/orphan-0.npy", io.BytesIO(b"new"), 3)  # uploaded after the crash
     report = rig.delete(policy, orphans)
     assert report.reconciled == {"deleted": 1, "not_deleted": 2}
