@@ -193,12 +193,12 @@ def _report(args: argparse.Namespace) -> int:
         print(f"no storage history in {store.root}/history; materialize storage_history (its daily schedule, "
               f"or a backfill of the days the instance holds)", file=sys.stderr)
         return 1
-    frame = capacity.history_frame(table)
-    found = capacity.trends(frame)
+    history = capacity.by_bucket(table)
+    found = capacity.trends(history)
     total = found[-1]
     outlook = capacity.forecast(total, policy.capacity_bytes) if policy.capacity_bytes else None
-    days = frame["day"].dt.date
-    print(f"Storage on {total.day} ({days.nunique()} days of history since {days.min()}); rates are per day, "
+    days = capacity.history_days(history)
+    print(f"Storage on {total.day} ({len(days)} days of history since {days[0]}); rates are per day, "
           f"deletions added back\n")
     rows = [[t.bucket, format_bytes(t.stored_bytes), "-" if t.orphan_bytes is None else format_bytes(t.orphan_bytes),
              format_rate(t.growth_7d), format_rate(t.growth_30d), format_rate(t.inflow_7d), format_rate(t.inflow_norm),
@@ -206,7 +206,7 @@ def _report(args: argparse.Namespace) -> int:
     print(format_table(["bucket", "stored", "orphaned", "growth 7d", "growth 30d", "orphan inflow 7d",
                         "inflow norm", "trend"], rows))
     print(f"\nForecast: {capacity.forecast_text(outlook, policy.capacity_bytes)}")
-    Path(args.chart).write_bytes(capacity.chart_png(frame, policy.capacity_bytes, outlook))
+    Path(args.chart).write_bytes(capacity.chart_png(history, policy.capacity_bytes, outlook))
     print(f"Chart: {args.chart}")
     return 0
 

@@ -18,13 +18,17 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, time, timedelta
+from itertools import accumulate, pairwise
+from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 
 from heimdall_storage_pipeline.core.manifests import TIMESTAMP
 from heimdall_storage_pipeline.core.units import format_bytes
+
+Row = dict[str, Any]
+History = dict[str, list[Row]]  # per bucket, one row per day it was scanned, by day
 
 HISTORY_SCHEMA = pa.schema([
     ("day", pa.date32()),
@@ -73,49 +77,92 @@ class Forecast:
     latest: float
 
 
-def history_frame(table: pa.Table, until: date | None = None) -> pd.DataFrame:
-    """The history table up to ``until`` as a frame, one row per bucket and day (the latest when a day repeats)."""
-    frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-    frame["day"] = pd.to_datetime(frame["day"])
-    if until is not None:
-        frame = frame[frame["day"] <= pd.Timestamp(until)]
-    return frame.sort_values(["bucket", "day", "scanned_at"]).drop_duplicates(["bucket", "day"], keep="last")
+def by_bucket(table: pa.Table, until: date | None = None) -> History:
+    """The history table up to ``until``, per bucket and by day (the latest scan when a day repeats)."""
+    latest: dict[tuple[str, date], Row] = {}
+    for row in table.to_pylist():
+        if until is not None and row["day"] > until:
+            continue
+        seen = latest.get((row["bucket"], row["day"]))
+        if seen is None or _scanned(row) >= _scanned(seen):
+            latest[(row["bucket"], row["day"])] = row
+    history: History = {}
+    for (bucket, _), row in sorted(latest.items(), key=lambda item: item[0]):
+        history.setdefault(str(bucket), []).append(row)
+    return history
 
 
-def _daily(rows: pd.DataFrame) -> pd.DataFrame:
+def _scanned(row: Row) -> float:
+    return row["scanned_at"].timestamp() if row["scanned_at"] is not None else -math.inf
+
+
+@dataclass(frozen=True)
+class _Daily:
     """One bucket on every day from its first to its last: figures interpolated, deletions 0 on missing days."""
-    frame = rows.set_index("day")[["total_bytes", "orphan_bytes", "deleted_bytes"]].astype("float64").asfreq("D")
-    figures = ["total_bytes", "orphan_bytes"]
-    frame[figures] = frame[figures].interpolate(method="time", limit_area="inside")
-    deleted_so_far = frame["deleted_bytes"].fillna(0).cumsum()
-    frame["gross"] = frame["total_bytes"] + deleted_so_far
-    frame["orphan_gross"] = frame["orphan_bytes"] + deleted_so_far
-    return frame
+
+    days: list[date]
+    total_bytes: list[float | None]
+    orphan_bytes: list[float | None]
+    gross: list[float | None]  # total_bytes + bytes deleted so far
+    orphan_gross: list[float | None]  # orphan_bytes + bytes deleted so far
 
 
-def _rate(cumulative: pd.Series, days: int) -> float | None:
-    """Average daily change over the last ``days`` days of ``cumulative`` (fewer if it is shorter)."""
-    series = cumulative.dropna()
-    if series.empty:
+def _interpolate(values: list[float | None]) -> list[float | None]:
+    """Gaps between two known values filled on the straight line between them; the ends stay unknown."""
+    filled = list(values)
+    known = [index for index, value in enumerate(values) if value is not None]
+    for left, right in pairwise(known):
+        start, end = values[left], values[right]
+        assert start is not None and end is not None
+        for index in range(left + 1, right):
+            filled[index] = start + (end - start) * (index - left) / (right - left)
+    return filled
+
+
+def _daily(rows: list[Row]) -> _Daily:
+    first = rows[0]["day"]
+    on_day = {(row["day"] - first).days: row for row in rows}
+    span = range(max(on_day) + 1)
+
+    def column(name: str) -> list[float | None]:
+        return [None if i not in on_day or on_day[i][name] is None else float(on_day[i][name]) for i in span]
+
+    total, orphans = _interpolate(column("total_bytes")), _interpolate(column("orphan_bytes"))
+    deleted_so_far = list(accumulate(value or 0.0 for value in column("deleted_bytes")))
+
+    def plus_deleted(values: list[float | None]) -> list[float | None]:
+        return [None if value is None else value + deleted
+                for value, deleted in zip(values, deleted_so_far, strict=True)]
+
+    return _Daily(days=[first + timedelta(days=i) for i in span], total_bytes=total, orphan_bytes=orphans,
+                  gross=plus_deleted(total), orphan_gross=plus_deleted(orphans))
+
+
+def _rate(days: list[date], cumulative: list[float | None], window: int, until: date | None = None) -> float | None:
+    """Average daily change over the last ``window`` days of ``cumulative`` up to ``until`` (fewer if shorter)."""
+    known = [(day, value) for day, value in zip(days, cumulative, strict=True)
+             if value is not None and (until is None or day <= until)]
+    if not known:
         return None
-    window = series[series.index >= series.index[-1] - pd.Timedelta(days=days)]
-    span = (window.index[-1] - window.index[0]).days
-    return float(window.iloc[-1] - window.iloc[0]) / span if span else None
+    last_day, last = known[-1]
+    first_day, first = next(point for point in known if point[0] >= last_day - timedelta(days=window))
+    span = (last_day - first_day).days
+    return (last - first) / span if span else None
 
 
-def _trend(bucket: str, frame: pd.DataFrame) -> Trend:
-    last = frame.index[-1]
-    orphans = frame["orphan_bytes"].iloc[-1]
+def _trend(bucket: str, daily: _Daily) -> Trend:
+    last = daily.days[-1]
+    orphans, stored = daily.orphan_bytes[-1], daily.total_bytes[-1]
     return Trend(
         bucket=bucket,
-        day=last.date(),
-        stored_bytes=int(frame["total_bytes"].iloc[-1]),
-        orphan_bytes=None if pd.isna(orphans) else int(orphans),
-        growth_7d=_rate(frame["gross"], 7),
-        growth_30d=_rate(frame["gross"], 30),
-        inflow_7d=_rate(frame["orphan_gross"], 7),
-        inflow_30d=_rate(frame["orphan_gross"], 30),
-        inflow_norm=_rate(frame["orphan_gross"][frame.index <= last - pd.Timedelta(days=7)], 30),
+        day=last,
+        stored_bytes=int(stored or 0),
+        orphan_bytes=None if orphans is None else int(orphans),
+        growth_7d=_rate(daily.days, daily.gross, 7),
+        growth_30d=_rate(daily.days, daily.gross, 30),
+        inflow_7d=_rate(daily.days, daily.orphan_gross, 7),
+        inflow_30d=_rate(daily.days, daily.orphan_gross, 30),
+        inflow_norm=_rate(daily.days, daily.orphan_gross, 30, until=last - timedelta(days=7)),
     )
 
 
@@ -124,9 +171,9 @@ def _sum(values: list[float | None]) -> float | None:
     return sum(known) if known else None
 
 
-def trends(frame: pd.DataFrame) -> list[Trend]:
+def trends(history: History) -> list[Trend]:
     """Each bucket's trend on its latest day, then the ``total`` (sums of the buckets')."""
-    found = [_trend(str(bucket), _daily(rows)) for bucket, rows in frame.groupby("bucket", sort=True)]
+    found = [_trend(bucket, _daily(rows)) for bucket, rows in sorted(history.items())]
     if not found:
         return []
     day = max(t.day for t in found)
@@ -172,37 +219,50 @@ def forecast_text(outlook: Forecast | None, capacity_bytes: int | None) -> str:
             f"{format_bytes(outlook.free_bytes)} free of {format_bytes(outlook.capacity_bytes)}")
 
 
-def daily_totals(frame: pd.DataFrame) -> pd.DataFrame:
-    """Stored and orphaned bytes of all buckets per day (missing days interpolated per bucket)."""
-    daily = pd.concat([_daily(rows) for _, rows in frame.groupby("bucket")])
-    return daily.groupby(level=0)[["total_bytes", "orphan_bytes"]].sum(min_count=1)
+def daily_totals(history: History) -> list[tuple[date, float | None, float | None]]:
+    """Stored and orphaned bytes of all buckets per day (missing days interpolated per bucket), by day."""
+    sums: dict[date, tuple[float | None, float | None]] = {}
+    for rows in history.values():
+        daily = _daily(rows)
+        for day, stored, orphans in zip(daily.days, daily.total_bytes, daily.orphan_bytes, strict=True):
+            before = sums.get(day, (None, None))
+            sums[day] = (_sum([before[0], stored]), _sum([before[1], orphans]))
+    return [(day, *sums[day]) for day in sorted(sums)]
 
 
-def chart_png(frame: pd.DataFrame, capacity_bytes: int | None = None, outlook: Forecast | None = None) -> bytes:
+def history_days(history: History) -> list[date]:
+    """The days on which any bucket was scanned, in order."""
+    return sorted({row["day"] for rows in history.values() for row in rows})
+
+
+def chart_png(history: History, capacity_bytes: int | None = None, outlook: Forecast | None = None) -> bytes:
     """A PNG of stored vs orphaned bytes over time, with the capacity and the forecast when known."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
     from matplotlib.figure import Figure
 
-    totals = daily_totals(frame)
+    totals = daily_totals(history)
+    days = [datetime.combine(day, time()) for day, _, _ in totals]  # a forecast line may end mid-day
+    largest = max((stored for _, stored, _ in totals if stored is not None), default=1)
     # The largest binary unit that keeps the figures at 1 or more: GiB for Heimdall, KiB for the demo.
-    power = max(0, min(4, int(math.log(max(totals["total_bytes"].max(), capacity_bytes or 1, 1), 1024))))
+    power = max(0, min(4, int(math.log(max(largest, capacity_bytes or 1, 1), 1024))))
     unit, scale = ("B", "KiB", "MiB", "GiB", "TiB")[power], 1024**power
-    totals = totals / scale
+    stored_line = [math.nan if stored is None else stored / scale for _, stored, _ in totals]
+    orphan_area = [(orphans or 0) / scale for _, _, orphans in totals]
     figure = Figure(figsize=(8, 3.6), dpi=80, layout="constrained")
     axes = figure.subplots()
-    axes.plot(totals.index, totals["total_bytes"], label="stored", color="tab:blue")
-    axes.fill_between(totals.index, totals["orphan_bytes"].fillna(0), color="tab:red", alpha=0.4, label="orphaned")
+    axes.plot(days, stored_line, label="stored", color="tab:blue")
+    axes.fill_between(days, orphan_area, color="tab:red", alpha=0.4, label="orphaned")
     if capacity_bytes:
         axes.axhline(capacity_bytes / scale, color="black", linestyle=":", label="capacity")
-    if outlook is not None and capacity_bytes:
-        last, stored = totals.index[-1], totals["total_bytes"].iloc[-1]
-        for days, style, label in ((outlook.days, "--", "full in {:.0f} days"),
-                                   (outlook.earliest, ":", "earliest: {:.0f} days")):
-            if 0 < days < 3 * 365 and (style == "--" or days < outlook.days):
-                axes.plot([last, last + pd.Timedelta(days=days)], [stored, capacity_bytes / scale],
-                          color="tab:blue", linestyle=style, label=label.format(days))
+    if outlook is not None and capacity_bytes and days:
+        last, stored = days[-1], stored_line[-1]
+        for days_left, style, label in ((outlook.days, "--", "full in {:.0f} days"),
+                                        (outlook.earliest, ":", "earliest: {:.0f} days")):
+            if 0 < days_left < 3 * 365 and (style == "--" or days_left < outlook.days):
+                axes.plot([last, last + timedelta(days=days_left)], [stored, capacity_bytes / scale],
+                          color="tab:blue", linestyle=style, label=label.format(days_left))
     axes.set_title("Stored vs orphaned bytes, all buckets")
     axes.set_ylabel(unit)
     axes.set_ylim(bottom=0)

@@ -14,7 +14,6 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-# The code location imports pandas here, once, rather than pyarrow importing it in a scan's step.
 from heimdall_storage_pipeline.core import capacity
 from heimdall_storage_pipeline.core.units import format_bytes
 from heimdall_storage_pipeline.defs import metadata as md
@@ -106,9 +105,9 @@ def _trend_record(trend: capacity.Trend) -> dg.TableRecord:
     })
 
 
-def history_metadata(frame: Any, capacity_bytes: int | None) -> dict[str, dg.MetadataValue]:
+def history_metadata(history: capacity.History, capacity_bytes: int | None) -> dict[str, dg.MetadataValue]:
     """The trends, forecast and chart as typed metadata; numbers under stable keys for plots and the exporter."""
-    found = capacity.trends(frame)
+    found = capacity.trends(history)
     if not found:
         return {"forecast": dg.MetadataValue.text("no figures yet: scan the buckets")}
     total = found[-1]
@@ -136,7 +135,7 @@ def history_metadata(frame: Any, capacity_bytes: int | None) -> dict[str, dg.Met
                           ("days_until_full_latest", outlook.latest)):
             if math.isfinite(days):
                 metadata[key] = dg.MetadataValue.float(round(days, 2))
-    png = capacity.chart_png(frame, capacity_bytes, outlook)
+    png = capacity.chart_png(history, capacity_bytes, outlook)
     metadata["chart"] = dg.MetadataValue.md(f"![stored vs orphaned bytes](data:image/png;base64,"
                                             f"{base64.b64encode(png).decode()})")
     return metadata
@@ -145,7 +144,7 @@ def history_metadata(frame: Any, capacity_bytes: int | None) -> dict[str, dg.Met
 @dg.asset(
     partitions_def=history_partitions,
     group_name="storage_capacity",
-    kinds={"parquet", "pandas"},
+    kinds={"parquet"},
     deps=[dg.AssetDep(name, partition_mapping=dg.AllPartitionMapping())
           for name in ("bucket_inventory", "orphan_diff", ORPHAN_DELETIONS)],
     metadata={md.COLUMN_SCHEMA: md.column_schema(capacity.HISTORY_SCHEMA)},
@@ -161,8 +160,8 @@ def storage_history(
     rows = day_rows(context.instance, day, [bucket.name for bucket in loaded.buckets])
     uri = store.history_uri(day)
     store.write_table(uri, pa.Table.from_pylist(rows, schema=capacity.HISTORY_SCHEMA))
-    frame = capacity.history_frame(store.read_history(capacity.HISTORY_SCHEMA), until=day)
-    metadata = history_metadata(frame, loaded.capacity_bytes)
+    history = capacity.by_bucket(store.read_history(capacity.HISTORY_SCHEMA), until=day)
+    metadata = history_metadata(history, loaded.capacity_bytes)
     context.log.info(f"{day}: {len(rows)} bucket(s); {metadata['forecast'].value}")
     return dg.MaterializeResult(metadata={
         "buckets": dg.MetadataValue.int(len(rows)),

@@ -41,7 +41,7 @@ def history(skip: set[tuple[str, int]] = frozenset()) -> pa.Table:
 
 
 def trends_on(day: int, table: pa.Table | None = None) -> dict[str, capacity.Trend]:
-    found = capacity.trends(capacity.history_frame(table or history(), until=START + timedelta(days=day)))
+    found = capacity.trends(capacity.by_bucket(table or history(), until=START + timedelta(days=day)))
     return {trend.bucket: trend for trend in found}
 
 
@@ -112,12 +112,12 @@ def test_forecast_interval_from_the_7_and_30_day_rates() -> None:
 
 def test_no_growth_never_fills_and_one_day_has_no_rate() -> None:
     flat = history().filter(pc.equal(history().column("bucket"), "b"))
-    one_day = capacity.trends(capacity.history_frame(flat, until=START))
+    one_day = capacity.trends(capacity.by_bucket(flat, until=START))
     assert one_day[0].growth_7d is None and capacity.forecast(one_day[-1], 10**15) is None
     shrinking = pa.Table.from_pylist(
         [{"day": START + timedelta(days=d), "bucket": "s", "total_bytes": 100 - d, "deleted_bytes": 0}
          for d in range(10)], schema=capacity.HISTORY_SCHEMA)
-    total = capacity.trends(capacity.history_frame(shrinking))[-1]
+    total = capacity.trends(capacity.by_bucket(shrinking))[-1]
     outlook = capacity.forecast(total, 1000)
     assert outlook is not None and math.isinf(outlook.days) and math.isinf(outlook.earliest)
 
@@ -129,6 +129,6 @@ def test_history_round_trip_and_chart(tmp_path) -> None:
         store.write_table(store.history_uri(day), table.filter(pc.equal(table.column("day"), day)))
     assert store.read_history(capacity.HISTORY_SCHEMA).num_rows == 4
     assert ManifestStore(str(tmp_path / "none")).read_history(capacity.HISTORY_SCHEMA).num_rows == 0
-    frame = capacity.history_frame(table)
-    png = capacity.chart_png(frame, 3000 * GIB, capacity.forecast(capacity.trends(frame)[-1], 3000 * GIB))
+    by_bucket = capacity.by_bucket(table)
+    png = capacity.chart_png(by_bucket, 3000 * GIB, capacity.forecast(capacity.trends(by_bucket)[-1], 3000 * GIB))
     assert png.startswith(b"\x89PNG")

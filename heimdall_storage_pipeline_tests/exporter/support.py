@@ -269,7 +269,7 @@ def record_history(instance: dg.DagsterInstance, day: int, capacity_bytes: int |
     from heimdall_storage_pipeline_tests.core.test_capacity import START, history
 
     until = START + timedelta(days=day)
-    metadata = history_metadata(capacity.history_frame(history(), until=until), capacity_bytes)
+    metadata = history_metadata(capacity.by_bucket(history(), until=until), capacity_bytes)
     instance.report_runless_asset_event(
         dg.AssetMaterialization(asset_key="storage_history", partition=until.isoformat(), metadata=metadata))
     return {key: value.value for key, value in metadata.items()}
