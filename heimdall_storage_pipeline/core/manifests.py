@@ -203,22 +203,26 @@ class ManifestStore:
 
         return pads.dataset(paths, schema=schema, filesystem=filesystem).to_table() if paths else schema.empty_table()
 
-    def prune(self, bucket: str, now: datetime, retention: timedelta, keep: set[str]) -> list[str]:
-        """Delete this bucket's manifests older than ``retention``, except the URIs in ``keep``."""
+    def expired(self, bucket: str, now: datetime, retention: timedelta) -> list[str]:
+        """This bucket's manifests written more than ``retention`` before ``now``."""
         filesystem, base = self._filesystem()
         cutoff = ensure_utc(now) - retention
-        removed: list[str] = []
+        found: list[str] = []
         for kind in MANIFEST_KINDS:
             selector = pafs.FileSelector(f"{base}/{kind}/{bucket}", allow_not_found=True)
             for info in filesystem.get_file_info(selector):
-                if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
-                    continue
-                uri = self._to_uri(info.path)
                 written = _written_at(info.base_name)
-                if uri in keep or written is None or written >= cutoff:
-                    continue
-                filesystem.delete_file(info.path)
-                removed.append(uri)
+                if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") and \
+                        written is not None and written < cutoff:
+                    found.append(self._to_uri(info.path))
+        return found
+
+    def prune(self, bucket: str, now: datetime, retention: timedelta, keep: set[str]) -> list[str]:
+        """Delete this bucket's manifests older than ``retention``, except the URIs in ``keep``."""
+        filesystem, _ = self._filesystem()
+        removed = [uri for uri in self.expired(bucket, now, retention) if uri not in keep]
+        for uri in removed:
+            filesystem.delete_file(self._to_path(uri))
         return removed
 
 

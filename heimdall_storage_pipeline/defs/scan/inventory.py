@@ -32,7 +32,6 @@ from heimdall_storage_pipeline.core.policy import BucketPolicy
 from heimdall_storage_pipeline.core.references import make_engine
 from heimdall_storage_pipeline.core.s3 import S3Settings
 from heimdall_storage_pipeline.defs import metadata as md
-from heimdall_storage_pipeline.defs.materializations import latest_metadata
 
 INVENTORY_DRIFT = "inventory_drift"
 # Carried from the reconciling full listing to the incremental inventories built on it.
@@ -77,9 +76,12 @@ def _stream(context: dg.AssetExecutionContext, events: EventLog, bucket: str) ->
 
 
 def take_inventory(context: dg.AssetExecutionContext, s3: S3Settings, store: ManifestStore, bucket: BucketPolicy,
-                   audit_url: str) -> tuple[InventoryResult, dict[str, dg.MetadataValue]]:
-    """The inventory of ``bucket`` and its metadata beyond the listing's figures (mode, cursor, drift)."""
-    previous = latest_metadata(context.instance, "bucket_inventory", bucket.name)
+                   audit_url: str, previous: dict[str, Any] | None
+                   ) -> tuple[InventoryResult, dict[str, dg.MetadataValue]]:
+    """The inventory of ``bucket`` and its metadata beyond the listing's figures (mode, cursor, drift).
+
+    ``previous``: the metadata of the bucket's latest inventory, if any.
+    """
     engine = make_engine(audit_url)
     try:
         events = EventLog(engine)
