@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import io
 import math
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from itertools import accumulate, pairwise
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from heimdall_storage_pipeline.core.manifests import TIMESTAMP
 from heimdall_storage_pipeline.core.units import format_bytes
@@ -79,21 +81,20 @@ class Forecast:
 
 def by_bucket(table: pa.Table, until: date | None = None) -> History:
     """The history table up to ``until``, per bucket and by day (the latest scan when a day repeats)."""
+    if until is not None:
+        table = table.filter(pc.less_equal(table.column("day"), pa.scalar(until, pa.date32())))
+    # Only the columns the rates need, the scan time as a number: datetimes are slow to build in bulk.
+    table = table.select(["bucket", "day", "total_bytes", "orphan_bytes", "deleted_bytes"]).append_column(
+        "scanned", pc.fill_null(table.column("scanned_at").cast(pa.int64()), -(2**63)))
     latest: dict[tuple[str, date], Row] = {}
     for row in table.to_pylist():
-        if until is not None and row["day"] > until:
-            continue
         seen = latest.get((row["bucket"], row["day"]))
-        if seen is None or _scanned(row) >= _scanned(seen):
+        if seen is None or row["scanned"] >= seen["scanned"]:
             latest[(row["bucket"], row["day"])] = row
     history: History = {}
     for (bucket, _), row in sorted(latest.items(), key=lambda item: item[0]):
         history.setdefault(str(bucket), []).append(row)
     return history
-
-
-def _scanned(row: Row) -> float:
-    return row["scanned_at"].timestamp() if row["scanned_at"] is not None else -math.inf
 
 
 @dataclass(frozen=True)
@@ -138,14 +139,21 @@ def _daily(rows: list[Row]) -> _Daily:
                   gross=plus_deleted(total), orphan_gross=plus_deleted(orphans))
 
 
-def _rate(days: list[date], cumulative: list[float | None], window: int, until: date | None = None) -> float | None:
-    """Average daily change over the last ``window`` days of ``cumulative`` up to ``until`` (fewer if shorter)."""
-    known = [(day, value) for day, value in zip(days, cumulative, strict=True)
-             if value is not None and (until is None or day <= until)]
-    if not known:
+Points = list[tuple[date, float]]  # the known values of a series, by day
+
+
+def _points(days: list[date], values: list[float | None]) -> Points:
+    return [(day, value) for day, value in zip(days, values, strict=True) if value is not None]
+
+
+def _rate(points: Points, window: int, until: date | None = None) -> float | None:
+    """Average daily change over the last ``window`` days of ``points`` up to ``until`` (fewer if shorter)."""
+    if until is not None:
+        points = points[:bisect_right(points, until, key=lambda point: point[0])]
+    if not points:
         return None
-    last_day, last = known[-1]
-    first_day, first = next(point for point in known if point[0] >= last_day - timedelta(days=window))
+    last_day, last = points[-1]
+    first_day, first = points[bisect_left(points, last_day - timedelta(days=window), key=lambda point: point[0])]
     span = (last_day - first_day).days
     return (last - first) / span if span else None
 
@@ -153,16 +161,17 @@ def _rate(days: list[date], cumulative: list[float | None], window: int, until: 
 def _trend(bucket: str, daily: _Daily) -> Trend:
     last = daily.days[-1]
     orphans, stored = daily.orphan_bytes[-1], daily.total_bytes[-1]
+    gross, orphan_gross = _points(daily.days, daily.gross), _points(daily.days, daily.orphan_gross)
     return Trend(
         bucket=bucket,
         day=last,
         stored_bytes=int(stored or 0),
         orphan_bytes=None if orphans is None else int(orphans),
-        growth_7d=_rate(daily.days, daily.gross, 7),
-        growth_30d=_rate(daily.days, daily.gross, 30),
-        inflow_7d=_rate(daily.days, daily.orphan_gross, 7),
-        inflow_30d=_rate(daily.days, daily.orphan_gross, 30),
-        inflow_norm=_rate(daily.days, daily.orphan_gross, 30, until=last - timedelta(days=7)),
+        growth_7d=_rate(gross, 7),
+        growth_30d=_rate(gross, 30),
+        inflow_7d=_rate(orphan_gross, 7),
+        inflow_30d=_rate(orphan_gross, 30),
+        inflow_norm=_rate(orphan_gross, 30, until=last - timedelta(days=7)),
     )
 
 

@@ -132,3 +132,18 @@ def test_history_round_trip_and_chart(tmp_path) -> None:
     by_bucket = capacity.by_bucket(table)
     png = capacity.chart_png(by_bucket, 3000 * GIB, capacity.forecast(capacity.trends(by_bucket)[-1], 3000 * GIB))
     assert png.startswith(b"\x89PNG")
+
+
+def test_a_day_recorded_twice_counts_its_latest_scan_and_days_after_until_are_left_out() -> None:
+    def row(day: int, total: int, scanned_hour: int | None) -> dict[str, object]:
+        scanned = None if scanned_hour is None else datetime.combine(START + timedelta(days=day), datetime.min.time(),
+                                                                     UTC) + timedelta(hours=scanned_hour)
+        return {"day": START + timedelta(days=day), "bucket": "c", "total_bytes": total, "deleted_bytes": 0,
+                "scanned_at": scanned}
+
+    table = pa.Table.from_pylist([row(0, 100, 1), row(1, 300, 23), row(1, 200, 5), row(1, 999, None),
+                                  row(2, 5000, 1)], schema=capacity.HISTORY_SCHEMA)
+    history = capacity.by_bucket(table, until=START + timedelta(days=1))
+    assert [(r["day"], r["total_bytes"]) for r in history["c"]] == [(START, 100), (START + timedelta(days=1), 300)]
+    assert capacity.history_days(history) == [START, START + timedelta(days=1)]
+    assert capacity.trends(history)[0].growth_7d == pytest.approx(200)
