@@ -28,7 +28,7 @@ lint: install deploy-check
 deploy-check: install
 	$(BIN)/hadolint deploy/docker/Dockerfile
 	$(BIN)/docker-compose -f deploy/docker/compose.yaml -f deploy/docker/compose.heimdall.yaml \
-		--env-file deploy/docker/heimdall.env.example --profile celery config --quiet
+		--env-file deploy/docker/heimdall.env.example --profile celery --profile events config --quiet
 
 test: install deploy-check
 	@if [ -x scripts/install_prometheus.sh ]; then scripts/install_prometheus.sh; fi

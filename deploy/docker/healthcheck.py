@@ -1,7 +1,8 @@
 """The image's HEALTHCHECK: one script for every role, chosen by HEIMDALL_ROLE.
 
 code-server: the gRPC server answers Dagster's health check; webserver: GET /server_info; exporter:
-GET /healthz (200 only while the Dagster instance answers); daemon: every daemon wrote a recent
+GET /healthz (200 only while the Dagster instance answers); events: the receiver answers GET / (it
+serves only once its event streams are opened in the database); daemon: every daemon wrote a recent
 heartbeat; celery-worker: this host's worker answers a ping through the broker. Without a role (a
 one-off command such as ``heimdall-storage migrate``) there is nothing to check. Exit 0 when healthy,
 else 1 with one line saying what failed. HEIMDALL_HEALTHCHECK_PORT overrides a role's port.
@@ -21,9 +22,9 @@ from heimdall_storage_pipeline.core.errors import redact
 ROLE_ENV = "HEIMDALL_ROLE"
 PORT_ENV = "HEIMDALL_HEALTHCHECK_PORT"
 # The ports compose.yaml's commands listen on (the image's EXPOSE).
-DEFAULT_PORTS = {"code-server": 4000, "webserver": 3000, "exporter": 9101}
-HTTP_PATHS = {"webserver": "/server_info", "exporter": "/healthz"}
-ROLES = ("code-server", "webserver", "daemon", "exporter", "celery-worker")
+DEFAULT_PORTS = {"code-server": 4000, "webserver": 3000, "exporter": 9101, "events": 8002}
+HTTP_PATHS = {"webserver": "/server_info", "exporter": "/healthz", "events": "/"}
+ROLES = ("code-server", "webserver", "daemon", "exporter", "events", "celery-worker")
 TIMEOUT_SECONDS = 20
 CELERY_APP = "heimdall_storage_pipeline.defs.celery_worker"
 

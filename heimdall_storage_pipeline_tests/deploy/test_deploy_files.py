@@ -33,6 +33,8 @@ from heimdall_storage_pipeline_tests.deploy.support import (
 )
 
 TOPOLOGY = {"code-server", "webserver", "daemon", "exporter"}
+PROFILES = {"celery": "celery-worker", "events": "events"}  # the opt-in services
+PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 REQUIRED_VARIABLES = ("DAGSTER_PG_URL", "MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY",
                       "HEIMDALL_DATABASE_URL")
 
@@ -79,7 +81,7 @@ def test_the_image_runs_unprivileged_with_the_package_alone_and_the_shipped_inst
                for line in stage), "the shipped dagster.yaml goes into DAGSTER_HOME"
     healthcheck = next(line for line in stage if line.startswith("HEALTHCHECK "))
     assert HEALTHCHECK.name in healthcheck
-    services = _example_services("celery")
+    services = _example_services(*PROFILES)
     assert {service["environment"]["DAGSTER_HOME"] for service in services.values()} == {home.group(1)}
 
 
@@ -98,13 +100,15 @@ def test_the_build_context_holds_every_file_the_image_copies() -> None:
 
 
 def test_compose_file_is_valid_for_heimdalls_stack() -> None:
-    for profiles in ((), ("celery",)):
+    for profiles in ((), *((profile,) for profile in PROFILES), tuple(PROFILES)):
         args = [arg for profile in profiles for arg in ("--profile", profile)]
         result = compose([*args, "config", "--quiet"], {}, (COMPOSE_FILE, HEIMDALL_OVERRIDE), ENV_EXAMPLE)
         assert result.returncode == 0, result.stderr
-    assert set(_example_services()) == TOPOLOGY  # Celery workers only with --profile celery
-    services = _example_services("celery")
-    assert set(services) == TOPOLOGY | {"celery-worker"}
+    assert set(_example_services()) == TOPOLOGY  # Celery workers and the event receiver only in their profile
+    for profile, service in PROFILES.items():
+        assert set(_example_services(profile)) == TOPOLOGY | {service}
+    services = _example_services(*PROFILES)
+    assert set(services) == TOPOLOGY | set(PROFILES.values())
     assert len({service["image"] for service in services.values()}) == 1, "one image for every role"
     assert [name for name, service in services.items() if "build" in service] == ["code-server"]
     for name, service in services.items():
@@ -123,7 +127,7 @@ def test_every_variable_of_the_deployment_is_documented() -> None:
     names = set()
     for path in (COMPOSE_FILE, HEIMDALL_OVERRIDE):
         names |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", path.read_text()))
-    for service in _example_services("celery").values():
+    for service in _example_services(*PROFILES).values():
         names |= set(service["environment"])
     names |= {line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines() if re.match(r"[A-Z]", line)}
     missing = sorted(name for name in names if f"`{name}`" not in readme)
@@ -132,7 +136,7 @@ def test_every_variable_of_the_deployment_is_documented() -> None:
 
 def test_each_role_listens_where_its_health_check_and_the_workspace_look() -> None:
     healthcheck = _healthcheck_module()
-    services = _example_services("celery")
+    services = _example_services(*PROFILES)
     exposed = set(re.search(r"^EXPOSE (.+)$", DOCKERFILE.read_text(), re.MULTILINE).group(1).split())  # type: ignore[union-attr]
     for name, service in services.items():
         assert service["environment"]["HEIMDALL_ROLE"] == name and name in healthcheck.ROLES
@@ -150,6 +154,7 @@ def test_each_role_listens_where_its_health_check_and_the_workspace_look() -> No
     ({}, 0, ""),  # a one-off command: nothing to check
     ({"HEIMDALL_ROLE": "webserver"}, 1, "webserver: unhealthy: http://127.0.0.1:{port}/server_info"),
     ({"HEIMDALL_ROLE": "exporter"}, 1, "exporter: unhealthy: http://127.0.0.1:{port}/healthz"),
+    ({"HEIMDALL_ROLE": "events"}, 1, "events: unhealthy: http://127.0.0.1:{port}/:"),
     ({"HEIMDALL_ROLE": "scheduler"}, 1, "scheduler: unhealthy: HEIMDALL_ROLE='scheduler' is not a role; use one of"),
 ])
 def test_health_check_answers_in_one_line(env: dict[str, str], code: int, says: str) -> None:
@@ -163,3 +168,58 @@ def test_health_check_answers_in_one_line(env: dict[str, str], code: int, says: 
 def test_dockerfile_path_is_where_compose_builds_from() -> None:
     build = _example_services()["code-server"]["build"]
     assert Path(build["context"]) / build["dockerfile"] == DOCKERFILE
+
+
+def test_no_secret_reaches_a_command_line() -> None:
+    """Passwords, keys and tokens go through the environment: a command line shows in ps and docker inspect."""
+    secrets = {"MINIO_SECRET_KEY": "minio-secret-marker",
+               "DAGSTER_PG_URL": "postgresql+psycopg2://dagster:dagster-pg-marker@postgres:5432/dagster",
+               "HEIMDALL_AUDIT_DB_URL": "postgresql+psycopg2://audit:audit-marker@postgres:5432/audit",
+               "HEIMDALL_EVENTS_TOKEN": "events-token-marker",
+               "HEIMDALL_EVENTS_AMQP_URL": "amqp://heimdall:amqp-marker@rabbitmq:5672//"}
+    services = compose_services(secrets, files=(COMPOSE_FILE, HEIMDALL_OVERRIDE), profiles=tuple(PROFILES),
+                                env_file=ENV_EXAMPLE)
+    for name, service in services.items():
+        command = " ".join(map(str, service["command"]))
+        assert "marker" not in command and "change-me" not in command, (name, command)
+    receiver = services["events"]["environment"]
+    assert {key: receiver[key] for key in ("HEIMDALL_AUDIT_DB_URL", "HEIMDALL_EVENTS_TOKEN",
+                                            "HEIMDALL_EVENTS_AMQP_URL")} == {
+        key: secrets[key] for key in ("HEIMDALL_AUDIT_DB_URL", "HEIMDALL_EVENTS_TOKEN", "HEIMDALL_EVENTS_AMQP_URL")}
+    assert receiver["DAGSTER_PG_URL"] == secrets["DAGSTER_PG_URL"]  # the receiver's fallback database
+
+
+def _published(service: dict) -> tuple[str, str, int]:
+    """The service's one published port: (host address, host port, container port)."""
+    (port,) = service["ports"]
+    return port["host_ip"], str(port["published"]), int(port["target"])
+
+
+def test_prometheus_scrapes_the_exporter_where_compose_publishes_it() -> None:
+    """prometheus.yml's target is compose's exporter on the host; alerts_test.yml's instance is that target."""
+    exporter = _example_services()["exporter"]
+    host, published, container_port = _published(exporter)
+    assert container_port == int(option(exporter["command"], "--port"))
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    (static,) = job["static_configs"]
+    assert static["targets"] == [f"{host}:{published}"]
+    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
+    series = [item["series"] for test in tests for item in test["input_series"]]
+    instances = {re.search(r'instance="([^"]+)"', line).group(1)  # type: ignore[union-attr]
+                 for line in series if f'job="{job["job_name"]}"' in line}
+    assert instances == {f"{host}:{published}"}
+    # The documented target for a Prometheus on Heimdall's network: the exporter's alias there.
+    aliases = exporter["networks"]["heimdall"]["aliases"]
+    assert any(f"{alias}:{container_port}" in (PROMETHEUS_DIR / "prometheus.yml").read_text() for alias in aliases)
+
+
+def test_the_event_receiver_is_reached_where_the_readme_sends_notifications() -> None:
+    """Heimdall's MinIO notifies the receiver by its alias on Heimdall's network, at the port it listens on."""
+    receiver = _example_services("events")["events"]
+    host, _, container_port = _published(receiver)
+    assert host == "127.0.0.1" and container_port == int(option(receiver["command"], "--port"))
+    assert option(receiver["command"], "--host") == "0.0.0.0"  # hence HEIMDALL_EVENTS_TOKEN is required
+    readme = (REPO / "README.md").read_text()
+    (alias,) = receiver["networks"]["heimdall"]["aliases"]
+    assert f"http://{alias}:{container_port}/minio" in readme

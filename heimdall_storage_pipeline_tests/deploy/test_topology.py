@@ -47,6 +47,7 @@ from heimdall_storage_pipeline_tests.deploy.support import (
     stop_all,
     wait_for,
 )
+from heimdall_storage_pipeline_tests.events_support import minio_notification, minio_record, stream
 from heimdall_storage_pipeline_tests.exporter.support import http_get, http_json, parse_metrics, sample
 
 TOPOLOGY = ("code-server", "webserver", "daemon", "exporter")
@@ -332,3 +333,38 @@ def test_the_celery_worker_service_starts_and_answers_its_health_check(
         stop_all([worker])
         _delete_queue(queue)
     assert worker.process is not None and worker.process.returncode == 0, worker.log_tail()  # a warm shutdown
+
+
+def test_the_events_service_stores_a_notification_and_answers_its_health_check(
+    tmp_path: Path, pg_admin_url: str
+) -> None:
+    """Profile events: the receiver's command from compose.yaml, its token and database (HEIMDALL_AUDIT_DB_URL
+    empty: DAGSTER_PG_URL) from the environment, stores a MinIO notification and passes the image's health check."""
+    events_db = _psycopg2_url(create_database(pg_admin_url, prefix="events_topology"))
+    token = secrets.token_hex(24)
+    variables = {
+        # Required by compose.yaml for the other services; the receiver touches none of them.
+        "MINIO_ENDPOINT": "127.0.0.1:9", "MINIO_ACCESS_KEY": "unused", "MINIO_SECRET_KEY": "unused",
+        "HEIMDALL_DATABASE_URL": pg_admin_url,
+        "DAGSTER_PG_URL": events_db, "HEIMDALL_EVENTS_TOKEN": token,
+        "HEIMDALL_STORAGE_POLICY": str(_one_bucket_policy(tmp_path / "policy.yaml")),
+    }
+    service = compose_services(variables, profiles=["events"])["events"]
+    assert service["environment"]["HEIMDALL_AUDIT_DB_URL"] == ""
+    (port,) = free_ports(1)
+    receiver = LocalService.from_compose("events", service, {option(service["command"], "--port"): port}, {},
+                                         tmp_path)
+    try:
+        assert "events: healthy" in receiver.start().wait_healthy(START_SECONDS)
+        url = f"http://127.0.0.1:{port}/minio"
+        body = minio_notification(minio_record(BUCKET, "synthetic/a/0/RX_001.npy", "s3:ObjectCreated:Put",
+                                               utc_now(), size=3, etag="abc"))
+        assert requests.post(url, json=body, timeout=30).status_code == 401
+        answer = requests.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert (answer.status_code, answer.json()) == (200, {"stored": 1, "duplicates": 0, "ignored": 0})
+        state = stream(events_db, BUCKET)
+        assert state is not None and state.last_seq == 1 and state.alive, state
+    finally:
+        stop_all([receiver])
+        drop_database(pg_admin_url, events_db)
+    assert receiver.process is not None and receiver.process.returncode == 0, receiver.log_tail()

@@ -105,6 +105,7 @@ def record_scan(
     unparseable: int = 0,
     as_of: str = "2026-11-01T03:00:00Z",
     versions: tuple[int, int, int] | None = None,  # a versioned bucket's noncurrent versions, bytes, delete markers
+    drift: int | None = None,  # the keys an event-maintained inventory had wrong, once reconciled
 ) -> dict[str, dict[str, Any]]:
     """Record the three scan assets of a bucket as the scan does; return their metadata."""
     orphan_share = share(orphan_bytes, total_bytes)
@@ -119,6 +120,7 @@ def record_scan(
             "versioning": dg.MetadataValue.text("Enabled" if versions else "Off"),
             **{name: dg.MetadataValue.int(count) for name, count in
                zip(("noncurrent_versions", "noncurrent_bytes", "delete_markers"), versions or (), strict=False)},
+            **({"drift_count": dg.MetadataValue.int(drift)} if drift is not None else {}),
         },
         "referenced_keys": {
             "referenced_count": dg.MetadataValue.int(objects - orphans + dangling),

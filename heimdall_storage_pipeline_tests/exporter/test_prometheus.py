@@ -119,6 +119,7 @@ def test_dashboard_uses_only_exported_metrics() -> None:
         "Days until full",
         "Growth per day",
         "Orphan inflow vs its norm",
+        "Inventory drift",
     ):
         assert wanted in titles
     for title, expr in _dashboard_queries():
@@ -157,6 +158,7 @@ def test_real_prometheus_scrapes_the_exporter(tmp_path: Path, instance_home: Pat
             eligible=100,
             young=20,
             dangling=1,
+            drift=7,  # its events missed 7 keys, found by a full listing
         )
         record_scan(instance, "bucket-b", objects=50, total_bytes=2 * GIB, orphans=0, orphan_bytes=0,
                     versions=(0, 0, 2))  # versioned: only delete markers, so its disk usage stays 2 GiB
@@ -222,9 +224,12 @@ def _check_prometheus(prometheus: str, instance: dg.DagsterInstance) -> None:
     assert _value(prometheus, 'heimdall_storage_health_status{bucket="bucket-never",status="unknown"}') == 1
     assert _value(prometheus, 'heimdall_storage_health_status{bucket="bucket-a",status="warning"}') == 1
     assert _value(prometheus, "sum(heimdall_storage_disk_usage_gb)") == 302
+    assert _value(prometheus, 'heimdall_storage_inventory_drift_keys{bucket="bucket-a"}') == 7
+    assert _query(prometheus, 'heimdall_storage_inventory_drift_keys{bucket="bucket-b"}') == []  # no events
 
     # A new scan shows up at the next scrape: nothing is held in the exporter's memory.
-    record_scan(instance, "bucket-a", objects=900, total_bytes=250 * GIB, orphans=20, orphan_bytes=5 * GIB)
+    # An incremental inventory: it carries its reconciliation's drift until the next full listing.
+    record_scan(instance, "bucket-a", objects=900, total_bytes=250 * GIB, orphans=20, orphan_bytes=5 * GIB, drift=7)
     wait_for(
         lambda: _value(prometheus, 'heimdall_storage_orphan_files{bucket="bucket-a"}') == 20,
         30,
