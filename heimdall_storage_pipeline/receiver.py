@@ -28,6 +28,7 @@ log = logging.getLogger("heimdall_storage_pipeline.events")
 DEFAULT_PORT = 8002
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_HEARTBEAT_SECONDS = 10.0
+MIN_TOKEN_LENGTH = 16  # off loopback: anything shorter is guessable
 TOKEN_ENV = "HEIMDALL_EVENTS_TOKEN"
 AMQP_URL_ENV = "HEIMDALL_EVENTS_AMQP_URL"  # the way to pass a URL with a password: argv shows in ps
 # A connection silent this long (headers or body trickling in, or idle between requests) is closed,
@@ -333,6 +334,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not loopback and not token:
         print(f"binding {args.host} exposes the receiver; set {TOKEN_ENV} (the senders' bearer token) or bind "
               f"127.0.0.1", file=sys.stderr)
+        return 2
+    if not loopback and (len(token) < MIN_TOKEN_LENGTH or "change-me" in token):
+        print(f"{TOKEN_ENV} is the example's placeholder or shorter than {MIN_TOKEN_LENGTH} characters, too weak for "
+              f"a receiver on {args.host}; set a random one (openssl rand -hex 24)", file=sys.stderr)
         return 2
     try:
         buckets = {bucket.name for bucket in load_policy(args.policy).enabled_buckets()}

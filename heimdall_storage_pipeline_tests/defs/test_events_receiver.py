@@ -81,6 +81,10 @@ def test_binding_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert done.returncode == 2 and "set HEIMDALL_EVENTS_TOKEN" in done.stderr and "secret" not in done.stderr
+    for weak in ("change-me", "short-token"):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HEIMDALL_EVENTS_TOKEN": weak})
+        assert done.returncode == 2 and "too weak" in done.stderr and weak not in done.stderr
 
 
 def test_an_amqp_url_with_a_password_on_the_command_line_is_refused(tmp_path: Path) -> None:
