@@ -49,6 +49,7 @@ from heimdall_storage_pipeline.core.quarantine import (
     checked_object_remains,
     copy_to_quarantine,
     discard_copies,
+    move_id,
 )
 from heimdall_storage_pipeline.core.references import read_only_snapshot
 from heimdall_storage_pipeline.core.revalidation import Version, fresh_versions, referenced_among, stat_objects
@@ -214,6 +215,9 @@ class DeletionContext:
     # window it closes to REVALIDATION_MAX_AGE.
     conditional_deletes: bool = False
     plan_id: str | None = None  # the plan a live run applies, recorded with each audit row
+    # The folder this run's quarantine moves go under (``quarantine.move_id``); empty: made from the
+    # clock and run id when the deletion starts.
+    move_id: str = ""
 
     @property
     def threads(self) -> int:
@@ -257,6 +261,8 @@ def delete_candidates(
     """
     if not dry_run and ctx.audit is None:
         raise ValueError("a live deletion needs an audit log")
+    if bucket.quarantine and not ctx.move_id:
+        ctx = replace(ctx, move_id=move_id(ctx.clock(), ctx.run_id))
     report = DeletionReport(bucket=bucket.name, dry_run=dry_run)
     began = time.perf_counter()
     # A stalled server holds a DeleteObjects at most this long: it bounds how old a check can be when
@@ -397,7 +403,7 @@ def _process_batch(
         assert ctx.audit is not None
         # The intent is written before the wait for a slot, so that the slot holds only the request.
         quarantine = bucket.quarantine
-        moved_to = (lambda key: quarantine.location(bucket.name, key)) if quarantine else None
+        moved_to = (lambda key: quarantine.location(bucket.name, key, ctx.move_id)) if quarantine else None
         audit_ids = ctx.audit.record_intent(run_id=ctx.run_id, job=ctx.job, bucket=bucket.name, candidates=deletable,
                                             at=ctx.clock(), plan_id=ctx.plan_id, quarantine=moved_to)
         marks: list[Mark] = []
@@ -407,8 +413,8 @@ def _process_batch(
             """Before each request, the first or a retry: with a quarantine, what is still deletable is
             copied there first; then a check older than the bound (the copies take time) is made again."""
             nonlocal deletable, checked
-            if quarantine is not None:
-                failed = copy_to_quarantine(copier or client, bucket.name, quarantine,
+            if moved_to is not None:
+                failed = copy_to_quarantine(copier or client, bucket.name, moved_to,
                                             [c for c in deletable if c.key not in copied])
                 copied.update(c.key for c in deletable if c.key not in failed)
                 rows.extend((c, Outcome.FAILED.value) for c in deletable if c.key in failed)

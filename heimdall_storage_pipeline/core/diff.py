@@ -200,7 +200,7 @@ def _compute_orphan_diff(bucket: BucketPolicy, store: ManifestStore, inventory_u
         inventory = store.local_file(inventory_uri, temporary)
         references = store.local_file(references_uri, temporary)
         with _connect(temporary, memory_limit) as connection:
-            quarantine = bucket.quarantine.location(bucket.name, "") if bucket.quarantine else None
+            quarantine = bucket.quarantine.root(bucket.name) if bucket.quarantine else None
             _create_views(connection, inventory, references, bucket.companions,
                           quarantine[1] if quarantine and quarantine[0] == bucket.name else "")
             connection.execute("""

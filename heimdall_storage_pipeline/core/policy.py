@@ -374,11 +374,17 @@ class Quarantine:
                                                   _bucket_name(name, info))] = None
     prefix: StrictStr | None = None
 
-    def location(self, bucket: str, key: str) -> tuple[str, str]:
-        """The quarantine bucket and key of ``bucket``'s object ``key`` (its original key kept whole)."""
+    def root(self, bucket: str) -> tuple[str, str]:
+        """The quarantine bucket and the prefix (ending in '/') under which ``bucket``'s moves go."""
         if self.bucket is not None:
-            return self.bucket, f"{bucket}/{key}"
-        return bucket, f"{self.prefix.rstrip('/')}/{key}"  # type: ignore[union-attr]
+            return self.bucket, f"{bucket}/"
+        return bucket, f"{self.prefix.rstrip('/')}/"  # type: ignore[union-attr]
+
+    def location(self, bucket: str, key: str, move: str) -> tuple[str, str]:
+        """The quarantine bucket and key of ``bucket``'s object ``key`` moved by ``move`` (a move id):
+        ``<root>/<move>/<key>``, the original key kept whole, so that no move overwrites another's copy."""
+        where, prefix = self.root(bucket)
+        return where, f"{prefix}{move}/{key}"
 
 
 @dataclass(frozen=True, config=_NO_UNKNOWN_KEYS)

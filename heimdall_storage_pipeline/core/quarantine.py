@@ -1,6 +1,10 @@
 """Quarantine: a live cleanup moves objects aside (server-side copy, then delete) instead of deleting them;
 they expire after ``keep_days`` (a lifecycle rule, and the cleanup job where the server ignores it) and
 ``restore`` puts them back.
+
+Each cleanup run moves under a folder of its own, ``<root>/<move id>/<key>`` (``Quarantine.location``),
+so a key moved again, after a re-upload, never meets an earlier move's copy; the audit log records
+every copy's location, and restore and expiry go by it.
 """
 
 from __future__ import annotations
@@ -48,12 +52,20 @@ def checked_object_remains(stat: FreshStat | None, etag: str, last_modified: dat
             and abs(ensure_utc(stat.last_modified) - ensure_utc(last_modified)) < timedelta(seconds=1))
 
 
-def _copy_one(client: Minio, bucket: str, quarantine: Quarantine, candidate: Candidate) -> str | None:
-    where, key = quarantine.location(bucket, candidate.key)
+def move_id(started: datetime, run_id: str) -> str:
+    """The folder a cleanup run moves under: when it started, then its short run id (as Dagster's UI shows it),
+    e.g. ``20261205T230244Z-1a2b3c4d``; folders sort by time."""
+    short = "".join(c for c in run_id if c.isalnum() or c in "-_")[:8] or "run"
+    return f"{ensure_utc(started):%Y%m%dT%H%M%SZ}-{short}"
+
+
+def _copy_one(client: Minio, bucket: str, moved_to: Callable[[str], tuple[str, str]], candidate: Candidate
+              ) -> str | None:
+    where, key = moved_to(candidate.key)
     try:
-        if _stat(client, where, key) is not None:  # an earlier move's copy: never overwritten before keep_days
-            return (f"refused: {where}/{key} already holds the quarantine copy of an earlier move of this key; "
-                    f"the key is moved once that copy is restored or expires (or remove it by hand)")
+        if _stat(client, where, key) is not None:  # the destination is this run's own: never overwrite what is there
+            return (f"refused: {where}/{key} already exists, though this run's move alone should put a copy "
+                    f"there; it is left as it is (look at it, then remove it by hand)")
         # Only the checked content is copied (match_etag), with its metadata (the default COPY directive).
         copied = client.copy_object(where, key, CopySource(bucket, candidate.key, match_etag=candidate.etag))
         if (copied.etag or "").strip('"') == candidate.etag.strip('"'):
@@ -68,11 +80,12 @@ def _copy_one(client: Minio, bucket: str, quarantine: Quarantine, candidate: Can
     return None
 
 
-def copy_to_quarantine(client: Minio, bucket: str, quarantine: Quarantine, candidates: list[Candidate]
-                       ) -> dict[str, str]:
-    """Copy each candidate to its quarantine key; returns ``{key: error}`` of those not copied faithfully."""
+def copy_to_quarantine(client: Minio, bucket: str, moved_to: Callable[[str], tuple[str, str]],
+                       candidates: list[Candidate]) -> dict[str, str]:
+    """Copy each candidate to its quarantine location (``moved_to``: bucket and key of an original key);
+    returns ``{key: error}`` of those not copied faithfully."""
     with ThreadPoolExecutor(COPY_THREADS) as pool:
-        errors = pool.map(lambda c: _copy_one(client, bucket, quarantine, c), candidates)
+        errors = pool.map(lambda c: _copy_one(client, bucket, moved_to, c), candidates)
         return {c.key: error for c, error in zip(candidates, errors, strict=True) if error}
 
 
@@ -106,7 +119,7 @@ def _copies(page: pa.RecordBatch, where: str, audit: AuditLog) -> pa.Array:
 
 def check_only_copies(settings: S3Settings, bucket: str, quarantine: Quarantine, audit: AuditLog) -> None:
     """Refuse a quarantine location that holds objects no move put there: its expiry would delete them."""
-    where, prefix = quarantine.location(bucket, "")
+    where, prefix = quarantine.root(bucket)
     for page in ListObjectsV2(settings, where).batches(prefix=prefix):
         foreign = page.filter(pc.invert(_copies(page, where, audit)))
         if foreign.num_rows:
@@ -123,7 +136,7 @@ def set_expiry_rule(client: Minio, bucket: str, quarantine: Quarantine) -> bool:
     False when the server refuses lifecycle configuration: the cleanup job's expiry then does it alone.
     Call ``check_only_copies`` first: the rule expires whatever sits under the location.
     """
-    where, prefix = quarantine.location(bucket, "")
+    where, prefix = quarantine.root(bucket)
     try:
         current = client.get_bucket_lifecycle(where)
     except S3Error as exc:
@@ -161,7 +174,7 @@ def expire_and_count(settings: S3Settings, client: Minio, bucket: str, quarantin
     Only objects the audit log records as a move's copy (same ETag) are touched; each removal is
     audited, as a row of the quarantine bucket.
     """
-    where, prefix = quarantine.location(bucket, "")
+    where, prefix = quarantine.root(bucket)
     cutoff = now - timedelta(days=quarantine.keep_days)
     figures = QuarantineFigures()
     for listed in ListObjectsV2(settings, where).batches(prefix=prefix):

@@ -5,24 +5,25 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 import urllib3
-from minio.commonconfig import ENABLED, Filter
+from minio.commonconfig import ENABLED, CopySource, Filter
 from minio.deleteobjects import DeleteError
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from minio.versioningconfig import VersioningConfig
 
 from heimdall_storage_pipeline.core import deletion
 from heimdall_storage_pipeline.core import quarantine as quarantine_module
-from heimdall_storage_pipeline.core.audit import AuditLog
+from heimdall_storage_pipeline.core.audit import AuditLog, Mark
 from heimdall_storage_pipeline.core.clock import utc_now
 from heimdall_storage_pipeline.core.deletion import DeletionAbortedError, delete_batch
 from heimdall_storage_pipeline.core.errors import StorageCleanupError
@@ -30,10 +31,12 @@ from heimdall_storage_pipeline.core.policy import Quarantine
 from heimdall_storage_pipeline.core.quarantine import (
     check_only_copies,
     expire_and_count,
+    move_id,
     restore_one,
     rule_id,
     set_expiry_rule,
 )
+from heimdall_storage_pipeline.core.safety import Candidate
 from heimdall_storage_pipeline.local.seaweedfs import SeaweedFS
 from heimdall_storage_pipeline_tests.cleanup_support import CoreRig, add_refs, bucket_policy, make_rig, refs_table
 
@@ -59,6 +62,12 @@ def _world(rig: CoreRig, seaweed: SeaweedFS, make_bucket, quarantine: Quarantine
     return bucket, client, policy, bodies
 
 
+def _copies(rig: CoreRig, bucket: str, run_id: str | None = None) -> dict[str, str]:
+    """Each moved key's quarantine key, as the audit log records it (of one run, or of the moves that stand)."""
+    return {r.key: r.quarantine_key for r in rig.audit_rows(bucket)
+            if r.run_id == run_id or (run_id is None and r.status == "deleted")}
+
+
 def _read(client, bucket: str, key: str) -> bytes:
     response = client.get_object(bucket, key)
     try:
@@ -72,19 +81,21 @@ def test_a_live_cleanup_moves_orphans_with_bytes_and_metadata_and_the_next_scan_
     quarantine = Quarantine(keep_days=7, prefix="heimdall-quarantine/")
     bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine)
     rig.offset = OLD
-    report = rig.delete(policy, rig.scan(policy))
+    report = rig.delete(policy, rig.scan(policy), run_id="0123abcd-ef45-6789-abcd-ef0123456789")
     assert report.outcomes["deleted"] == 3
     listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
-    moved = {f"heimdall-quarantine/{key}" for key in bodies if "orphan" in key}
+    (folder,) = {key.split("/")[1] for key in listed if key.startswith("heimdall-quarantine/")}
+    assert re.fullmatch(r"\d{8}T\d{6}Z-0123abcd", folder)  # the run's start (UTC) and its short id
+    moved = {f"heimdall-quarantine/{folder}/{key}" for key in bodies if "orphan" in key}
     assert listed == {"data/kept.npy"} | moved
     for key in moved:
-        original = key.removeprefix("heimdall-quarantine/")
+        original = key.removeprefix(f"heimdall-quarantine/{folder}/")
         assert _read(client, bucket, key) == bodies[original]
         stat = client.stat_object(bucket, key)
         assert stat.content_type == "application/x-npy" and stat.metadata["X-Amz-Meta-Origin"] == "sensor-7"
     rows = rig.audit_rows(bucket)
     assert {(r.key, r.status, r.quarantine_bucket, r.quarantine_key) for r in rows} == {
-        (key.removeprefix("heimdall-quarantine/"), "deleted", bucket, key) for key in moved}
+        (key.removeprefix(f"heimdall-quarantine/{folder}/"), "deleted", bucket, key) for key in moved}
     # Quarantined objects are not orphans of the bucket: a second cleanup leaves them alone.
     again = rig.delete(policy, rig.scan(policy))
     assert again.candidates == 0
@@ -102,10 +113,10 @@ def test_expiry_rule_is_set_and_the_job_expires_what_the_server_leaves(rig, seaw
     assert (rules[rule_id(bucket)].rule_filter.prefix, rules[rule_id(bucket)].expiration.days) == (f"{bucket}/", 3)
 
     rig.offset = OLD
-    rig.delete(policy, rig.scan(policy))
+    rig.delete(policy, rig.scan(policy), move_id="m1")
     # Not a move's copy: an object someone put under the location, and one that replaced a copy.
     client.put_object(quarantine_bucket, f"{bucket}/someone-elses.npy", io.BytesIO(b"data"), 4)
-    client.put_object(quarantine_bucket, f"{bucket}/data/orphan-2.npy", io.BytesIO(b"replaced"), 8)
+    client.put_object(quarantine_bucket, f"{bucket}/m1/data/orphan-2.npy", io.BytesIO(b"replaced"), 8)
     with pytest.raises(StorageCleanupError, match=r"holds 2\+ objects no move put there .*nothing was moved"):
         check_only_copies(rig.s3, bucket, quarantine, AuditLog(rig.engine))
     delete = lambda on, objects: delete_batch(client, on, objects, print)  # noqa: E731
@@ -122,10 +133,10 @@ def test_expiry_rule_is_set_and_the_job_expires_what_the_server_leaves(rig, seaw
     expired = expire(later, dry_run=False)
     assert (expired.objects, expired.expired, expired.foreign) == (0, 2, 2)
     assert {o.object_name for o in client.list_objects(quarantine_bucket, recursive=True)} == {
-        f"{bucket}/someone-elses.npy", f"{bucket}/data/orphan-2.npy"}
-    assert _read(client, quarantine_bucket, f"{bucket}/data/orphan-2.npy") == b"replaced"
+        f"{bucket}/someone-elses.npy", f"{bucket}/m1/data/orphan-2.npy"}
+    assert _read(client, quarantine_bucket, f"{bucket}/m1/data/orphan-2.npy") == b"replaced"
     assert sorted((r.key, r.status, r.run_id) for r in rig.audit_rows(quarantine_bucket)) == [
-        (f"{bucket}/data/orphan-{i}.npy", "deleted", "expiry-run") for i in range(2)]
+        (f"{bucket}/m1/data/orphan-{i}.npy", "deleted", "expiry-run") for i in range(2)]
 
 
 _KILLED_RUN = """
@@ -170,17 +181,20 @@ def _killed_move(rig, seaweed, make_bucket, database_url, tmp_path):
 def test_a_move_killed_between_copy_and_delete_resumes_without_loss_or_duplicates(
         rig, seaweed, make_bucket, database_url, tmp_path):
     bucket, client, policy, bodies, orphans = _killed_move(rig, seaweed, make_bucket, database_url, tmp_path)
+    killed = _copies(rig, bucket, "killed-run")
+    assert set(killed) == {key for key in bodies if "orphan" in key}
     listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
-    assert listed == set(bodies) | {f"q/{key}" for key in bodies if "orphan" in key}  # copied, not deleted
+    assert listed == set(bodies) | set(killed.values())  # copied, not deleted
     assert {r.status for r in rig.audit_rows(bucket)} == {"pending"}
 
     report = rig.delete(policy, orphans)  # the next run settles the dead one, then moves each object once
     assert report.reconciled == {"deleted": 0, "not_deleted": 3} and report.outcomes["deleted"] == 3
+    moved = _copies(rig, bucket)
+    assert set(moved) == set(killed) and not set(moved.values()) & set(killed.values())  # a folder of its own
     listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
-    assert listed == {"data/kept.npy"} | {f"q/{key}" for key in bodies if "orphan" in key}
-    for key, body in bodies.items():
-        if "orphan" in key:
-            assert _read(client, bucket, f"q/{key}") == body
+    assert listed == {"data/kept.npy"} | set(moved.values())  # the dead run's copies are gone
+    for key, copy in moved.items():
+        assert _read(client, bucket, copy) == bodies[key]
     assert sorted((r.run_id == "killed-run", r.status) for r in rig.audit_rows(bucket)) == [
         (False, "deleted")] * 3 + [(True, "not_deleted")] * 3
 
@@ -190,13 +204,13 @@ def test_restore_is_byte_identical_and_never_overwrites_a_newer_object(rig, seaw
     bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine)
     rig.offset = OLD
     run_id = secrets.token_hex(8)
-    rig.delete(policy, rig.scan(policy), run_id=run_id)
+    rig.delete(policy, rig.scan(policy), run_id=run_id, move_id="m1")
     client.put_object(bucket, "data/orphan-0.npy", io.BytesIO(b"newer"), 5)  # re-uploaded since
     audit = AuditLog(rig.engine)
     moved = audit.moved(bucket, run_id=run_id)
     assert sorted(m.key for m in moved) == sorted(key for key in bodies if "orphan" in key)
     assert [(m.key, m.quarantine) for m in audit.moved(bucket, keys=["data/orphan-1.npy", "data/kept.npy"])] == [
-        ("data/orphan-1.npy", (bucket, "q/data/orphan-1.npy"))]
+        ("data/orphan-1.npy", (bucket, "q/m1/data/orphan-1.npy"))]
     dry = {m.key: restore_one(client, bucket, m, dry_run=True) for m in moved}
     assert dry["data/orphan-1.npy"] == dry["data/orphan-2.npy"] == "would_restore"
     assert dry["data/orphan-0.npy"].startswith("refused: a newer object sits at 'data/orphan-0.npy'")
@@ -207,7 +221,7 @@ def test_restore_is_byte_identical_and_never_overwrites_a_newer_object(rig, seaw
         assert _read(client, bucket, key) == bodies[key]
         assert client.stat_object(bucket, key).metadata["X-Amz-Meta-Origin"] == "sensor-7"
     listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
-    assert listed == set(bodies) | {"q/data/orphan-0.npy"}  # the refused one stays in quarantine
+    assert listed == set(bodies) | {"q/m1/data/orphan-0.npy"}  # the refused one stays in quarantine
 
 
 def test_on_a_versioned_bucket_a_move_keeps_the_current_version_and_frees_every_other(rig, seaweed, make_bucket):
@@ -216,12 +230,12 @@ def test_on_a_versioned_bucket_a_move_keeps_the_current_version_and_frees_every_
     client.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
     client.put_object(bucket, "data/orphan-0.npy", io.BytesIO(b"second"), 6)
     rig.offset = OLD
-    report = rig.delete(policy, rig.scan(policy))
+    report = rig.delete(policy, rig.scan(policy), move_id="m1")
     assert (report.outcomes["deleted"], report.deleted_bytes) == (1, 100 + 6)
     versions = sorted((o.object_name, o.is_latest) for o in client.list_objects(bucket, include_version=True,
                                                                                   recursive=True))
-    assert versions == [("data/kept.npy", "true"), ("q/data/orphan-0.npy", "true")]
-    assert _read(client, bucket, "q/data/orphan-0.npy") == b"second"
+    assert versions == [("data/kept.npy", "true"), ("q/m1/data/orphan-0.npy", "true")]
+    assert _read(client, bucket, "q/m1/data/orphan-0.npy") == b"second"
 
 
 def test_a_reference_added_while_the_copies_are_made_keeps_the_original_and_drops_its_copy(
@@ -240,11 +254,11 @@ def test_a_reference_added_while_the_copies_are_made_keeps_the_original_and_drop
 
     monkeypatch.setattr(deletion, "copy_to_quarantine", copy_then_reference)
     monkeypatch.setattr(deletion, "REVALIDATION_MAX_AGE", 0.0)  # the copies took longer than the bound
-    report = rig.delete(policy, orphans)
+    report = rig.delete(policy, orphans, move_id="m1")
     assert report.outcomes["deleted"] == 2
     assert _read(client, bucket, "data/orphan-1.npy") == bodies["data/orphan-1.npy"]
     listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
-    assert listed == {"data/kept.npy", "data/orphan-1.npy", "q/data/orphan-0.npy", "q/data/orphan-2.npy"}
+    assert listed == {"data/kept.npy", "data/orphan-1.npy", "q/m1/data/orphan-0.npy", "q/m1/data/orphan-2.npy"}
     statuses = {r.key: r.status for r in rig.audit_rows(bucket)}
     assert statuses == {"data/orphan-0.npy": "deleted", "data/orphan-1.npy": "not_deleted",
                         "data/orphan-2.npy": "deleted"}
@@ -256,13 +270,13 @@ def test_restore_looks_for_a_newer_object_right_before_the_copy_and_records_befo
     bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine, orphans=2)
     rig.offset = OLD
     run_id = secrets.token_hex(8)
-    rig.delete(policy, rig.scan(policy), run_id=run_id)
+    rig.delete(policy, rig.scan(policy), run_id=run_id, move_id="m1")
     moved = {m.key: m for m in AuditLog(rig.engine).moved(bucket, run_id=run_id)}
     real_stat = quarantine_module._stat
 
     def upload_while_looking(on, bucket_name, key):
         found = real_stat(on, bucket_name, key)
-        if key == "q/data/orphan-0.npy":  # an upload lands while the quarantine copy is looked at
+        if key == "q/m1/data/orphan-0.npy":  # an upload lands while the quarantine copy is looked at
             client.put_object(bucket, "data/orphan-0.npy", io.BytesIO(b"newer"), 5)
         return found
 
@@ -332,12 +346,12 @@ def test_a_copy_is_removed_only_where_the_checked_original_still_sits_at_its_key
                              for key in ("data/orphan-0.npy", "data/orphan-1.npy")}}
 
     monkeypatch.setattr(deletion, "delete_batch", gone_yet_failed)
-    report = rig.delete(policy, rig.scan(policy))
+    report = rig.delete(policy, rig.scan(policy), move_id="m1")
     assert (report.outcomes["deleted"], report.outcomes["failed"]) == (18, 2)
     listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
-    assert "data/orphan-0.npy" not in listed and _read(client, bucket, "q/data/orphan-0.npy") == bodies[
+    assert "data/orphan-0.npy" not in listed and _read(client, bucket, "q/m1/data/orphan-0.npy") == bodies[
         "data/orphan-0.npy"]  # the only copy left is kept
-    assert "data/orphan-1.npy" in listed and "q/data/orphan-1.npy" not in listed  # a duplicate goes
+    assert "data/orphan-1.npy" in listed and "q/m1/data/orphan-1.npy" not in listed  # a duplicate goes
     statuses = {r.key: r.status for r in rig.audit_rows(bucket)}
     assert (statuses["data/orphan-0.npy"], statuses["data/orphan-1.npy"]) == ("deleted", "failed")
     assert [m.key for m in AuditLog(rig.engine).moved(bucket, keys=["data/orphan-0.npy"])] == ["data/orphan-0.npy"]
@@ -349,19 +363,97 @@ def test_after_a_crash_a_copy_whose_original_was_replaced_is_kept(rig, seaweed, 
     report = rig.delete(policy, orphans)
     assert report.reconciled == {"deleted": 1, "not_deleted": 2}
     assert _read(client, bucket, "data/orphan-0.npy") == b"new"
-    assert _read(client, bucket, "q/data/orphan-0.npy") == bodies["data/orphan-0.npy"]
+    assert _read(client, bucket, _copies(rig, bucket, "killed-run")["data/orphan-0.npy"]) == bodies["data/orphan-0.npy"]
     assert report.outcomes["skipped_changed"] == 1 and report.outcomes["deleted"] == 2
 
 
-def test_a_second_move_of_a_key_never_overwrites_the_first_copy(rig, seaweed, make_bucket):
+def test_a_key_moved_re_uploaded_and_orphaned_again_is_moved_again_and_both_copies_restore(
+        rig, seaweed, make_bucket):
     quarantine = Quarantine(keep_days=7, prefix="q/")
     bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine)
     rig.offset = OLD
-    rig.delete(policy, rig.scan(policy))
+    first, second = secrets.token_hex(8), secrets.token_hex(8)
+    rig.delete(policy, rig.scan(policy), run_id=first)
     client.put_object(bucket, "data/orphan-0.npy", io.BytesIO(b"second life"), 11)  # re-uploaded, orphaned again
+    report = rig.delete(policy, rig.scan(policy), run_id=second)
+    assert (report.candidates, report.outcomes["deleted"]) == (1, 1)
+
+    key = "data/orphan-0.npy"
+    copies = [_copies(rig, bucket, run)[key] for run in (first, second)]
+    assert copies[0] != copies[1] and all(copy.endswith(f"/{key}") for copy in copies)
+    assert _read(client, bucket, copies[0]) == bodies[key] and _read(client, bucket, copies[1]) == b"second life"
+    assert sorted((r.run_id, r.status) for r in rig.audit_rows(bucket) if r.key == key) == sorted(
+        [(first, "deleted"), (second, "deleted")])
+    audit = AuditLog(rig.engine)
+    # Both are copies a move made: the quarantine is still only copies, and both count, none expires yet.
+    check_only_copies(rig.s3, bucket, quarantine, audit)
+    figures = expire_and_count(rig.s3, client, bucket, quarantine, utc_now(), dry_run=True,
+                               delete=lambda on, objects: {}, audit=audit, run_id="count", job="test")
+    assert (figures.objects, figures.expired, figures.foreign) == (4, 0, 0)
+
+    older = [m for m in audit.moved(bucket, run_id=first) if m.key == key]
+    latest = audit.moved(bucket, keys=[key])
+    assert [m.quarantine[1] for m in older] == [copies[0]] and [m.quarantine[1] for m in latest] == [copies[1]]
+    assert [restore_one(client, bucket, m, dry_run=True) for m in older + latest] == ["would_restore"] * 2
+    assert restore_one(client, bucket, latest[0], dry_run=False) == "restored"  # by key: its latest move
+    assert _read(client, bucket, key) == b"second life"
+    assert restore_one(client, bucket, older[0], dry_run=False).startswith("refused: a newer object sits at")
+    client.remove_object(bucket, key)  # an operator wants the first life back
+    assert restore_one(client, bucket, older[0], dry_run=False) == "restored"
+    assert _read(client, bucket, key) == bodies[key]
+
+
+def test_an_object_already_at_a_moves_own_destination_is_never_overwritten(rig, seaweed, make_bucket):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine, orphans=1)
+    rig.offset = OLD
+    orphans = rig.scan(policy)
+    client.put_object(bucket, "q/m1/data/orphan-0.npy", io.BytesIO(b"already here"), 12)
     # The only candidate of its batch fails: the bucket stops, naming why.
-    with pytest.raises(DeletionAbortedError, match="already holds the quarantine copy of an earlier move"):
-        rig.delete(policy, rig.scan(policy))
-    assert sorted(r.status for r in rig.audit_rows(bucket) if r.key == "data/orphan-0.npy") == ["deleted", "failed"]
-    assert _read(client, bucket, "q/data/orphan-0.npy") == bodies["data/orphan-0.npy"]
-    assert _read(client, bucket, "data/orphan-0.npy") == b"second life"
+    with pytest.raises(DeletionAbortedError, match="already exists, though this run's move alone"):
+        rig.delete(policy, orphans, move_id="m1")
+    assert [r.status for r in rig.audit_rows(bucket) if r.key == "data/orphan-0.npy"] == ["failed"]
+    assert _read(client, bucket, "q/m1/data/orphan-0.npy") == b"already here"
+    assert _read(client, bucket, "data/orphan-0.npy") == bodies["data/orphan-0.npy"]
+
+
+def test_a_copy_at_the_old_layouts_location_is_restored_and_expired_by_its_recorded_location(
+        rig, seaweed, make_bucket):
+    # Before move ids, a move's copy sat at <prefix>/<key>; its audit row says so.
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, _, bodies = _world(rig, seaweed, make_bucket, quarantine, orphans=2)
+    audit = AuditLog(rig.engine)
+    moved_at = utc_now()
+    candidates = []
+    for key in ("data/orphan-0.npy", "data/orphan-1.npy"):
+        stat = client.stat_object(bucket, key)
+        client.copy_object(bucket, f"q/{key}", CopySource(bucket, key))
+        client.remove_object(bucket, key)
+        candidates.append(Candidate(key, stat.size, stat.last_modified, stat.etag))
+    ids = audit.record_intent(run_id="old-layout-run", job="delete_orphans_job", bucket=bucket,
+                              candidates=candidates, at=moved_at, quarantine=lambda key: (bucket, f"q/{key}"))
+    audit.finish([Mark(list(ids.values()), "deleted", moved_at)], intents=[min(ids.values())])
+
+    check_only_copies(rig.s3, bucket, quarantine, audit)  # old-layout copies are copies a move made
+    (old,) = audit.moved(bucket, keys=["data/orphan-0.npy"])
+    assert old.quarantine == (bucket, "q/data/orphan-0.npy")
+    restored = restore_one(client, bucket, old, dry_run=False,
+                           restored=lambda: audit.mark_restored(old.audit_id, utc_now()))
+    assert restored == "restored"
+    assert _read(client, bucket, "data/orphan-0.npy") == bodies["data/orphan-0.npy"]
+
+    delete = lambda on, objects: delete_batch(client, on, objects, print)  # noqa: E731
+    expired = expire_and_count(rig.s3, client, bucket, quarantine, moved_at + timedelta(days=7, seconds=1),
+                               dry_run=False, delete=delete, audit=audit, run_id="expiry-run", job="test")
+    assert (expired.expired, expired.foreign) == (1, 0)
+    assert {o.object_name for o in client.list_objects(bucket, recursive=True)} == {
+        "data/kept.npy", "data/orphan-0.npy"}
+
+
+def test_move_ids_name_the_run_start_in_utc_and_the_short_run_id():
+    started = datetime(2026, 12, 5, 23, 2, 44, 999_000, tzinfo=UTC)
+    assert move_id(started, "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d") == "20261205T230244Z-1a2b3c4d"
+    assert move_id(started, "a/b") == "20261205T230244Z-ab"
+    assert Quarantine(keep_days=1, prefix="q").location("raw", "x/y.npy", "M") == ("raw", "q/M/x/y.npy")
+    assert Quarantine(keep_days=1, bucket="hold").location("raw", "x/y.npy", "M") == ("hold", "raw/M/x/y.npy")
+    assert Quarantine(keep_days=1, bucket="hold").root("raw") == ("hold", "raw/")

@@ -2,7 +2,7 @@
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
@@ -50,6 +50,7 @@ from heimdall_storage_pipeline.core.purge import purge_dataset
 from heimdall_storage_pipeline.core.quarantine import (
     check_only_copies,
     expire_and_count,
+    move_id,
     restore_one,
     set_expiry_rule,
 )
@@ -220,7 +221,15 @@ def deletion_context(
         log=context.log.info,
         workers=workers,
         conditional_deletes=conditional_deletes,
+        move_id=move_id(_run_started(context), context.run.run_id),
     )
+
+
+def _run_started(context: dg.OpExecutionContext) -> datetime:
+    """When the run started (its quarantine folder is named after it); now, if the instance has no start time."""
+    record = context.instance.get_run_record_by_id(context.run.run_id)
+    started = record.start_time if record is not None else None
+    return datetime.fromtimestamp(started, UTC) if started else utc_now()
 
 
 def one_cleanup_at_a_time(context: dg.OpExecutionContext, ctx: DeletionContext, bucket: str,
@@ -355,7 +364,7 @@ def _clean_bucket(
 def _set_quarantine_expiry(context: dg.OpExecutionContext, ctx: DeletionContext, bucket: BucketPolicy) -> None:
     """The lifecycle rule that expires quarantined objects; it also proves the quarantine bucket exists."""
     assert bucket.quarantine is not None and ctx.audit is not None
-    where, prefix = bucket.quarantine.location(bucket.name, "")
+    where, prefix = bucket.quarantine.root(bucket.name)
     with s3_errors(ctx.s3, where):
         check_only_copies(ctx.s3, bucket.name, bucket.quarantine, ctx.audit)
         if not set_expiry_rule(make_client(ctx.s3), bucket.name, bucket.quarantine):
@@ -369,7 +378,7 @@ def _quarantine_figures(context: dg.OpExecutionContext, ctx: DeletionContext, bu
         return {}
     assert audit is not None
     client = make_client(ctx.s3)
-    where, prefix = bucket.quarantine.location(bucket.name, "")
+    where, prefix = bucket.quarantine.root(bucket.name)
     with s3_errors(ctx.s3, where):
         figures = expire_and_count(ctx.s3, client, bucket.name, bucket.quarantine, utc_now(), dry_run=dry_run,
                                    delete=lambda on, objects: delete_batch(client, on, objects, ctx.log, ctx.sleep),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import sqlalchemy as sa
 
 from heimdall_storage_pipeline.core.audit import AuditLog
 from heimdall_storage_pipeline.core.clock import utc_now
+from heimdall_storage_pipeline.core.quarantine import move_id
 from heimdall_storage_pipeline.defs.cleanup import jobs
 from heimdall_storage_pipeline_tests.cleanup_support import listed_keys, put
 from heimdall_storage_pipeline_tests.conftest import key_source
@@ -59,11 +60,36 @@ def test_a_whole_cleanup_run_is_restored_in_one_launch_after_a_dry_run(
     assert "a newer object sits at 'c.npy'" in seen["restore_refusals"]["c.npy"]
     assert listed_keys(client, bucket) == set(keys)
     assert client.get_object(bucket, "a.npy").read() == b"a.npy" * 10
-    assert {o.object_name for o in client.list_objects(holding, recursive=True)} == {f"{bucket}/c.npy"}
+    first = _folder(harness, cleanup)
+    assert {o.object_name for o in client.list_objects(holding, recursive=True)} == {f"{bucket}/{first}/c.npy"}
     # Restored moves are marked in the audit log: a second launch finds nothing left to restore but c.npy.
     restore(harness, bucket=bucket, run_id=cleanup.run_id, dry_run=False)
     seen = observation(harness, bucket)
     assert (seen["restore_refused"], seen["restore_restored"]) == (1, 0)
+
+    # The newer c.npy is orphaned too: the next cleanup moves it, into its own run's folder, beside the first.
+    while utc_now() < client.stat_object(bucket, "c.npy").last_modified + timedelta(seconds=2):
+        time.sleep(0.2)
+    harness.scan(bucket)
+    again = harness.delete(dry_run=False, allow_mass_delete=True)
+    assert harness.metadata("orphan_deletions", bucket)["deleted_count"] == 3  # a, b (restored) and c
+    second = _folder(harness, again)
+    assert second != first and listed_keys(client, bucket) == {"kept.npy"}
+    assert {o.object_name for o in client.list_objects(holding, recursive=True)} == {
+        f"{bucket}/{first}/c.npy", *(f"{bucket}/{second}/{key}" for key in ("a.npy", "b.npy", "c.npy"))}
+    restore(harness, bucket=bucket, run_id=cleanup.run_id, dry_run=False)  # the first life of c.npy
+    assert observation(harness, bucket)["restore_restored"] == 1
+    assert client.get_object(bucket, "c.npy").read() == b"c.npy" * 10
+    restore(harness, bucket=bucket, keys=["c.npy"])  # its latest move: refused, the first life is back
+    assert "a newer object sits at 'c.npy'" in observation(harness, bucket)["restore_refusals"]["c.npy"]
+
+
+def _folder(harness, run: dg.ExecuteInProcessResult) -> str:
+    """The quarantine folder of a cleanup run: when it started, then its short id."""
+    started = harness.instance.get_run_record_by_id(run.run_id).start_time
+    folder = move_id(datetime.fromtimestamp(started, UTC), run.run_id)
+    assert folder.endswith(f"Z-{run.run_id[:8]}")
+    return folder
 
 
 def test_restore_needs_exactly_one_selection(harness_factory, make_bucket):
