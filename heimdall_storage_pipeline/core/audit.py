@@ -328,10 +328,14 @@ class AuditLog:
                     for row in connection.execute(query)]
 
     def quarantine_copies(self, where: str, keys: list[str]) -> dict[str, list[tuple[str, int]]]:
-        """Which of ``keys`` in bucket ``where`` a move put there: each one's moved ETags and sizes."""
+        """Which of ``keys`` in bucket ``where`` a move put there: each one's moved ETags and sizes.
+
+        Any status: a move's copy sits there before its row is settled (pending until the next run's
+        reconcile, which comes after the location's check) and after a copy that failed by timing out.
+        """
         a = deletion_audit.c
         query = sa.select(a.quarantine_key, a.etag, a.size).where(
-            a.quarantine_bucket == where, a.quarantine_key.in_(keys), a.status.in_(("deleted", "restored")))
+            a.quarantine_bucket == where, a.quarantine_key.in_(keys))
         found: dict[str, list[tuple[str, int]]] = {}
         with self.engine.connect() as connection:
             for row in connection.execute(query):

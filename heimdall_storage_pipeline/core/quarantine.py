@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 COPY_THREADS = 8
 # Seconds a server-side copy may go without an answer: a big object's copy answers only when done.
 COPY_READ_TIMEOUT = 900.0
+MAX_KEY_BYTES = 1024  # S3's limit on a key, in UTF-8 bytes
 
 
 def same_content(etag: str, size: int, copied_etag: str, copied_size: int) -> bool:
@@ -62,6 +63,10 @@ def move_id(started: datetime, run_id: str) -> str:
 def _copy_one(client: Minio, bucket: str, moved_to: Callable[[str], tuple[str, str]], candidate: Candidate
               ) -> str | None:
     where, key = moved_to(candidate.key)
+    if len(key.encode()) > MAX_KEY_BYTES:
+        return (f"refused: its quarantine key would be {len(key.encode())} bytes, over S3's limit of "
+                f"{MAX_KEY_BYTES} bytes (the location adds {len(key.encode()) - len(candidate.key.encode())}); "
+                f"it is left in place (delete it by hand, or quarantine to a shorter location)")
     try:
         if _stat(client, where, key) is not None:  # the destination is this run's own: never overwrite what is there
             return (f"refused: {where}/{key} already exists, though this run's move alone should put a copy "
@@ -76,8 +81,17 @@ def _copy_one(client: Minio, bucket: str, moved_to: Callable[[str], tuple[str, s
     except Exception as exc:  # a timeout or a dropped connection fails this key, not the run
         return f"copy to quarantine failed: {type(exc).__name__}: {str(exc)[:200]}"
     if held is None or not same_content(candidate.etag, candidate.size, held[0], held[1]):
-        return f"the quarantine copy's ETag {copied.etag} differs from {candidate.etag}"
+        removed = _remove_own_copy(client, where, key)  # the destination was empty: this run wrote it
+        return f"the quarantine copy's ETag {copied.etag} differs from {candidate.etag}; {removed}"
     return None
+
+
+def _remove_own_copy(client: Minio, where: str, key: str) -> str:
+    try:
+        client.remove_object(where, key)
+    except Exception as exc:  # the copy, unchecked, expires with keep_days
+        return f"it could not be removed ({type(exc).__name__}) and expires after keep_days"
+    return "it was removed"
 
 
 def copy_to_quarantine(client: Minio, bucket: str, moved_to: Callable[[str], tuple[str, str]],

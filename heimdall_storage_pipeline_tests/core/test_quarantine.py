@@ -457,3 +457,58 @@ def test_move_ids_name_the_run_start_in_utc_and_the_short_run_id():
     assert Quarantine(keep_days=1, prefix="q").location("raw", "x/y.npy", "M") == ("raw", "q/M/x/y.npy")
     assert Quarantine(keep_days=1, bucket="hold").location("raw", "x/y.npy", "M") == ("hold", "raw/M/x/y.npy")
     assert Quarantine(keep_days=1, bucket="hold").root("raw") == ("hold", "raw/")
+
+
+def test_the_copies_of_a_move_killed_before_its_delete_do_not_block_the_next_cleanup(
+        rig, seaweed, make_bucket, database_url, tmp_path):
+    # The job checks the location for foreign objects before the deletion settles the dead run's rows.
+    bucket, _, policy, _, orphans = _killed_move(rig, seaweed, make_bucket, database_url, tmp_path)
+    audit = AuditLog(rig.engine)
+    check_only_copies(rig.s3, bucket, policy.quarantine, audit)  # pending copies are a move's copies
+    report = rig.delete(policy, orphans)
+    assert report.outcomes["deleted"] == 3
+    check_only_copies(rig.s3, bucket, policy.quarantine, audit)
+
+
+def test_a_copy_that_fails_its_check_is_removed_and_does_not_block_the_next_cleanup(
+        rig, seaweed, make_bucket, monkeypatch):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, bodies = _world(rig, seaweed, make_bucket, quarantine, orphans=12)
+    rig.offset = OLD
+    real_copy = quarantine_module.copy_to_quarantine
+
+    class ReportsAnotherEtag:
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def copy_object(self, where, key, source):
+            copied = self.real.copy_object(where, key, source)
+            if key.endswith("orphan-1.npy"):  # written, but not what was checked
+                return client.put_object(where, key, io.BytesIO(b"garbled"), 7)
+            return copied
+
+    monkeypatch.setattr(deletion, "copy_to_quarantine", lambda copier, *a: real_copy(ReportsAnotherEtag(copier), *a))
+    report = rig.delete(policy, rig.scan(policy), move_id="m1")
+    assert (report.outcomes["deleted"], report.outcomes["failed"]) == (11, 1)
+    assert _read(client, bucket, "data/orphan-1.npy") == bodies["data/orphan-1.npy"]
+    listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
+    assert "q/m1/data/orphan-1.npy" not in listed  # this run wrote it: removed
+    check_only_copies(rig.s3, bucket, quarantine, AuditLog(rig.engine))
+
+
+def test_a_key_too_long_for_its_quarantine_location_is_failed_by_name_and_left_in_place(rig, seaweed, make_bucket):
+    quarantine = Quarantine(keep_days=7, prefix="q/")
+    bucket, client, policy, _ = _world(rig, seaweed, make_bucket, quarantine, orphans=12)
+    long_key = "data/" + "/".join(["é" * 49] * 10) + ".npy"  # fits S3's limit, but not under q/<move id>/
+    move = "20261205T230244Z-1a2b3c4d"
+    assert len(long_key.encode()) <= 1024 < len(f"q/{move}/{long_key}".encode())
+    client.put_object(bucket, long_key, io.BytesIO(b"long"), 4)
+    rig.offset = OLD
+    report = rig.delete(policy, rig.scan(policy), move_id=move)
+    assert (report.outcomes["deleted"], report.outcomes["failed"]) == (12, 1)
+    assert "over S3's limit of 1024 bytes" in report.failures[0]
+    assert _read(client, bucket, long_key) == b"long"
+    assert {r.key: r.status for r in rig.audit_rows(bucket)}[long_key] == "failed"
