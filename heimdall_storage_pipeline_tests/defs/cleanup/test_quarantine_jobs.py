@@ -7,10 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import sqlalchemy as sa
+from minio.commonconfig import CopySource
 
 from heimdall_storage_pipeline.core.audit import AuditLog
 from heimdall_storage_pipeline.core.clock import utc_now
 from heimdall_storage_pipeline.core.quarantine import move_id
+from heimdall_storage_pipeline.core.safety import Candidate
 from heimdall_storage_pipeline.defs.cleanup import jobs
 from heimdall_storage_pipeline_tests.cleanup_support import listed_keys, put
 from heimdall_storage_pipeline_tests.conftest import key_source
@@ -133,3 +135,31 @@ def test_a_quarantine_prefix_over_existing_data_is_refused_before_anything_moves
     assert "holds 1+ objects no move put there (first: 'data/kept.npy')" in str(
         result.failure_data_for_node("delete_orphans"))
     assert listed_keys(client, bucket) == {"data/kept.npy", "a.npy"}
+
+
+def test_a_move_that_died_between_copy_and_delete_does_not_block_the_next_cleanup(
+        harness_factory, make_bucket, seaweed, db_engine):
+    bucket = make_bucket("qdead")
+    client = seaweed.client()
+    with db_engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE refs_dead (k text)"))
+        connection.execute(sa.text("INSERT INTO refs_dead VALUES ('kept.npy')"))
+    for key in ("kept.npy", "a.npy", "b.npy"):
+        put(client, bucket, key, key.encode() * 10)
+    # A run copied a.npy to its folder and died before the delete: its row is pending, its copy in place.
+    stat = client.stat_object(bucket, "a.npy")
+    client.copy_object(bucket, "q/dead-run/a.npy", CopySource(bucket, "a.npy"))
+    AuditLog(db_engine).record_intent(
+        run_id="dead-run", job="delete_orphans_job", bucket=bucket, at=utc_now(),
+        candidates=[Candidate("a.npy", stat.size, stat.last_modified, stat.etag)],
+        quarantine=lambda key: (bucket, f"q/dead-run/{key}"))
+    harness = harness_factory({bucket: {"min_age": "1s", "references": [key_source("SELECT k FROM refs_dead")],
+                                        "quarantine": {"prefix": "q/", "keep_days": 30}}})
+    while utc_now() < max(o.last_modified for o in client.list_objects(bucket, recursive=True)) + timedelta(seconds=2):
+        time.sleep(0.2)
+    harness.scan(bucket)
+    cleanup = harness.delete(raise_on_error=False, dry_run=False, allow_mass_delete=True)
+    assert cleanup.success, cleanup.failure_data_for_node("delete_orphans")
+    assert harness.metadata("orphan_deletions", bucket)["deleted_count"] == 2
+    folder = _folder(harness, cleanup)
+    assert listed_keys(client, bucket) == {"kept.npy", f"q/{folder}/a.npy", f"q/{folder}/b.npy"}
