@@ -198,3 +198,14 @@ def test_a_plan_is_claimed_by_one_run_only(db_engine):
     assert audit.claim_plan("b:1234abcd", bucket="b", run_id="first", at=at) is None
     assert audit.claim_plan("b:1234abcd", bucket="b", run_id="second", at=at + timedelta(hours=1)) == ("first", at)
     assert plan_application(db_engine, "b:1234abcd") == ("first", at)
+
+
+def test_the_quarantines_copies_are_looked_up_by_an_index(db_engine):
+    # check_only_copies and the expiry ask once per listed page of the quarantine: no scan of the whole log.
+    AuditLog(db_engine)
+    with db_engine.connect() as connection:
+        connection.execute(sa.text("SET enable_seqscan = off"))
+        plan = "\n".join(connection.execute(sa.text(
+            "EXPLAIN SELECT quarantine_key, etag, size FROM heimdall_storage_deletion_audit "
+            "WHERE quarantine_bucket = 'hold' AND quarantine_key IN ('raw/m/a', 'raw/m/b')")).scalars())
+    assert "heimdall_storage_deletion_audit_quarantine" in plan
