@@ -512,3 +512,17 @@ def test_a_key_too_long_for_its_quarantine_location_is_failed_by_name_and_left_i
     assert "over S3's limit of 1024 bytes" in report.failures[0]
     assert _read(client, bucket, long_key) == b"long"
     assert {r.key: r.status for r in rig.audit_rows(bucket)}[long_key] == "failed"
+
+
+def test_the_scan_leaves_out_the_quarantine_folder_only_not_keys_that_merely_start_like_it(
+        rig, seaweed, make_bucket):
+    quarantine = Quarantine(keep_days=7, prefix="heimdall-quarantine")  # no trailing '/'
+    bucket, client, policy, _ = _world(rig, seaweed, make_bucket, quarantine, orphans=1)
+    client.put_object(bucket, "heimdall-quarantine-old/x.npy", io.BytesIO(b"real data"), 9)
+    rig.offset = OLD
+    report = rig.delete(policy, rig.scan(policy), move_id="m1")
+    assert (report.candidates, report.outcomes["deleted"]) == (2, 2)
+    assert {o.object_name for o in client.list_objects(bucket, recursive=True)} == {
+        "data/kept.npy", "heimdall-quarantine/m1/data/orphan-0.npy",
+        "heimdall-quarantine/m1/heimdall-quarantine-old/x.npy"}
+    assert rig.delete(policy, rig.scan(policy), move_id="m2").candidates == 0
