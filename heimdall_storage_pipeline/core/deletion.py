@@ -443,8 +443,13 @@ def _process_batch(
         rows += outcomes
         if moved_to is not None:
             deleted = {c.key for c, outcome in outcomes if outcome == Outcome.DELETED.value}
-            final += _settle_copies(ctx, bucket.name, client, lister, moved_to, audit_ids,
-                                    [c for c in batch if c.key in copied - deleted])
+            settled, moved = _settle_copies(ctx, bucket.name, client, lister, moved_to, audit_ids,
+                                            [c for c in batch if c.key in copied - deleted])
+            final += settled
+            # The manifest says what the audit log says: moved, though the delete was not confirmed.
+            rows[:] = [(c, Outcome.DELETED.value if c.key in moved else outcome) for c, outcome in rows]
+            for key in moved:
+                result.failures.pop(key, None)
         ctx.audit.finish(marks + final, intents=[min(audit_ids.values())])
     return result
 
@@ -452,18 +457,22 @@ def _process_batch(
 def _settle_copies(
     ctx: DeletionContext, bucket: str, client: Minio, lister: ListObjectsV2,
     moved_to: Callable[[str], tuple[str, str]], audit_ids: dict[str, int], stayed: list[Candidate],
-) -> list[Mark]:
+) -> tuple[list[Mark], set[str]]:
     """Copies whose original was not reported deleted: removed where the checked object still sits at
-    its key (no object is kept twice); kept where it is gone or replaced, and its row then records the move."""
+    its key (no object is kept twice); kept where it is gone or replaced, and its row then records the move.
+
+    Returns the audit marks and the keys recorded as moved.
+    """
     if not stayed:
-        return []
+        return [], set()
     with s3_errors(ctx.s3, bucket):
         stats = stat_objects(client, bucket, [c.key for c in stayed], lister)
         duplicates = {c.key for c in stayed if checked_object_remains(stats[c.key], c.etag, c.last_modified)}
         discard_copies(client, [moved_to(key) for key in duplicates])
-    return [Mark([audit_ids[c.key] for c in stayed if c.key not in duplicates], "deleted", ctx.clock(),
+    moved = {c.key for c in stayed} - duplicates
+    return [Mark([audit_ids[key] for key in moved], "deleted", ctx.clock(),
                  "the delete was not confirmed, but the checked object is gone from its key; its quarantine copy "
-                 "holds it")]
+                 "holds it")], moved
 
 
 def _revalidate(

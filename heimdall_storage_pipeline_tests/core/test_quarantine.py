@@ -347,7 +347,12 @@ def test_a_copy_is_removed_only_where_the_checked_original_still_sits_at_its_key
 
     monkeypatch.setattr(deletion, "delete_batch", gone_yet_failed)
     report = rig.delete(policy, rig.scan(policy), move_id="m1")
-    assert (report.outcomes["deleted"], report.outcomes["failed"]) == (18, 2)
+    # orphan-0 left its key and its copy holds it: deleted, in the report and manifest as in the audit log.
+    assert (report.outcomes["deleted"], report.outcomes["failed"]) == (19, 1)
+    assert [failure.split(":")[0] for failure in report.failures] == ["data/orphan-1.npy"]
+    manifest = rig.store.read_table(report.manifest_uri).to_pylist()
+    assert {row["key"]: row["outcome"] for row in manifest if row["key"] in (
+        "data/orphan-0.npy", "data/orphan-1.npy")} == {"data/orphan-0.npy": "deleted", "data/orphan-1.npy": "failed"}
     listed = {o.object_name for o in client.list_objects(bucket, recursive=True)}
     assert "data/orphan-0.npy" not in listed and _read(client, bucket, "q/m1/data/orphan-0.npy") == bodies[
         "data/orphan-0.npy"]  # the only copy left is kept
