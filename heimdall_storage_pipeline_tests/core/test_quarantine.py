@@ -68,6 +68,19 @@ def _copies(rig: CoreRig, bucket: str, run_id: str | None = None) -> dict[str, s
             if r.run_id == run_id or (run_id is None and r.status == "deleted")}
 
 
+class _CopiesWith:
+    """A real client whose server-side copies go through ``copy(real, where, key, source)``."""
+
+    def __init__(self, real, copy) -> None:
+        self.real, self.copy = real, copy
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def copy_object(self, where, key, source):
+        return self.copy(self.real, where, key, source)
+
+
 def _read(client, bucket: str, key: str) -> bytes:
     response = client.get_object(bucket, key)
     try:
@@ -304,21 +317,14 @@ def test_a_copy_that_times_out_fails_its_key_only_and_copies_use_a_longer_bounde
     rig.offset = OLD
     real_copy, timeouts = quarantine_module.copy_to_quarantine, []
 
-    class TimesOutOnOne:
-        def __init__(self, real):
-            self.real = real
-
-        def __getattr__(self, name):
-            return getattr(self.real, name)
-
-        def copy_object(self, where, key, source):
-            if key.endswith("orphan-1.npy"):
-                raise urllib3.exceptions.ReadTimeoutError(None, key, "Read timed out.")
-            return self.real.copy_object(where, key, source)
+    def times_out_on_one(real, where, key, source):
+        if key.endswith("orphan-1.npy"):
+            raise urllib3.exceptions.ReadTimeoutError(None, key, "Read timed out.")
+        return real.copy_object(where, key, source)
 
     def copy_with_timeout(copier, *args):
         timeouts.append(copier._http.connection_pool_kw["timeout"].read_timeout)
-        return real_copy(TimesOutOnOne(copier), *args)
+        return real_copy(_CopiesWith(copier, times_out_on_one), *args)
 
     monkeypatch.setattr(deletion, "copy_to_quarantine", copy_with_timeout)
     report = rig.delete(policy, rig.scan(policy))
@@ -482,20 +488,14 @@ def test_a_copy_that_fails_its_check_is_removed_and_does_not_block_the_next_clea
     rig.offset = OLD
     real_copy = quarantine_module.copy_to_quarantine
 
-    class ReportsAnotherEtag:
-        def __init__(self, real):
-            self.real = real
+    def reports_another_etag(real, where, key, source):
+        copied = real.copy_object(where, key, source)
+        if key.endswith("orphan-1.npy"):  # written, but not what was checked
+            return client.put_object(where, key, io.BytesIO(b"garbled"), 7)
+        return copied
 
-        def __getattr__(self, name):
-            return getattr(self.real, name)
-
-        def copy_object(self, where, key, source):
-            copied = self.real.copy_object(where, key, source)
-            if key.endswith("orphan-1.npy"):  # written, but not what was checked
-                return client.put_object(where, key, io.BytesIO(b"garbled"), 7)
-            return copied
-
-    monkeypatch.setattr(deletion, "copy_to_quarantine", lambda copier, *a: real_copy(ReportsAnotherEtag(copier), *a))
+    monkeypatch.setattr(deletion, "copy_to_quarantine",
+                        lambda copier, *a: real_copy(_CopiesWith(copier, reports_another_etag), *a))
     report = rig.delete(policy, rig.scan(policy), move_id="m1")
     assert (report.outcomes["deleted"], report.outcomes["failed"]) == (11, 1)
     assert _read(client, bucket, "data/orphan-1.npy") == bodies["data/orphan-1.npy"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -16,6 +15,7 @@ from heimdall_storage_pipeline.core.safety import Candidate
 from heimdall_storage_pipeline.defs.cleanup import jobs
 from heimdall_storage_pipeline_tests.cleanup_support import listed_keys, put
 from heimdall_storage_pipeline_tests.conftest import key_source
+from heimdall_storage_pipeline_tests.defs.cleanup.test_delete_orphans_job import wait_until_old
 
 
 def restore(harness, raise_on_error: bool = True, **config) -> dg.ExecuteInProcessResult:
@@ -41,8 +41,7 @@ def test_a_whole_cleanup_run_is_restored_in_one_launch_after_a_dry_run(
         put(client, bucket, key, key.encode() * 10)
     harness = harness_factory({bucket: {"min_age": "1s", "references": [key_source("SELECT k FROM refs")],
                                         "quarantine": {"bucket": holding, "keep_days": 30}}})
-    while utc_now() < max(o.last_modified for o in client.list_objects(bucket)) + timedelta(seconds=2):
-        time.sleep(0.2)
+    wait_until_old(client, bucket)
     harness.scan(bucket)
     cleanup = harness.delete(dry_run=False, allow_mass_delete=True)
     meta = harness.metadata("orphan_deletions", bucket)
@@ -70,8 +69,7 @@ def test_a_whole_cleanup_run_is_restored_in_one_launch_after_a_dry_run(
     assert (seen["restore_refused"], seen["restore_restored"]) == (1, 0)
 
     # The newer c.npy is orphaned too: the next cleanup moves it, into its own run's folder, beside the first.
-    while utc_now() < client.stat_object(bucket, "c.npy").last_modified + timedelta(seconds=2):
-        time.sleep(0.2)
+    wait_until_old(client, bucket)
     harness.scan(bucket)
     again = harness.delete(dry_run=False, allow_mass_delete=True)
     assert harness.metadata("orphan_deletions", bucket)["deleted_count"] == 3  # a, b (restored) and c
@@ -116,19 +114,24 @@ def test_a_dry_run_restore_ignores_a_busy_bucket_and_a_live_one_fails_with_one_l
     assert failure.description.startswith(f"another cleanup of {bucket!r} is running")
 
 
-def test_a_quarantine_prefix_over_existing_data_is_refused_before_anything_moves(
-        harness_factory, make_bucket, seaweed, db_engine):
-    bucket = make_bucket("qover")
+def _bucket_with_refs(bucket: str, seaweed, db_engine, table: str, keys: list[str]):
+    """``bucket`` holding ``keys`` (10 copies of its name each), the first referenced from ``table``."""
     client = seaweed.client()
     with db_engine.begin() as connection:
-        connection.execute(sa.text("CREATE TABLE refs_over (k text)"))
-        connection.execute(sa.text("INSERT INTO refs_over VALUES ('data/kept.npy')"))
-    for key in ("data/kept.npy", "a.npy"):
-        put(client, bucket, key, key.encode())
+        connection.execute(sa.text(f"CREATE TABLE {table} (k text)"))
+        connection.execute(sa.text(f"INSERT INTO {table} VALUES (:k)"), {"k": keys[0]})
+    for key in keys:
+        put(client, bucket, key, key.encode() * 10)
+    return bucket, client
+
+
+def test_a_quarantine_prefix_over_existing_data_is_refused_before_anything_moves(
+        harness_factory, make_bucket, seaweed, db_engine):
+    bucket, client = _bucket_with_refs(make_bucket("qover"), seaweed, db_engine, "refs_over",
+                                       ["data/kept.npy", "a.npy"])
     harness = harness_factory({bucket: {"min_age": "1s", "references": [key_source("SELECT k FROM refs_over")],
                                         "quarantine": {"prefix": "data/", "keep_days": 1}}})
-    while utc_now() < max(o.last_modified for o in client.list_objects(bucket, recursive=True)) + timedelta(seconds=2):
-        time.sleep(0.2)
+    wait_until_old(client, bucket)
     harness.scan(bucket)
     result = harness.delete(raise_on_error=False, dry_run=False, allow_mass_delete=True)
     assert not result.success
@@ -139,13 +142,8 @@ def test_a_quarantine_prefix_over_existing_data_is_refused_before_anything_moves
 
 def test_a_move_that_died_between_copy_and_delete_does_not_block_the_next_cleanup(
         harness_factory, make_bucket, seaweed, db_engine):
-    bucket = make_bucket("qdead")
-    client = seaweed.client()
-    with db_engine.begin() as connection:
-        connection.execute(sa.text("CREATE TABLE refs_dead (k text)"))
-        connection.execute(sa.text("INSERT INTO refs_dead VALUES ('kept.npy')"))
-    for key in ("kept.npy", "a.npy", "b.npy"):
-        put(client, bucket, key, key.encode() * 10)
+    bucket, client = _bucket_with_refs(make_bucket("qdead"), seaweed, db_engine, "refs_dead",
+                                       ["kept.npy", "a.npy", "b.npy"])
     # A run copied a.npy to its folder and died before the delete: its row is pending, its copy in place.
     stat = client.stat_object(bucket, "a.npy")
     client.copy_object(bucket, "q/dead-run/a.npy", CopySource(bucket, "a.npy"))
@@ -155,8 +153,7 @@ def test_a_move_that_died_between_copy_and_delete_does_not_block_the_next_cleanu
         quarantine=lambda key: (bucket, f"q/dead-run/{key}"))
     harness = harness_factory({bucket: {"min_age": "1s", "references": [key_source("SELECT k FROM refs_dead")],
                                         "quarantine": {"prefix": "q/", "keep_days": 30}}})
-    while utc_now() < max(o.last_modified for o in client.list_objects(bucket, recursive=True)) + timedelta(seconds=2):
-        time.sleep(0.2)
+    wait_until_old(client, bucket)
     harness.scan(bucket)
     cleanup = harness.delete(raise_on_error=False, dry_run=False, allow_mass_delete=True)
     assert cleanup.success, cleanup.failure_data_for_node("delete_orphans")
