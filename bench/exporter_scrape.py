@@ -3,15 +3,20 @@
 Records ``--history`` rounds of a scan (bucket_inventory, referenced_keys, orphan_diff) and a
 cleanup (orphan_deletions) for each of ``--buckets`` buckets on a fresh Dagster instance
 (PostgreSQL by default, the production setup; ``--backend sqlite`` for the local one), then
-serves it with the exporter's HTTP server and times ``GET /metrics``:
+serves it with the exporter's HTTP server and times ``GET /metrics``. The exporter is given the
+buckets as the CLI gives it the policy's enabled buckets:
 
-* ``cold``: the first scrape, which also sums the whole deletion history;
+* ``cold``: the first scrape of a fresh exporter: the scan assets newest first until each bucket
+  has its latest, and the whole deletion history;
+* ``cold-all``: the same without the buckets, which reads every event (the exporter before it
+  was given them); ``--cold-repeats`` of each, alternated, on the same instance;
 * ``warm``: later scrapes with the cache disabled (each one reads the instance again);
 * ``cached``: scrapes within the cache lifetime.
 
 Timings are printed, never asserted.
 
     .venv/bin/python bench/exporter_scrape.py [--buckets 50] [--history 30] [--backend postgres]
+        [--cleanup-every 1] [--cold-repeats 3]
 """
 
 from __future__ import annotations
@@ -53,11 +58,15 @@ def instance_home(backend: str) -> Iterator[Path]:
             yield write_instance_home(Path(tmp) / "home", postgres_url(database))
 
 
-def fill(instance: dg.DagsterInstance, buckets: int, history: int) -> int:
+def bucket_name(index: int) -> str:
+    return f"bench-bucket-{index:03d}"
+
+
+def fill(instance: dg.DagsterInstance, buckets: int, history: int, cleanup_every: int) -> int:
     events = 0
     for round_ in range(history):
         for index in range(buckets):
-            bucket = f"bench-bucket-{index:03d}"
+            bucket = bucket_name(index)
             objects = 10_000 + 100 * round_ + index
             record_scan(
                 instance,
@@ -70,8 +79,10 @@ def fill(instance: dg.DagsterInstance, buckets: int, history: int) -> int:
                 eligible_bytes=objects * 4 * 1024**2 // 20,
                 young=objects // 20,
             )
-            record_cleanup(instance, bucket, deleted=objects // 20, deleted_bytes=GIB)
-            events += 4
+            events += 3
+            if round_ % cleanup_every == 0:
+                record_cleanup(instance, bucket, deleted=objects // 20, deleted_bytes=GIB)
+                events += 1
     return events
 
 
@@ -100,27 +111,38 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=30, help="materializations per asset")
     parser.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres")
     parser.add_argument("--scrapes", type=int, default=30)
+    parser.add_argument("--cleanup-every", type=int, default=1, help="record a cleanup every N scan rounds")
+    parser.add_argument("--cold-repeats", type=int, default=3)
     args = parser.parse_args()
 
     with instance_home(args.backend) as home, dg.DagsterInstance.from_config(str(home)) as instance:
         started = time.perf_counter()
-        events = fill(instance, args.buckets, args.history)
+        events = fill(instance, args.buckets, args.history, args.cleanup_every)
         print(
             f"{args.backend}: recorded {events} materializations ({args.buckets} buckets x "
-            f"{args.history} rounds x 4 assets) in {time.perf_counter() - started:.1f} s"
+            f"{args.history} rounds x 3 scan assets, a cleanup every {args.cleanup_every} rounds) "
+            f"in {time.perf_counter() - started:.1f} s"
         )
 
         provider = InstanceProvider(lambda: instance, timeout_seconds=60)
-        uncached = SnapshotSource(provider, ttl_seconds=0)
+        # As the exporter's CLI passes the policy's enabled buckets.
+        names = [bucket_name(index) for index in range(args.buckets)]
+        colds: dict[str, list[float]] = {"cold-all": [], "cold": []}
+        for _ in range(args.cold_repeats):
+            for name, given in (("cold-all", ()), ("cold", names)):
+                with ExporterServer(provider, SnapshotSource(provider, given, ttl_seconds=0), port=0) as server:
+                    colds[name].append(timed_scrape(server.url)[0])
+        uncached = SnapshotSource(provider, names, ttl_seconds=0)
         with ExporterServer(provider, uncached, port=0) as server:
             cold, size = timed_scrape(server.url)
             warm = [timed_scrape(server.url)[0] for _ in range(args.scrapes)]
-        cached_source = SnapshotSource(provider, ttl_seconds=3600)
+        cached_source = SnapshotSource(provider, names, ttl_seconds=3600)
         with ExporterServer(provider, cached_source, port=0) as server:
             timed_scrape(server.url)
             cached = [timed_scrape(server.url)[0] for _ in range(args.scrapes)]
         print(f"response: {size} bytes")
-        print(summary("cold", [cold]))
+        print(summary("cold", [cold, *colds["cold"]]))
+        print(summary("cold-all", colds["cold-all"]))
         print(summary("warm", warm))
         print(summary("cached", cached))
 

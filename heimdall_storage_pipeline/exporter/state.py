@@ -26,6 +26,8 @@ ORPHAN_DIFF = dg.AssetKey("orphan_diff")
 ORPHAN_DELETIONS = dg.AssetKey("orphan_deletions")
 STORAGE_HISTORY = dg.AssetKey("storage_history")
 REPORTED_ASSETS = (BUCKET_INVENTORY, REFERENCED_KEYS, ORPHAN_DIFF, ORPHAN_DELETIONS, STORAGE_HISTORY)
+# Materialized by every scan; only their latest per bucket is reported (orphan_deletions' sums need every event).
+LATEST_ONLY_ASSETS = (BUCKET_INVENTORY, REFERENCED_KEYS, ORPHAN_DIFF)
 RATES = ("growth_7d", "growth_30d", "inflow_7d", "inflow_30d", "inflow_norm")
 
 JOB_NAMES = ("storage_scan_job", "delete_orphans_job", "purge_dataset_job", "prefix_cleanup_job",
@@ -262,6 +264,11 @@ class InstanceHistory:
       (cleanups and purges alike);
     - failed runs per job, counted from the run failure events.
 
+    Given the buckets to report, the first refresh of a scan asset (``LATEST_ONLY_ASSETS``) reads
+    its history newest first and stops once each of those buckets has its latest materialization
+    (or the history ends), so its cost follows the number of buckets, not the length of the history.
+    A bucket outside that set is kept only if its latest was among the events read.
+
     Seam: the deletion audit table (``core/audit.py``) is the record of every deletion, but it
     lives in the reference database, whose credentials the exporter does not hold; to count from
     it, replace the deletion sums with one of its ``deleted`` rows per bucket.
@@ -275,9 +282,14 @@ class InstanceHistory:
     _cursors: dict[Any, int | None] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def refresh(self, instance: dg.DagsterInstance) -> None:
+    def refresh(self, instance: dg.DagsterInstance, buckets: Iterable[str] = ()) -> None:
+        """Read what was stored since the last refresh; ``buckets``: the buckets to report, if known."""
+        wanted = frozenset(buckets)
         with self._lock:
             for asset_key in REPORTED_ASSETS:
+                if wanted and asset_key in LATEST_ONLY_ASSETS and self._cursors.get(asset_key) is None:
+                    self._read_latest(instance, asset_key, wanted)
+                    continue
                 for record in self._new(instance, asset_key):
                     found = _to_materialization(record)
                     if found is not None:
@@ -288,6 +300,29 @@ class InstanceHistory:
                 job = record.event_log_entry.job_name
                 if job in self.failed_runs:
                     self.failed_runs[job] += 1
+
+    def _read_latest(self, instance: dg.DagsterInstance, asset_key: dg.AssetKey, buckets: frozenset[str]) -> None:
+        """The first read of ``asset_key``: newest first, until every one of ``buckets`` has its latest
+        or the history ends; then the cursor is the newest event, for ``_new`` to go on from."""
+        latest = self.latest[asset_key]
+        seen: set[str] = set()  # first seen in this read wins: it is the newest
+        newest: int | None = None
+        cursor: str | None = None
+        while True:
+            result = instance.fetch_materializations(
+                asset_key, limit=self.page_size, cursor=cursor, ascending=False)
+            for record in result.records:
+                newest = record.storage_id if newest is None else max(newest, record.storage_id)
+                found = _to_materialization(record)
+                if found is not None and found.partition not in seen:
+                    seen.add(found.partition)
+                    latest[found.partition] = found
+            if buckets <= seen or not result.has_more or not result.records:
+                break
+            cursor = result.cursor
+        # Set only once the read is complete: a failed read starts again from the newest next time.
+        if newest is not None:
+            self._cursors[asset_key] = newest
 
     def _new(self, instance: dg.DagsterInstance, source: Any) -> Iterator[dg.EventLogRecord]:
         """The records of ``source`` (an asset key or a run status) stored since the last refresh."""
@@ -324,12 +359,14 @@ def collect_storage_snapshot(
     """Every bucket's figures from the latest materializations.
 
     ``buckets`` adds buckets that may never have been scanned (the policy's); they are reported
-    with status ``unknown`` and no figures. Pass a long-lived ``history`` so that each call reads
+    with status ``unknown`` and no figures; given them, the first read of the scan assets stops once
+    each has its latest (``InstanceHistory``). Pass a long-lived ``history`` so that each call reads
     only what was stored since the previous one.
     """
     started = clock()
+    buckets = tuple(buckets)
     history = history if history is not None else InstanceHistory()
-    history.refresh(instance)
+    history.refresh(instance, buckets)
     inventories, references, diffs, cleanups = (dict(history.latest[key]) for key in REPORTED_ASSETS[:4])
     failed_runs = dict(history.failed_runs)
     names = sorted(set(buckets) | set(inventories) | set(diffs))
