@@ -308,9 +308,10 @@ class InstanceHistory:
         seen: set[str] = set()  # first seen in this read wins: it is the newest
         newest: int | None = None
         cursor: str | None = None
+        # A scan materializes every bucket, so the newest 2 per bucket usually hold all; pages double after.
+        limit = min(self.page_size, max(2 * len(buckets), 16))
         while True:
-            result = instance.fetch_materializations(
-                asset_key, limit=self.page_size, cursor=cursor, ascending=False)
+            result = instance.fetch_materializations(asset_key, limit=limit, cursor=cursor, ascending=False)
             for record in result.records:
                 newest = record.storage_id if newest is None else max(newest, record.storage_id)
                 found = _to_materialization(record)
@@ -320,6 +321,7 @@ class InstanceHistory:
             if buckets <= seen or not result.has_more or not result.records:
                 break
             cursor = result.cursor
+            limit = min(self.page_size, 2 * limit)
         # Set only once the read is complete: a failed read starts again from the newest next time.
         if newest is not None:
             self._cursors[asset_key] = newest
