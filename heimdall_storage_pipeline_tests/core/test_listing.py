@@ -160,7 +160,8 @@ def test_control_characters_and_rewritten_slashes_list_as_minio_does(
     # Keys object_store refuses (control characters) or rewrites ('//', trailing '/'), in both shard modes.
     bucket = make_bucket("ctl")
     keys = ["ctl\x01a", "new\nline", "cr\rhere", "del\x7fx", "x//y", "/lead", "%2F", "trail/", "trail"]
-    put_all(seaweed, bucket, keys)
+    put_all(seaweed, bucket, keys[:-1])
+    put_all(seaweed, bucket, keys[-1:])  # after 'trail/': SeaweedFS refuses a directory marker over a file
     store = ManifestStore(str(tmp_path))
     expected = minio_rows(seaweed, bucket)
     assert {"ctl\x01a", "new\nline", "cr\rhere", "del\x7fx", "trail"} <= {row[0] for row in expected}
