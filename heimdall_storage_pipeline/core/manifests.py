@@ -217,13 +217,16 @@ class ManifestStore:
                     found.append(self._to_uri(info.path))
         return found
 
+    def remove(self, uris: list[str]) -> list[str]:
+        """Delete these manifests; returns them."""
+        filesystem, _ = self._filesystem()
+        for uri in uris:
+            filesystem.delete_file(self._to_path(uri))
+        return uris
+
     def prune(self, bucket: str, now: datetime, retention: timedelta, keep: set[str]) -> list[str]:
         """Delete this bucket's manifests older than ``retention``, except the URIs in ``keep``."""
-        filesystem, _ = self._filesystem()
-        removed = [uri for uri in self.expired(bucket, now, retention) if uri not in keep]
-        for uri in removed:
-            filesystem.delete_file(self._to_path(uri))
-        return removed
+        return self.remove([uri for uri in self.expired(bucket, now, retention) if uri not in keep])
 
 
 def _written_at(file_name: str) -> datetime | None:

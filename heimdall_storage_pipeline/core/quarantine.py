@@ -63,10 +63,11 @@ def move_id(started: datetime, run_id: str) -> str:
 def _copy_one(client: Minio, bucket: str, moved_to: Callable[[str], tuple[str, str]], candidate: Candidate
               ) -> str | None:
     where, key = moved_to(candidate.key)
-    if len(key.encode()) > MAX_KEY_BYTES:
-        return (f"refused: its quarantine key would be {len(key.encode())} bytes, over S3's limit of "
-                f"{MAX_KEY_BYTES} bytes (the location adds {len(key.encode()) - len(candidate.key.encode())}); "
-                f"it is left in place (delete it by hand, or quarantine to a shorter location)")
+    key_bytes = len(key.encode())
+    if key_bytes > MAX_KEY_BYTES:
+        return (f"refused: its quarantine key would be {key_bytes} bytes, over S3's limit of {MAX_KEY_BYTES} "
+                f"bytes (the location adds {key_bytes - len(candidate.key.encode())}); it is left in place "
+                f"(delete it by hand, or quarantine to a shorter location)")
     try:
         if _stat(client, where, key) is not None:  # the destination is this run's own: never overwrite what is there
             return (f"refused: {where}/{key} already exists, though this run's move alone should put a copy "

@@ -49,14 +49,14 @@ def _prune_old_manifests(
     context: dg.AssetExecutionContext, store: ManifestStore, bucket: str, retention_days: int, new_uri: str
 ) -> int:
     """Drop this bucket's manifests past retention, keeping the latest of every stage."""
-    retention = timedelta(days=retention_days)
-    if not store.expired(bucket, utc_now(), retention):
-        return 0  # the common case: no instance reads for the manifests to keep
+    expired = store.expired(bucket, utc_now(), timedelta(days=retention_days))
+    if not expired:
+        return 0  # nothing past retention: no instance reads for the manifests to keep
     keep = {new_uri}
     for asset in SCAN_ASSETS:
         metadata = latest_metadata(context.instance, asset, bucket) or {}
         keep.update(str(metadata[k]) for k in metadata if k.endswith("manifest_uri"))
-    removed = store.prune(bucket, utc_now(), retention, keep)
+    removed = store.remove([uri for uri in expired if uri not in keep])
     if removed:
         context.log.info(f"pruned {len(removed)} manifest(s) older than {retention_days} days for {bucket}")
     return len(removed)
@@ -98,9 +98,9 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
         storage_policy = policy.load()
         bucket_policy = storage_policy.bucket(bucket)  # refuse a partition the policy no longer has
         store = manifests.store()
-        previous = latest_metadata(context.instance, "bucket_inventory", bucket) or {}
+        previous = latest_metadata(context.instance, "bucket_inventory", bucket)
         result, stream_metadata = take_inventory(context, s3.settings(), store, bucket_policy, audit_db.url,
-                                                 previous or None)
+                                                 previous)
         context.log.info(
             f"inventoried {result.object_count} objects ({result.total_bytes} bytes) of {bucket} in "
             f"{result.listing_seconds:.2f} s ({result.keys_per_second:.0f} keys/s)"
@@ -123,7 +123,8 @@ def build_scan_assets(partitions_def: dg.PartitionsDefinition) -> list[dg.Assets
                 "pruned_manifests": dg.MetadataValue.int(pruned),
                 **stream_metadata,
                 # An incremental inventory lists no versions: the last full listing's figures carry over.
-                **_versioning_metadata(previous if getattr(stream_metadata.get("mode"), "value", None) == INCREMENTAL
+                **_versioning_metadata((previous or {})
+                                       if getattr(stream_metadata.get("mode"), "value", None) == INCREMENTAL
                                        else vars(result)),
             },
             check_results=[drift_check_result({k: v.value for k, v in stream_metadata.items()},
